@@ -1,0 +1,267 @@
+"""LoRA and BaLoRA adapters that wrap ``nn.Linear`` layers (pure torch, backbone-agnostic).
+
+``LoRALinear``:   y = W0 x + b0 + s * B (A x)
+``BaLoRALinear``: A ~ q(A_kj) = N(M_kj, a_k M_kj^2), y = W0 x + b0 + s * B h,  h = A x
+(see ``shared/design/BALORA.md``). B starts at zero, so a freshly wrapped model equals the
+pretrained one.
+
+Sampling is controlled by a :class:`NoiseContext` shared by all BaLoRA layers of a model, not by
+``train()``/``eval()``:
+
+* ``mode="mean"``: A = M (posterior mean, deterministic);
+* ``mode="sample"`` with ``noise="per_crystal"``: one draw of A per *group* (crystal x sample), shared
+  by every row of that group; the backbone sets ``ctx.owners[row_kind]`` (row -> group index) before
+  the forward. Without owners every row is its own group;
+* ``mode="sample"`` with ``noise="per_row"``: independent Gaussian h per row (local reparameterisation).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from matbalora.config import AdapterConfig
+
+# Molchanov et al. (2017) approximation of -KL(q || log-uniform prior) for multiplicative noise.
+_K1, _K2, _K3 = 0.63576, 1.87320, 1.48695
+
+SampleMode = Literal["mean", "sample"]
+
+
+class NoiseContext:
+    """Shared switch for BaLoRA sampling: mode, row->group owners, and a random generator."""
+
+    def __init__(self) -> None:
+        self.mode: SampleMode = "mean"
+        self.owners: dict[str, Tensor] = {}
+        self.n_groups: int | None = None
+        self.generator: torch.Generator | None = None
+
+    @contextmanager
+    def sampling(self, mode: SampleMode = "sample", generator: torch.Generator | None = None) -> Iterator[None]:
+        if mode not in ("mean", "sample"):
+            raise ValueError(f"mode={mode!r}; choose 'mean' or 'sample'")
+        old = (self.mode, self.generator)
+        self.mode, self.generator = mode, generator if generator is not None else self.generator
+        try:
+            yield
+        finally:
+            self.mode, self.generator = old
+
+
+def neg_kl_log_uniform(log_a: Tensor) -> Tensor:
+    """-KL(N(M, a M^2) || log-uniform) per weight entry, as a function of log a (same shape)."""
+    return _K1 * torch.sigmoid(_K2 + _K3 * log_a) - 0.5 * torch.nn.functional.softplus(-log_a) - _K1
+
+
+class LoRALinear(nn.Module):
+    """Frozen ``base`` linear plus a trainable low-rank update ``s * B A``."""
+
+    def __init__(self, base: nn.Linear, config: AdapterConfig) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base).__name__}")
+        self.base = base
+        self.rank, self.scale = config.rank, config.scale
+        self.lora_A = nn.Parameter(torch.empty(config.rank, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, config.rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.merged = False
+        self.row_kind: str | None = None  # set by the backbone: which rows this layer sees
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def low_rank(self, x: Tensor) -> Tensor:
+        """h = A x  [n_rows, r]."""
+        return x @ self.lora_A.T
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        return y + self.scale * (self.low_rank(self.dropout(x)) @ self.lora_B.T)
+
+    def delta_weight(self) -> Tensor:
+        """s * B A, the update a merge adds to W0  [out, in]."""
+        return self.scale * self.lora_B @ self.lora_A
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            raise RuntimeError("adapter is already merged")
+        new = self.base.weight + self.delta_weight()
+        if not torch.isfinite(new).all():
+            raise ValueError("merge would put NaN/inf into the base weight; refusing")
+        self.base.weight.copy_(new)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise RuntimeError("adapter is not merged")
+        self.base.weight.sub_(self.delta_weight())
+        self.merged = False
+
+
+class BaLoRALinear(LoRALinear):
+    """LoRA whose A is Gaussian with variance a_k M_kj^2 (one learned log a per rank component).
+
+    ``lora_A`` holds the posterior mean M; ``log_a`` [r] the noise ratios.
+    """
+
+    def __init__(self, base: nn.Linear, config: AdapterConfig, context: NoiseContext) -> None:
+        super().__init__(base, config)
+        self.log_a = nn.Parameter(torch.full((config.rank,), float(config.log_a_init)))
+        self.log_a_range = (config.log_a_min, config.log_a_max)
+        self.noise = config.noise
+        self.context = context
+
+    def clamped_log_a(self) -> Tensor:
+        return self.log_a.clamp(*self.log_a_range)
+
+    def low_rank(self, x: Tensor) -> Tensor:
+        mean = x @ self.lora_A.T
+        if self.context.mode == "mean":
+            return mean
+        if self.merged:
+            raise RuntimeError(
+                "a merged BaLoRA layer is its posterior mean and gives no uncertainty; unmerge to sample"
+            )
+        a = self.clamped_log_a().exp()
+        gen = self.context.generator
+        if self.noise == "per_row":
+            var = ((x * x) @ (self.lora_A * self.lora_A).T) * a
+            eps = torch.randn(mean.shape, generator=gen, dtype=mean.dtype, device=mean.device)
+            return mean + var.clamp_min(0).sqrt() * eps
+        return mean + self._shared_draw_noise(x, a.sqrt(), gen)
+
+    def _shared_draw_noise(self, x: Tensor, std_ratio: Tensor, gen: torch.Generator | None) -> Tensor:
+        """Noise part of A x with one eps [r, d_in] per group, shared by all rows of the group."""
+        owners = self.context.owners.get(self.row_kind) if self.row_kind else None
+        if owners is None:
+            owners = torch.arange(x.shape[0], device=x.device)
+            n_groups = x.shape[0]
+        else:
+            if owners.shape[0] != x.shape[0]:
+                raise RuntimeError(
+                    f"owners for row kind {self.row_kind!r} have {owners.shape[0]} rows, input has {x.shape[0]}"
+                )
+            n_groups = self.context.n_groups or (int(owners.max()) + 1 if owners.numel() else 0)
+        eps = torch.randn((n_groups, *self.lora_A.shape), generator=gen, dtype=x.dtype, device=x.device)
+        noisy_A = (self.lora_A * std_ratio[:, None]).unsqueeze(0) * eps  # [G, r, d_in]
+        if owners.numel() > 1 and not bool((owners[1:] >= owners[:-1]).all()):
+            order = torch.argsort(owners, stable=True)
+            out = torch.empty(x.shape[0], self.rank, dtype=x.dtype, device=x.device)
+            out[order] = _segment_matmul(x[order], owners[order], noisy_A)
+            return out
+        return _segment_matmul(x, owners, noisy_A)
+
+    def kl(self) -> Tensor:
+        """KL(q(A) || prior) of this layer: d_in entries share each a_k."""
+        return -neg_kl_log_uniform(self.clamped_log_a()).sum() * self.in_features
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Merge the posterior mean M into W0; the merged layer is deterministic (no uncertainty)."""
+        super().merge()
+
+
+def _segment_matmul(x: Tensor, sorted_owners: Tensor, mats: Tensor) -> Tensor:
+    """Row i gets ``mats[owner_i] @ x_i``; rows sorted by owner.  x [n, d], mats [G, r, d] -> [n, r]."""
+    counts = torch.bincount(sorted_owners, minlength=mats.shape[0]).tolist()
+    pieces = [seg @ mats[g].T for g, seg in enumerate(torch.split(x, counts)) if seg.shape[0]]
+    if not pieces:
+        return x.new_zeros(0, mats.shape[1])
+    return torch.cat(pieces)
+
+
+# ----------------------------------------------------------------------------- injection
+
+
+def linear_paths(model: nn.Module) -> list[str]:
+    """Module paths of every nn.Linear (not already wrapped) in ``model``."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith(".base")]
+
+
+def select_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Paths that ``inject_adapters`` would wrap (a dry run). Raises if nothing matches."""
+    patterns = [re.compile(p) for p in config.targets]
+    excludes = [re.compile(p) for p in config.exclude]
+    available = linear_paths(model)
+    chosen = [
+        p
+        for p in available
+        if any(r.fullmatch(p) for r in patterns) and not any(r.fullmatch(p) for r in excludes)
+    ]
+    if not chosen:
+        raise ValueError(
+            f"adapter targets {list(config.targets)} (excluding {list(config.exclude)}) match no linear layer; "
+            f"available linear layers: {available}"
+        )
+    return chosen
+
+
+def inject_adapters(
+    model: nn.Module, config: AdapterConfig, context: NoiseContext | None = None
+) -> dict[str, LoRALinear]:
+    """Replace each selected nn.Linear by a LoRA/BaLoRA wrapper in place; returns {path: adapter}."""
+    if config.bayesian and context is None:
+        raise ValueError("BaLoRA adapters need a NoiseContext")
+    wrapped: dict[str, LoRALinear] = {}
+    for path in select_targets(model, config):
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        base = getattr(parent, child)
+        adapter = BaLoRALinear(base, config, context) if config.bayesian else LoRALinear(base, config)
+        adapter.to(device=base.weight.device, dtype=base.weight.dtype)
+        setattr(parent, child, adapter)
+        wrapped[path] = adapter
+    return wrapped
+
+
+def adapters_of(model: nn.Module) -> list[LoRALinear]:
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def total_kl(model: nn.Module) -> Tensor:
+    """Sum of KL over all BaLoRA layers (0 for LoRA / no adapters)."""
+    terms = [m.kl() for m in model.modules() if isinstance(m, BaLoRALinear)]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def adapter_parameter_names(model: nn.Module) -> list[str]:
+    return [n for n, _ in model.named_parameters() if ".lora_" in n or n.endswith(".log_a")]
+
+
+def mark_only_adapters_trainable(model: nn.Module) -> None:
+    """Freeze everything except adapter parameters (lora_A, lora_B, log_a)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in adapters_of(model):
+        m.lora_A.requires_grad_(True)
+        m.lora_B.requires_grad_(True)
+        if isinstance(m, BaLoRALinear):
+            m.log_a.requires_grad_(True)
+
+
+def merge_adapters(model: nn.Module) -> None:
+    for m in adapters_of(model):
+        m.merge()
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    for m in adapters_of(model):
+        m.unmerge()

@@ -1,0 +1,212 @@
+"""CHGNet as a band-gap feature extractor: load from a checkpoint, convert, and run message passing.
+
+The forward replicates CHGNet's own ``_compute`` up to the normalised atom features, with two
+additions: it tells every adapter which crystal (group) each of its input rows belongs to, and it
+can tile the batch ``samples`` times right before the first adapted block, so that S Monte-Carlo
+draws run as one vectorised forward while the embeddings and the frozen prefix are computed once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from matbalora.adapters import LoRALinear, NoiseContext
+
+log = logging.getLogger(__name__)
+
+BACKBONE_NAME = "chgnet"
+PRETRAINED_VERSION = "0.3.0"
+
+#: Which rows each CHGNet linear sees (regex on the module path -> row kind).
+ROW_KINDS: tuple[tuple[str, str], ...] = (
+    (r"atom_conv_layers\.\d+\.twoBody_atom\..*", "directed_bond"),
+    (r"atom_conv_layers\.\d+\.mlp_out\..*", "atom"),
+    (r"bond_conv_layers\.\d+\.twoBody_bond\..*", "angle"),
+    (r"bond_conv_layers\.\d+\.mlp_out\..*", "undirected_bond"),
+    (r"angle_layers\.\d+\.twoBody_bond\..*", "angle"),
+)
+
+
+def chgnet_version() -> str:
+    import chgnet
+
+    return str(chgnet.__version__)
+
+
+def load_chgnet(checkpoint: str | os.PathLike | None = None) -> nn.Module:
+    """The pretrained CHGNet 0.3.0 shipped in the ``chgnet`` wheel, or a CHGNet checkpoint file.
+
+    CHGNet's own checkpoint files are torch pickles; only load files you trust (the default one is
+    part of the installed ``chgnet`` package).
+    """
+    import contextlib
+    import io
+
+    from chgnet.model import CHGNet
+
+    with contextlib.redirect_stdout(io.StringIO()):  # CHGNet prints on construction
+        if checkpoint is None:
+            model = CHGNet.load(model_name=PRETRAINED_VERSION, use_device="cpu", verbose=False)
+        else:
+            path = os.fspath(checkpoint)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"CHGNet checkpoint {path!r} does not exist")
+            model = CHGNet.from_file(path)
+    return model.eval()
+
+
+def backbone_version(model: nn.Module) -> str:
+    """The checkpoint version string CHGNet records (e.g. '0.3.0'), or 'custom'."""
+    return str(getattr(model, "version", None) or "custom")
+
+
+def assign_row_kinds(backbone: nn.Module) -> None:
+    """Tell each adapter in ``backbone`` which row kind it sees (needed for per-crystal draws)."""
+    for path, module in backbone.named_modules():
+        if isinstance(module, LoRALinear):
+            kind = next((k for pattern, k in ROW_KINDS if re.fullmatch(pattern, path)), None)
+            if kind is None:
+                raise ValueError(f"adapter at {path!r} is outside CHGNet's message-passing blocks")
+            module.row_kind = kind
+
+
+def first_adapted_block(backbone: nn.Module) -> int:
+    """Index of the first message-passing block holding an adapter (n_conv if none)."""
+    n_conv = backbone.n_conv
+    for idx in range(n_conv):
+        names = [f"atom_conv_layers.{idx}"]
+        if idx < n_conv - 1:
+            names += [f"bond_conv_layers.{idx}", f"angle_layers.{idx}"]
+        for name in names:
+            try:
+                sub = backbone.get_submodule(name)
+            except AttributeError:
+                continue
+            if any(isinstance(m, LoRALinear) for m in sub.modules()):
+                return idx
+    return n_conv
+
+
+@dataclass
+class _State:
+    """Features and index tensors of one batch (possibly tiled over samples)."""
+
+    atom: Tensor  # [n_atoms, d]
+    bond: Tensor  # [n_undirected, d]
+    angle: Tensor | None  # [n_angles, d]
+    bond_w_ag: Tensor
+    bond_w_bg: Tensor
+    atom_graph: Tensor  # [n_directed, 2]
+    bond_graph: Tensor  # [n_angles, 3]
+    d2u: Tensor  # [n_directed]
+    atom_owners: Tensor  # [n_atoms] group index
+    n_groups: int
+
+    def tile(self, times: int) -> _State:
+        if times == 1:
+            return self
+        n_atoms, n_und = self.atom.shape[0], self.bond.shape[0]
+
+        def rep(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.repeat(times, *([1] * (t.dim() - 1)))
+
+        def shifted(t: Tensor, shifts: Sequence[int]) -> Tensor:
+            if t.numel() == 0:
+                return t
+            step = torch.tensor(shifts, dtype=t.dtype, device=t.device)
+            offs = torch.arange(times, device=t.device, dtype=t.dtype)[:, None, None] * step
+            return (t.unsqueeze(0) + offs).reshape(-1, t.shape[1])
+
+        return _State(
+            atom=rep(self.atom),
+            bond=rep(self.bond),
+            angle=rep(self.angle),
+            bond_w_ag=rep(self.bond_w_ag),
+            bond_w_bg=rep(self.bond_w_bg),
+            atom_graph=shifted(self.atom_graph, [n_atoms, n_atoms]),
+            bond_graph=shifted(self.bond_graph, [n_atoms, n_und, n_und]) if self.bond_graph.numel() else self.bond_graph,
+            d2u=(self.d2u.unsqueeze(0) + n_und * torch.arange(times, device=self.d2u.device)[:, None]).reshape(-1),
+            atom_owners=(self.atom_owners.unsqueeze(0) + self.n_groups * torch.arange(times, device=self.d2u.device)[:, None]).reshape(-1),
+            n_groups=self.n_groups * times,
+        )
+
+    def owners(self) -> dict[str, Tensor]:
+        directed = self.atom_owners[self.atom_graph[:, 0]] if self.atom_graph.numel() else self.atom_owners[:0]
+        undirected = torch.zeros(self.bond.shape[0], dtype=self.atom_owners.dtype, device=self.bond.device)
+        if directed.numel():
+            undirected[self.d2u] = directed
+        angle = self.atom_owners[self.bond_graph[:, 0]] if self.bond_graph.numel() else self.atom_owners[:0]
+        return {"atom": self.atom_owners, "directed_bond": directed, "undirected_bond": undirected, "angle": angle}
+
+
+def crystal_features(
+    backbone: nn.Module, graphs: Sequence, *, samples: int = 1, context: NoiseContext | None = None
+) -> Tensor:
+    """Mean-pooled, normalised final atom features  [samples, n_crystals, atom_fea_dim].
+
+    ``samples`` > 1 tiles the batch before the first adapted block; each (sample, crystal) pair is
+    its own group, so BaLoRA draws one adapter weight set per crystal per sample.
+    """
+    from chgnet.model.model import BatchedGraph
+
+    g = BatchedGraph.from_graphs(
+        graphs,
+        bond_basis_expansion=backbone.bond_basis_expansion,
+        angle_basis_expansion=backbone.angle_basis_expansion,
+    )
+    has_angles = len(g.angle_bases) != 0
+    state = _State(
+        atom=backbone.atom_embedding(g.atomic_numbers - 1),
+        bond=backbone.bond_embedding(g.bond_bases_ag),
+        angle=backbone.angle_embedding(g.angle_bases) if has_angles else None,
+        bond_w_ag=backbone.bond_weights_ag(g.bond_bases_ag),
+        bond_w_bg=backbone.bond_weights_bg(g.bond_bases_bg),
+        atom_graph=g.batched_atom_graph.long(),
+        bond_graph=g.batched_bond_graph.long() if has_angles else torch.zeros(0, 3, dtype=torch.long),
+        d2u=g.directed2undirected.long(),
+        atom_owners=g.atom_owners.long(),
+        n_groups=len(graphs),
+    )
+    tile_at = min(first_adapted_block(backbone), backbone.n_conv - 1) if samples > 1 else 0
+    n_conv = backbone.n_conv
+    for idx in range(n_conv):
+        if idx == tile_at:
+            state = state.tile(samples)
+            if context is not None:
+                context.owners, context.n_groups = state.owners(), state.n_groups
+        state.atom = backbone.atom_conv_layers[idx](
+            atom_feas=state.atom,
+            bond_feas=state.bond,
+            bond_weights=state.bond_w_ag,
+            atom_graph=state.atom_graph,
+            directed2undirected=state.d2u,
+        )
+        if idx == n_conv - 1 or not has_angles:
+            continue
+        bond_layer, angle_layer = backbone.bond_conv_layers[idx], backbone.angle_layers[idx]
+        if bond_layer is not None:
+            state.bond = bond_layer(
+                atom_feas=state.atom,
+                bond_feas=state.bond,
+                bond_weights=state.bond_w_bg,
+                angle_feas=state.angle,
+                bond_graph=state.bond_graph,
+            )
+            if angle_layer is not None:
+                state.angle = angle_layer(
+                    atom_feas=state.atom, bond_feas=state.bond, angle_feas=state.angle, bond_graph=state.bond_graph
+                )
+    if context is not None:
+        context.owners, context.n_groups = {}, None
+    atom = backbone.readout_norm(state.atom) if backbone.readout_norm is not None else state.atom
+    from chgnet.model.functions import aggregate
+
+    pooled = aggregate(atom, state.atom_owners, average=True, num_owner=state.n_groups)
+    return pooled.reshape(samples, len(graphs), -1)

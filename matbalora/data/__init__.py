@@ -1,0 +1,1 @@
+"""Band-gap data: readers, validation, splits and the graph cache."""

@@ -1,0 +1,66 @@
+"""Band-gap readout head: pooled crystal features -> non-negative band gap (eV)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from matbalora.config import HeadConfig
+
+
+class BandGapHead(nn.Module):
+    """MLP on mean-pooled atom features. Output is never negative.
+
+    ``softplus``: gap = softplus(z).
+    ``gated``: gap = (1 - p_metal) * softplus(z), p_metal = sigmoid(logit); trained with an extra
+    binary cross-entropy on ``gap == 0``.
+    With ``loss="nll"`` one more output is a log-variance (heteroscedastic aleatoric noise, eV^2).
+    """
+
+    def __init__(self, in_dim: int, config: HeadConfig) -> None:
+        super().__init__()
+        self.config = config
+        layers: list[nn.Module] = []
+        width = in_dim
+        for _ in range(config.layers):
+            layers += [nn.Linear(width, config.hidden), nn.SiLU()]
+            if config.dropout > 0:
+                layers.append(nn.Dropout(config.dropout))
+            width = config.hidden
+        self.body = nn.Sequential(*layers)
+        n_out = 1 + (config.output == "gated") + (config.loss == "nll")
+        self.out = nn.Linear(width, n_out)
+        with torch.no_grad():  # start near the MP mean gap (~1.2 eV) rather than softplus(0)=0.69
+            self.out.bias.zero_()
+            self.out.bias[0] = 0.7
+
+    def forward(self, feats: Tensor) -> dict[str, Tensor]:
+        """feats [..., in_dim] -> dict of tensors [...]: ``gap`` (eV) and optional
+        ``metal_logit`` and ``log_var`` (eV^2)."""
+        z = self.out(self.body(feats))
+        out: dict[str, Tensor] = {}
+        col = 1
+        positive = F.softplus(z[..., 0])
+        if self.config.output == "gated":
+            out["metal_logit"] = z[..., col]
+            col += 1
+            positive = positive * torch.sigmoid(-out["metal_logit"])
+        out["gap"] = positive
+        if self.config.loss == "nll":
+            out["log_var"] = z[..., col].clamp(-12.0, 6.0)
+        return out
+
+    def loss(self, out: dict[str, Tensor], target: Tensor) -> Tensor:
+        """Mean task loss over the batch; ``target`` [n] band gaps in eV."""
+        gap = out["gap"]
+        kind = self.config.loss
+        if kind == "l1":
+            loss = F.l1_loss(gap, target)
+        elif kind == "mse":
+            loss = F.mse_loss(gap, target)
+        else:
+            loss = F.gaussian_nll_loss(gap, target, out["log_var"].exp(), full=True)
+        if "metal_logit" in out:
+            loss = loss + F.binary_cross_entropy_with_logits(out["metal_logit"], (target <= 0).to(gap.dtype))
+        return loss

@@ -1,0 +1,189 @@
+"""BandGapModel: a pretrained backbone, optional LoRA/BaLoRA adapters, and a band-gap head."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from matbalora.adapters import (
+    BaLoRALinear,
+    NoiseContext,
+    adapters_of,
+    inject_adapters,
+    mark_only_adapters_trainable,
+    total_kl,
+)
+from matbalora.backbones import chgnet as chgnet_backbone
+from matbalora.config import AdapterConfig, HeadConfig, Method
+from matbalora.head import BandGapHead
+
+
+@dataclass
+class GapSamples:
+    """Raw Monte-Carlo output for a batch: ``gaps`` [S, n] eV; ``aleatoric_var`` [n] eV^2 or None."""
+
+    gaps: np.ndarray
+    aleatoric_var: np.ndarray | None
+
+
+class BandGapModel(nn.Module):
+    """Backbone + adapters + head. ``method`` decides what is trainable:
+
+    head: only the head; lora / balora: adapters + head; full: everything except the frozen
+    normalisation statistics. The backbone always runs in eval mode (BatchNorm statistics never
+    drift); BaLoRA noise is switched by ``self.context``, independently of train()/eval().
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        method: Method,
+        adapter: AdapterConfig | None,
+        head: HeadConfig,
+        backbone_checkpoint: str | None = None,
+    ) -> None:
+        super().__init__()
+        if method in ("lora", "balora") and adapter is None:
+            raise ValueError(f"method={method!r} needs an AdapterConfig")
+        if method in ("head", "full") and adapter is not None:
+            raise ValueError(f"method={method!r} takes no adapters; got {adapter}")
+        if adapter is not None and adapter.bayesian != (method == "balora"):
+            raise ValueError(f"adapter.bayesian={adapter.bayesian} contradicts method={method!r}")
+        self.method = method
+        self.adapter_config = adapter
+        self.head_config = head
+        self.backbone_checkpoint = backbone_checkpoint
+        self.backbone_version = chgnet_backbone.backbone_version(backbone)
+        self.context = NoiseContext()
+        self.backbone = backbone
+        if adapter is not None:
+            inject_adapters(backbone, adapter, self.context)
+            chgnet_backbone.assign_row_kinds(backbone)
+        self.head = BandGapHead(backbone.atom_fea_dim, head)
+        self._mark_trainable()
+        self.train(False)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        method: Method = "balora",
+        *,
+        adapter: AdapterConfig | None = None,
+        head: HeadConfig | None = None,
+        checkpoint: str | os.PathLike | None = None,
+    ) -> BandGapModel:
+        """Wrap the pretrained CHGNet (wheel 0.3.0 by default, or a checkpoint file)."""
+        if adapter is None and method in ("lora", "balora"):
+            adapter = AdapterConfig(bayesian=method == "balora")
+        backbone = chgnet_backbone.load_chgnet(checkpoint)
+        ckpt = None if checkpoint is None else os.fspath(checkpoint)
+        return cls(backbone, method=method, adapter=adapter, head=head or HeadConfig(), backbone_checkpoint=ckpt)
+
+    # ----------------------------------------------------------------------------- training state
+
+    def _mark_trainable(self) -> None:
+        if self.method == "full":
+            for p in self.backbone.parameters():
+                p.requires_grad_(True)
+            comp = getattr(self.backbone, "composition_model", None)
+            if comp is not None:  # energy reference, unused for gaps
+                for p in comp.parameters():
+                    p.requires_grad_(False)
+        else:
+            mark_only_adapters_trainable(self.backbone)
+        # unused energy readout of CHGNet stays frozen in every method
+        for name in ("site_wise", "mlp"):
+            sub = getattr(self.backbone, name, None)
+            if isinstance(sub, nn.Module):
+                for p in sub.parameters():
+                    p.requires_grad_(False)
+        for p in self.head.parameters():
+            p.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> BandGapModel:
+        super().train(mode)
+        self.backbone.eval()  # frozen norm statistics, always
+        for m in adapters_of(self.backbone):  # adapter dropout (MC dropout) follows train()
+            m.dropout.train(mode)
+        return self
+
+    def set_dropout(self, active: bool) -> None:
+        """Switch adapter and head dropout on (MC dropout at test time) or off."""
+        for m in list(adapters_of(self.backbone)) + [self.head]:
+            for d in m.modules():
+                if isinstance(d, nn.Dropout):
+                    d.train(active)
+
+    @property
+    def is_bayesian(self) -> bool:
+        return any(isinstance(m, BaLoRALinear) for m in self.backbone.modules())
+
+    @property
+    def has_dropout(self) -> bool:
+        return (self.adapter_config is not None and self.adapter_config.dropout > 0) or self.head_config.dropout > 0
+
+    def kl(self) -> Tensor:
+        """Total KL of the BaLoRA posterior to its prior (0 when there are no BaLoRA layers)."""
+        return total_kl(self.backbone)
+
+    def trainable_parameter_names(self) -> list[str]:
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def parameter_counts(self) -> dict[str, int]:
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {"total": total, "trainable": trainable}
+
+    # ----------------------------------------------------------------------------- forward
+
+    def forward(self, graphs: Sequence, *, samples: int = 1) -> dict[str, Tensor]:
+        """graphs: CHGNet CrystalGraphs -> head outputs, each [samples, n_crystals]."""
+        feats = chgnet_backbone.crystal_features(self.backbone, graphs, samples=samples, context=self.context)
+        return self.head(feats)
+
+    def structure_to_graph(self, structure, graph_id: str | None = None):
+        """pymatgen Structure -> CHGNet CrystalGraph (the backbone's own converter)."""
+        return self.backbone.graph_converter(structure, graph_id=graph_id)
+
+    @torch.no_grad()
+    def sample_gaps(
+        self, graphs: Sequence, *, samples: int = 16, seed: int | None = 0, batch_size: int = 64
+    ) -> GapSamples:
+        """Monte-Carlo band gaps for ``graphs``.
+
+        samples=0: one deterministic pass (BaLoRA posterior mean; dropout off) -> gaps [1, n].
+        samples>0 on a BaLoRA model: ``samples`` adapter draws per crystal -> gaps [samples, n];
+        on a model with dropout, MC dropout; on any other model the pass is deterministic -> [1, n].
+        """
+        if samples < 0:
+            raise ValueError(f"samples={samples!r} must be >= 0")
+        self.eval()
+        stochastic = samples > 0 and (self.is_bayesian or self.has_dropout)
+        n_draws = samples if stochastic else 1
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        if stochastic and self.has_dropout and seed is not None:
+            torch.manual_seed(seed)
+        gaps, log_vars = [], []
+        mode = "sample" if stochastic and self.is_bayesian else "mean"
+        self.set_dropout(stochastic and self.has_dropout)
+        try:
+            with self.context.sampling(mode, generator=gen):
+                for start in range(0, len(graphs), batch_size):
+                    chunk = graphs[start : start + batch_size]
+                    out = self(chunk, samples=n_draws)
+                    gaps.append(out["gap"])
+                    if "log_var" in out:
+                        log_vars.append(out["log_var"])
+        finally:
+            self.set_dropout(False)
+        if not gaps:
+            return GapSamples(np.zeros((n_draws, 0)), None)
+        g = torch.cat(gaps, dim=1).double().numpy()
+        alea = torch.cat(log_vars, dim=1).double().exp().mean(0).numpy() if log_vars else None
+        return GapSamples(g, alea)
