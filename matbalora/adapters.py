@@ -129,6 +129,13 @@ class BaLoRALinear(LoRALinear):
         self.noise = config.noise
         self.context = context
 
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged and self.context.mode == "sample":
+            raise RuntimeError(
+                "a merged BaLoRA layer is its posterior mean and gives no uncertainty; unmerge to sample"
+            )
+        return super().forward(x)
+
     def clamped_log_a(self) -> Tensor:
         return self.log_a.clamp(*self.log_a_range)
 
@@ -136,10 +143,6 @@ class BaLoRALinear(LoRALinear):
         mean = x @ self.lora_A.T
         if self.context.mode == "mean":
             return mean
-        if self.merged:
-            raise RuntimeError(
-                "a merged BaLoRA layer is its posterior mean and gives no uncertainty; unmerge to sample"
-            )
         a = self.clamped_log_a().exp()
         gen = self.context.generator
         if self.noise == "per_row":

@@ -1,0 +1,141 @@
+"""Model folders: ``config.json`` (what was trained, on what, how well) + ``model.safetensors``.
+
+Only trained weights are saved (adapters + head; the whole backbone for ``full``). The backbone is
+rebuilt from its own checkpoint, and loading refuses a folder whose backbone version differs from
+the one available, a weight file whose SHA-256 differs from the one recorded, or missing/extra
+tensors. Nothing is ever unpickled from a model folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from matbalora.atomic import atomic_write, sha256_file, write_json
+from matbalora.backbones import chgnet as chgnet_backbone
+from matbalora.config import AdapterConfig, HeadConfig, from_dict, to_dict
+from matbalora.model import BandGapModel
+
+FORMAT = "matbalora-model"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+class ModelFolderError(ValueError):
+    """A model folder that cannot be loaded; the message names the file and the reason."""
+
+
+def trained_state(model: BandGapModel) -> dict[str, torch.Tensor]:
+    """The tensors a model folder stores: every trainable parameter, contiguous, on CPU."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def model_config(model: BandGapModel) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "backbone": {
+            "name": chgnet_backbone.BACKBONE_NAME,
+            "version": model.backbone_version,
+            "package_version": chgnet_backbone.chgnet_version(),
+            "checkpoint": model.backbone_checkpoint,
+            "checkpoint_sha256": sha256_file(model.backbone_checkpoint) if model.backbone_checkpoint else None,
+        },
+        "method": model.method,
+        "adapter": to_dict(model.adapter_config) if model.adapter_config else None,
+        "head": to_dict(model.head_config),
+    }
+
+
+def save_model(model: BandGapModel, folder: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``folder/model.safetensors`` then ``folder/config.json`` (both atomically).
+
+    ``extra`` (calibration, data provenance, split, metrics, training command...) is stored in the
+    config under its own keys.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / WEIGHTS, lambda tmp: save_file(trained_state(model), tmp, metadata={"format": FORMAT}))
+    config = model_config(model)
+    config["weights"] = {WEIGHTS: sha256_file(folder / WEIGHTS)}
+    for key, value in (extra or {}).items():
+        if key in config:
+            raise ValueError(f"extra key {key!r} would overwrite the model config")
+        config[key] = value
+    write_json(folder / CONFIG, config)
+    return folder
+
+
+def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+    path = Path(folder) / CONFIG
+    if not path.is_file():
+        raise ModelFolderError(f"{path}: missing (not a matbalora model folder)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFolderError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ModelFolderError(f"{path}: format is not {FORMAT!r}")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ModelFolderError(f"{path}: format_version {config.get('format_version')!r}, expected {FORMAT_VERSION}")
+    return config
+
+
+def verify_weights(folder: str | os.PathLike, config: dict[str, Any]) -> Path:
+    """Check the weight file exists and its SHA-256 matches the config; returns its path."""
+    path = Path(folder) / WEIGHTS
+    expected = (config.get("weights") or {}).get(WEIGHTS)
+    if not path.is_file():
+        raise ModelFolderError(f"{path}: missing weight file")
+    if not expected:
+        raise ModelFolderError(f"{Path(folder) / CONFIG}: records no SHA-256 for {WEIGHTS}")
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ModelFolderError(f"{path}: SHA-256 {actual[:12]}... does not match config ({expected[:12]}...): truncated or modified")
+    return path
+
+
+def load_model_folder(folder: str | os.PathLike, *, backbone: torch.nn.Module | None = None) -> tuple[BandGapModel, dict]:
+    """Rebuild the model of a folder. ``backbone`` (optional) replaces loading the recorded one:
+    used by tests with tiny backbones and by ensembles sharing nothing but code."""
+    config = read_config(folder)
+    weights = verify_weights(folder, config)
+    bb = config["backbone"]
+    if bb.get("name") != chgnet_backbone.BACKBONE_NAME:
+        raise ModelFolderError(f"{Path(folder) / CONFIG}: backbone {bb.get('name')!r} is not supported")
+    if backbone is None:
+        ckpt = bb.get("checkpoint")
+        if ckpt is not None and bb.get("checkpoint_sha256") and os.path.isfile(ckpt):
+            if sha256_file(ckpt) != bb["checkpoint_sha256"]:
+                raise ModelFolderError(f"{ckpt}: backbone checkpoint differs from the one the model was trained on")
+        backbone = chgnet_backbone.load_chgnet(ckpt)
+    found = chgnet_backbone.backbone_version(backbone)
+    if found != bb.get("version"):
+        raise ModelFolderError(
+            f"{Path(folder) / CONFIG}: trained on backbone {bb.get('name')} {bb.get('version')!r}, "
+            f"but the available backbone is {found!r}; use the matching checkpoint"
+        )
+    adapter = from_dict(AdapterConfig, config["adapter"]) if config.get("adapter") else None
+    head = from_dict(HeadConfig, config["head"])
+    model = BandGapModel(backbone, method=config["method"], adapter=adapter, head=head, backbone_checkpoint=bb.get("checkpoint"))
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types
+        raise ModelFolderError(f"{weights}: unreadable safetensors file ({exc})") from None
+    expected = set(trained_state(model))
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ModelFolderError(f"{weights}: tensors do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if params[name].shape != tensor.shape:
+                raise ModelFolderError(f"{weights}: {name} has shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}")
+            params[name].copy_(tensor)
+    return model.eval(), config

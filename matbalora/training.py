@@ -1,0 +1,208 @@
+"""Fine-tuning loop: AdamW, warm-up + cosine schedule, ELBO for BaLoRA, early stopping,
+an atomic checkpoint every epoch, and exact resume at epoch boundaries.
+
+Inputs are pre-converted CHGNet graphs (converted once, cached by ``matbalora.data``); the loop
+never converts a structure.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from matbalora.atomic import atomic_write, write_json
+from matbalora.checkpoint import trained_state
+from matbalora.config import TrainConfig, to_dict
+from matbalora.model import BandGapModel
+
+log = logging.getLogger(__name__)
+
+STATE_TENSORS = "train_state.safetensors"
+STATE_JSON = "train_state.json"
+BEST = "best.safetensors"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf or exceeded ``max_loss``; the last good checkpoint is kept."""
+
+
+def _param_groups(model: BandGapModel, cfg: TrainConfig) -> list[dict]:
+    decay, no_decay, backbone = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.endswith("log_a"):
+            no_decay.append(p)
+        elif name.startswith("backbone.") and ".lora_" not in name:
+            backbone.append(p)
+        else:
+            decay.append(p)
+    groups = [
+        {"params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
+        {"params": no_decay, "lr": cfg.lr, "weight_decay": 0.0, "base_lr": cfg.lr},
+        {"params": backbone, "lr": cfg.backbone_lr, "weight_decay": cfg.weight_decay, "base_lr": cfg.backbone_lr},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0.05 at ``total`` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _save_state(folder: Path, model: BandGapModel, opt: torch.optim.Optimizer, meta: dict) -> None:
+    tensors = {f"model.{k}": v for k, v in trained_state(model).items()}
+    opt_state = opt.state_dict()
+    for idx, st in opt_state["state"].items():
+        for key, val in st.items():
+            tensors[f"opt.{idx}.{key}"] = torch.as_tensor(val).detach().cpu().contiguous()
+    meta = dict(meta, param_groups=[{k: v for k, v in g.items() if k != "params"} for g in opt_state["param_groups"]])
+    atomic_write(folder / STATE_TENSORS, lambda tmp: save_file(tensors, tmp))
+    write_json(folder / STATE_JSON, meta)  # written last: its presence marks a complete checkpoint
+
+
+def _load_state(folder: Path, model: BandGapModel, opt: torch.optim.Optimizer) -> dict:
+    meta = json.loads((folder / STATE_JSON).read_text())
+    tensors = load_file(str(folder / STATE_TENSORS))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, val in tensors.items():
+            if key.startswith("model."):
+                params[key[len("model.") :]].copy_(val)
+    state: dict[int, dict] = {}
+    for key, val in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = val
+    groups = opt.state_dict()["param_groups"]
+    for g, saved in zip(groups, meta["param_groups"], strict=True):
+        g.update({k: v for k, v in saved.items() if k != "params"})
+    opt.load_state_dict({"state": state, "param_groups": groups})
+    return meta
+
+
+@torch.no_grad()
+def validation_mae(model: BandGapModel, graphs: Sequence, targets: np.ndarray, batch_size: int = 64) -> float:
+    """MAE (eV) of the deterministic (posterior-mean) prediction."""
+    if len(graphs) == 0:
+        return float("nan")
+    pred = model.sample_gaps(graphs, samples=0, batch_size=batch_size).gaps[0]
+    return float(np.mean(np.abs(pred - targets)))
+
+
+def fit(
+    model: BandGapModel,
+    train: tuple[Sequence, np.ndarray],
+    val: tuple[Sequence, np.ndarray],
+    config: TrainConfig,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Train ``model`` in place; returns the history. ``train``/``val`` = (graphs, gaps in eV).
+
+    With ``out_dir``, a checkpoint is written after every epoch and ``resume=True`` continues from
+    it (same seed -> same result as an uninterrupted run). The best validation weights are loaded
+    into ``model`` at the end.
+    """
+    if config.method != model.method:
+        raise ValueError(f"config.method={config.method!r} but the model was built for {model.method!r}")
+    train_graphs, train_y = train
+    val_graphs, val_y = val
+    n_train = len(train_graphs)
+    if n_train == 0:
+        raise ValueError("no training structures")
+    torch.manual_seed(config.seed)
+    opt = torch.optim.AdamW(_param_groups(model, config))
+    steps_per_epoch = math.ceil(n_train / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    folder = Path(out_dir) if out_dir is not None else None
+    meta = {"epoch": 0, "step": 0, "best_val_mae": float("inf"), "bad_epochs": 0, "history": [], "config": to_dict(config)}
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        if resume and (folder / STATE_JSON).is_file():
+            meta = _load_state(folder, model, opt)
+            log.info("resumed from %s at epoch %d", folder, meta["epoch"])
+        elif (folder / STATE_JSON).is_file() and not resume:
+            raise FileExistsError(f"{folder} already holds a training checkpoint; pass resume=True or use a new folder")
+    targets = torch.as_tensor(np.asarray(train_y, dtype=np.float32))
+    bayes_mode = "sample" if model.is_bayesian else "mean"
+    while meta["epoch"] < config.epochs and meta["bad_epochs"] < config.patience:
+        epoch = meta["epoch"]
+        torch.manual_seed(config.seed * 1000 + epoch)  # dropout
+        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
+        noise = torch.Generator().manual_seed(config.seed * 7919 + epoch + 1)
+        model.train()
+        t0, losses, kls = time.perf_counter(), [], []
+        bar = tqdm(range(steps_per_epoch), desc=f"{config.method} epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
+        with model.context.sampling(bayes_mode, generator=noise):
+            for i in bar:
+                idx = order[i * config.batch_size : (i + 1) * config.batch_size]
+                batch = [train_graphs[j] for j in idx.tolist()]
+                factor = lr_factor(meta["step"], total_steps, config.warmup_steps)
+                for g in opt.param_groups:
+                    g["lr"] = g["base_lr"] * factor
+                out = model(batch, samples=1)
+                out = {k: v[0] for k, v in out.items()}
+                task = model.head.loss(out, targets[idx])
+                kl = model.kl() if model.is_bayesian else torch.zeros(())
+                loss = task + config.beta * kl / n_train
+                if not torch.isfinite(loss) or loss.item() > config.max_loss:
+                    raise TrainingDiverged(
+                        f"epoch {epoch + 1} step {i + 1}: loss {loss.item():.4g} is not finite or above max_loss={config.max_loss}; "
+                        f"last good checkpoint: {folder / STATE_JSON if folder else 'none (no out_dir)'}"
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], config.grad_clip)
+                opt.step()
+                meta["step"] += 1
+                losses.append(task.item())
+                kls.append(kl.item())
+                bar.set_postfix(loss=f"{np.mean(losses):.3f}")
+        train_seconds = time.perf_counter() - t0
+        val_mae = validation_mae(model, val_graphs, np.asarray(val_y, dtype=np.float64))
+        improved = val_mae < meta["best_val_mae"] - 1e-6 or not np.isfinite(meta["best_val_mae"])
+        meta["history"].append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": float(np.mean(losses)),
+                "kl": float(np.mean(kls)),
+                "val_mae": val_mae,
+                "train_seconds": train_seconds,
+                "seconds_per_structure": train_seconds / n_train,
+            }
+        )
+        meta["epoch"] = epoch + 1
+        meta["bad_epochs"] = 0 if improved else meta["bad_epochs"] + 1
+        if improved:
+            meta["best_val_mae"] = val_mae
+        if folder is not None:
+            if improved:
+                atomic_write(folder / BEST, lambda tmp: save_file(trained_state(model), tmp))
+            _save_state(folder, model, opt, meta)
+        elif improved:
+            meta["_best_state"] = {k: v.clone() for k, v in trained_state(model).items()}
+        log.info("epoch %d: train loss %.4f, val MAE %.4f eV (%.1fs)", epoch + 1, np.mean(losses), val_mae, train_seconds)
+    best = load_file(str(folder / BEST)) if folder is not None and (folder / BEST).is_file() else meta.pop("_best_state", None)
+    if best:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for k, v in best.items():
+                params[k].copy_(v)
+    model.eval()
+    return {k: v for k, v in meta.items() if not k.startswith("_")}

@@ -1,0 +1,73 @@
+"""Shared fixtures: a tiny CHGNet (BatchNorm in its gated MLPs) and textbook crystals."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pymatgen.core import Lattice, Structure
+
+REPO = Path(__file__).resolve().parents[1]
+MP_GAP = REPO.parent / "shared" / "data" / "mp_gap" / "mp_gap.extxyz.gz"
+
+
+def tiny_chgnet(seed: int = 0, norm: str = "batch"):
+    """A 2-block CHGNet with 16-dim features; BatchNorm so frozen-statistics tests can fail."""
+    from chgnet.model import CHGNet
+
+    torch.manual_seed(seed)
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = CHGNet(
+            atom_fea_dim=16,
+            bond_fea_dim=16,
+            angle_fea_dim=16,
+            num_radial=7,
+            num_angular=7,
+            n_conv=2,
+            composition_model=None,
+            mlp_hidden_dims=[16],
+            gMLP_norm=norm,
+            version="tiny-test",
+        )
+    # give BatchNorm non-trivial running statistics
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.8, 1.2)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_backbone():
+    return tiny_chgnet()
+
+
+def silicon() -> Structure:
+    return Structure(Lattice.cubic(5.43), ["Si"] * 2, [[0, 0, 0], [0.25, 0.25, 0.25]])
+
+
+def rocksalt_nacl() -> Structure:
+    return Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+
+
+def copper() -> Structure:
+    return Structure.from_spacegroup("Fm-3m", Lattice.cubic(3.61), ["Cu"], [[0, 0, 0]])
+
+
+def perovskite() -> Structure:
+    return Structure(Lattice.cubic(3.9), ["Sr", "Ti", "O", "O", "O"],
+                     [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+
+
+@pytest.fixture
+def crystals() -> list[Structure]:
+    return [silicon(), rocksalt_nacl().get_primitive_structure(), copper().get_primitive_structure(), perovskite()]
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)

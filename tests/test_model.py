@@ -1,0 +1,154 @@
+"""BandGapModel on a tiny CHGNet: identity at init, trainable set, frozen BatchNorm, shared draws,
+invariances."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_chgnet
+from matbalora.adapters import adapters_of, merge_adapters, unmerge_adapters
+from matbalora.config import AdapterConfig, HeadConfig
+from matbalora.model import BandGapModel
+
+TINY_TARGETS = (r"^(atom_conv_layers|bond_conv_layers|angle_layers)\.\d+\.(twoBody_atom|twoBody_bond|mlp_out)\b.*",)
+
+
+def build(method: str, seed: int = 0, **adapter_kw) -> BandGapModel:
+    adapter = None
+    if method in ("lora", "balora"):
+        adapter = AdapterConfig(rank=2, bayesian=method == "balora", targets=TINY_TARGETS, **adapter_kw)
+    torch.manual_seed(seed)
+    return BandGapModel(tiny_chgnet(), method=method, adapter=adapter, head=HeadConfig(hidden=8))
+
+
+def graphs_of(model, structures):
+    return [model.structure_to_graph(s) for s in structures]
+
+
+def randomize_B(model, std=0.5, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in adapters_of(model.backbone):
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=gen) * std)
+
+
+@pytest.mark.parametrize("method", ["lora", "balora"])
+def test_adapted_model_equals_pretrained_at_init(method, crystals):
+    plain = build("head")
+    adapted = build(method)
+    adapted.head.load_state_dict(plain.head.state_dict())
+    g = graphs_of(plain, crystals)
+    ref = plain(g)["gap"]
+    with adapted.context.sampling("sample", torch.Generator().manual_seed(0)):
+        out = adapted(g, samples=3)["gap"]
+    assert torch.allclose(out, ref.expand_as(out), atol=1e-6)
+
+
+def test_lora_merge_unmerge_restores_model_outputs(crystals):
+    model = build("lora")
+    randomize_B(model)
+    g = graphs_of(model, crystals)
+    before = model(g)["gap"].detach()
+    assert not torch.allclose(before, build("head")(g)["gap"], atol=1e-4)
+    merge_adapters(model.backbone)
+    assert torch.allclose(model(g)["gap"], before, atol=1e-5)
+    unmerge_adapters(model.backbone)
+    assert torch.allclose(model(g)["gap"], before, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["head", "lora", "balora", "full"])
+def test_one_step_changes_only_trainable_and_keeps_batchnorm(method, crystals):
+    model = build(method, log_a_init=-2.0) if method == "balora" else build(method)
+    if method in ("lora", "balora"):
+        randomize_B(model)
+    names = set(model.trainable_parameter_names())
+    if method == "head":
+        assert names == {n for n, _ in model.named_parameters() if n.startswith("head.")}
+    elif method in ("lora", "balora"):
+        expected = {n for n, _ in model.named_parameters() if n.startswith("head.") or ".lora_" in n or n.endswith(".log_a")}
+        assert names == expected and any(n.endswith("log_a") for n in names) == (method == "balora")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    assert any("running_mean" in n for n in buffers)  # the tiny backbone really has BatchNorm
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    g = graphs_of(model, crystals)
+    with model.context.sampling("sample" if method == "balora" else "mean"):
+        out = model(g)["gap"][0]
+    loss = (out - torch.tensor([0.6, 5.0, 0.0, 1.8])).abs().mean() + 1e-3 * model.kl()
+    loss.backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= names
+    for n, b in model.named_buffers():
+        assert torch.equal(b, buffers[n]), f"buffer {n} drifted"
+
+
+def test_per_crystal_draws_differ_between_crystals_in_a_batch(crystals):
+    model = build("balora", log_a_init=0.0)
+    randomize_B(model)
+    g = graphs_of(model, [crystals[0], crystals[0]])
+    with model.context.sampling("sample", torch.Generator().manual_seed(0)):
+        out = model(g, samples=2)["gap"]
+    assert not torch.isclose(out[0, 0], out[0, 1])  # same crystal twice: two different draws
+    assert not torch.isclose(out[0, 0], out[1, 0])  # two samples of one crystal differ
+
+
+def test_samples_tiling_equals_separate_batches(crystals):
+    """S draws in one vectorised forward give the same distribution family as a batch of S copies."""
+    model = build("balora", log_a_init=-0.5)
+    randomize_B(model)
+    g = graphs_of(model, crystals[:2])
+    with model.context.sampling("sample", torch.Generator().manual_seed(3)):
+        tiled = model(g, samples=4)["gap"]
+    with model.context.sampling("sample", torch.Generator().manual_seed(3)):
+        copies = model(g * 4, samples=1)["gap"].reshape(4, 2)
+    assert torch.allclose(tiled, copies, atol=1e-5)
+
+
+def _rotated(struct, seed=0):
+    from scipy.spatial.transform import Rotation
+    from pymatgen.core import Lattice, Structure
+
+    rot = Rotation.random(random_state=seed).as_matrix()
+    lat = Lattice(struct.lattice.matrix @ rot.T)
+    return Structure(lat, struct.species, struct.frac_coords)
+
+
+@pytest.mark.parametrize("transform", ["rotation", "translation", "supercell"])
+def test_gap_invariant_to_rotation_translation_supercell(transform, crystals):
+    model = build("balora", log_a_init=-1.0)
+    randomize_B(model)
+    s = crystals[3]
+    if transform == "rotation":
+        t = _rotated(s)
+    elif transform == "translation":
+        t = s.copy()
+        t.translate_sites(list(range(len(t))), [0.13, -0.27, 0.41])
+    else:
+        t = s * (2, 1, 2)
+    g = graphs_of(model, [s, t])
+    det = model.sample_gaps(g, samples=0).gaps[0]
+    assert abs(det[0] - det[1]) < 1e-4
+    # one weight draw per crystal: sampled predictions are invariant too, under the same seed
+    a = model.sample_gaps(g[:1], samples=4, seed=5).gaps[:, 0]
+    b = model.sample_gaps(g[1:], samples=4, seed=5).gaps[:, 0]
+    assert np.allclose(a, b, atol=1e-4)
+
+
+def test_gated_head_never_negative_and_nll_has_variance(crystals):
+    torch.manual_seed(0)
+    model = BandGapModel(tiny_chgnet(), method="head", adapter=None, head=HeadConfig(output="gated", loss="nll"))
+    with torch.no_grad():
+        model.head.out.bias[0] = -20.0
+    out = model(graphs_of(model, crystals))
+    assert (out["gap"] >= 0).all() and "log_var" in out and "metal_logit" in out
+    loss = model.head.loss({k: v[0] for k, v in out.items()}, torch.tensor([0.6, 5.0, 0.0, 1.8]))
+    assert torch.isfinite(loss)
+
+
+def test_method_adapter_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="method='lora' needs"):
+        BandGapModel(tiny_chgnet(), method="lora", adapter=None, head=HeadConfig())
