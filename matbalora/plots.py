@@ -9,7 +9,6 @@ depends on the backend and no global figure state leaks), and returns the Axes. 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from matbalora.atomic import atomic_write
 from matbalora.calibration import check_arrays
 from matbalora.metrics import (
     interval_proportions,
@@ -126,9 +126,9 @@ def error_vs_std(
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     """Write ``fig`` to ``path`` (``.png`` or ``.svg``) atomically; return the path.
 
-    The figure is rendered to a temporary file in the same directory and renamed into
-    place, so a reader never sees a half-written file. Missing parent directories are
-    created.
+    Uses :func:`matbalora.atomic.atomic_write` (temporary file in the same folder, then
+    ``os.replace``), so a reader never sees a half-written file; missing parent folders
+    are created.
     """
     if not isinstance(fig, Figure):
         raise TypeError(f"fig must be a matplotlib Figure, got {type(fig).__name__}")
@@ -136,14 +136,10 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     fmt = _FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"path must end in .png or .svg, got {str(path)!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format=fmt, dpi=150)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    def _write(tmp: str) -> None:
+        fig.savefig(tmp, format=fmt, dpi=150)
+        os.chmod(tmp, 0o644)  # mkstemp creates it 0600
+
+    atomic_write(path, _write)
     return path
