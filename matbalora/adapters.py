@@ -185,7 +185,7 @@ class BaLoRALinear(LoRALinear):
 def _segment_matmul(x: Tensor, sorted_owners: Tensor, mats: Tensor) -> Tensor:
     """Row i gets ``mats[owner_i] @ x_i``; rows sorted by owner.  x [n, d], mats [G, r, d] -> [n, r]."""
     counts = torch.bincount(sorted_owners, minlength=mats.shape[0]).tolist()
-    pieces = [seg @ mats[g].T for g, seg in enumerate(torch.split(x, counts)) if seg.shape[0]]
+    pieces = [seg @ mat.T for mat, seg in zip(mats.unbind(0), torch.split(x, counts)) if seg.shape[0]]
     if not pieces:
         return x.new_zeros(0, mats.shape[1])
     return torch.cat(pieces)
