@@ -101,20 +101,18 @@ def verify_weights(folder: str | os.PathLike, config: dict[str, Any]) -> Path:
     return path
 
 
-def load_model_folder(folder: str | os.PathLike, *, backbone: torch.nn.Module | None = None) -> tuple[BandGapModel, dict]:
-    """Rebuild the model of a folder. ``backbone`` (optional) replaces loading the recorded one:
-    used by tests with tiny backbones and by ensembles sharing nothing but code."""
+def load_model_folder(folder: str | os.PathLike) -> tuple[BandGapModel, dict]:
+    """Rebuild the model of a folder: its backbone checkpoint, adapters, head and trained weights."""
     config = read_config(folder)
     weights = verify_weights(folder, config)
     bb = config["backbone"]
     if bb.get("name") != chgnet_backbone.BACKBONE_NAME:
         raise ModelFolderError(f"{Path(folder) / CONFIG}: backbone {bb.get('name')!r} is not supported")
-    if backbone is None:
-        ckpt = bb.get("checkpoint")
-        if ckpt is not None and bb.get("checkpoint_sha256") and os.path.isfile(ckpt):
-            if sha256_file(ckpt) != bb["checkpoint_sha256"]:
-                raise ModelFolderError(f"{ckpt}: backbone checkpoint differs from the one the model was trained on")
-        backbone = chgnet_backbone.load_chgnet(ckpt)
+    ckpt = bb.get("checkpoint")
+    if ckpt is not None and bb.get("checkpoint_sha256") and os.path.isfile(ckpt):
+        if sha256_file(ckpt) != bb["checkpoint_sha256"]:
+            raise ModelFolderError(f"{ckpt}: backbone checkpoint differs from the one the model was trained on")
+    backbone = chgnet_backbone.load_chgnet(ckpt)
     found = chgnet_backbone.backbone_version(backbone)
     if found != bb.get("version"):
         raise ModelFolderError(

@@ -22,7 +22,7 @@ import pandas as pd
 
 from matbalora.calibration import gaussian_interval
 from matbalora.checkpoint import load_model_folder
-from matbalora.data.validation import validate_structure
+from matbalora.data.validation import check_structure
 from matbalora.model import BandGapModel
 
 COLUMNS = ["id", "formula", "n_atoms", "band_gap", "std", "lower", "upper", "std_epistemic", "std_aleatoric", "error"]
@@ -75,7 +75,8 @@ def prepare(model: BandGapModel, structures: Iterable, ids: Sequence[str] | None
         prep.ids.append(sid)
         prep.formulas.append(struct.composition.formula.replace(" ", "") if len(struct) else "")
         prep.n_atoms.append(len(struct))
-        reason = validate_structure(struct, max_atoms=max_atoms)
+        found = check_structure(struct, max_atoms=max_atoms)
+        reason = None if found is None else f"{found[0]}: {found[1]}"
         if reason is None:
             try:
                 prep.graphs.append(model.structure_to_graph(struct, graph_id=sid))
@@ -128,8 +129,8 @@ class Predictor:
         self.std_scale = float((self.config.get("calibration") or {}).get("std_scale", 1.0))
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, **kwargs) -> Predictor:
-        model, config = load_model_folder(folder, **kwargs)
+    def load(cls, folder: str | os.PathLike) -> Predictor:
+        model, config = load_model_folder(folder)
         return cls(model, config)
 
     @property
@@ -165,13 +166,13 @@ class EnsemblePredictor:
         self.std_scale = float((self.config.get("calibration") or {}).get("std_scale", 1.0))
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, **kwargs) -> EnsemblePredictor:
+    def load(cls, folder: str | os.PathLike) -> EnsemblePredictor:
         folder = Path(folder)
         path = folder / ENSEMBLE_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing (not an ensemble folder)")
         config = json.loads(path.read_text(encoding="utf-8"))
-        members = [Predictor.load(folder / name, **kwargs) for name in config["members"]]
+        members = [Predictor.load(folder / name) for name in config["members"]]
         return cls(members, config)
 
     @property

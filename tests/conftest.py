@@ -71,3 +71,34 @@ def crystals() -> list[Structure]:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny CHGNet saved in CHGNet's own checkpoint format (as a user would pass one)."""
+    path = tmp_path_factory.mktemp("backbone") / "tiny_chgnet.pth.tar"
+    torch.save({"model": tiny_chgnet().as_dict()}, path)
+    return path
+
+
+def toy_set(n: int = 12, seed: int = 0) -> tuple[list[Structure], np.ndarray]:
+    """Strained textbook crystals with made-up gaps (0 eV for Cu), for loop tests."""
+    rng = np.random.default_rng(seed)
+    base = [(silicon(), 0.6), (rocksalt_nacl().get_primitive_structure(), 5.0), (copper().get_primitive_structure(), 0.0), (perovskite(), 1.8)]
+    structs, gaps = [], []
+    for i in range(n):
+        s, gap = base[i % len(base)]
+        s = s.copy()
+        s.scale_lattice(s.volume * float(rng.uniform(0.95, 1.05)))
+        structs.append(s)
+        gaps.append(gap)
+    return structs, np.array(gaps)
+
+
+def tiny_model(method: str, checkpoint: Path, seed: int = 0, **adapter_kw):
+    from matbalora.config import AdapterConfig, HeadConfig
+    from matbalora.model import BandGapModel
+
+    torch.manual_seed(seed)
+    adapter = AdapterConfig(rank=2, bayesian=method == "balora", **adapter_kw) if method in ("lora", "balora") else None
+    return BandGapModel.from_pretrained(method, adapter=adapter, head=HeadConfig(hidden=8), checkpoint=checkpoint)

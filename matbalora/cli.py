@@ -1,0 +1,157 @@
+"""``matbalora`` command line: a thin layer over the Python API.
+
+Options of ``train`` are derived from the config dataclasses, so defaults cannot drift.
+Errors in inputs become one line on stderr (``error: ...``), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from matbalora.config import AdapterConfig, HeadConfig, TrainConfig
+
+
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "", skip: tuple[str, ...] = (), rename: dict[str, str] | None = None) -> None:
+    rename = rename or {}
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    for name, f in hints.items():
+        if name in skip:
+            continue
+        flag = "--" + rename.get(name, prefix + name).replace("_", "-")
+        dest = f"{cls.__name__}.{name}"
+        help_text = f.metadata.get("help", "") + f" (default: {f.default!r})"
+        ftype = f.type if not isinstance(f.type, str) else eval(f.type, vars(sys.modules[cls.__module__]))  # noqa: S307 - annotations of our own module
+        if get_origin(ftype) is Literal:
+            parser.add_argument(flag, dest=dest, choices=list(get_args(ftype)), default=f.default, help=help_text)
+        elif ftype is bool:
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        elif ftype in (int, float, str):
+            parser.add_argument(flag, dest=dest, type=ftype, default=f.default, help=help_text)
+        elif get_origin(ftype) is tuple:
+            parser.add_argument(flag, dest=dest, nargs="+", default=list(f.default), help=help_text)
+
+
+def _collect(args: argparse.Namespace, cls: type, **overrides: Any) -> Any:
+    kwargs = {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith(cls.__name__ + ".")}
+    kwargs.update(overrides)
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a band-gap model (or an ensemble) on a data file")
+    p.add_argument("--data", required=True, help="extxyz(.gz), a CIF/POSCAR folder with id,band_gap CSV, or pymatgen JSON")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--resume", action="store_true", help="continue from the folder's last checkpoint")
+    p.add_argument("--members", type=int, default=1, help="train an ensemble of this many models (different seeds)")
+    p.add_argument("--max-structures", type=int, default=None, help="use only the first N structures")
+    p.add_argument("--split", choices=["random", "grouped"], default="random", help="random or composition-grouped split")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--test-fraction", type=float, default=0.1)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--samples", type=int, default=16, help="Monte-Carlo samples for calibration and test metrics")
+    p.add_argument("--cache", default=None, help="graph cache folder (default: $MATBALORA_CACHE or ~/.cache/matbalora)")
+    p.add_argument("--workers", type=int, default=1, help="processes for graph conversion")
+    p.add_argument("--backbone-checkpoint", default=None, help="a CHGNet checkpoint file (default: CHGNet 0.3.0 from the chgnet wheel)")
+    _add_dataclass_options(p, TrainConfig)
+    _add_dataclass_options(p, AdapterConfig, skip=("bayesian",), rename={"dropout": "adapter_dropout"})
+    _add_dataclass_options(p, HeadConfig, prefix="head_", rename={"loss": "loss"})
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from matbalora.finetune import DataSpec, train_ensemble, train_model
+
+    train = _collect(args, TrainConfig)
+    adapter = _collect(args, AdapterConfig, bayesian=train.method == "balora") if train.method in ("lora", "balora") else None
+    head = _collect(args, HeadConfig)
+    spec = DataSpec(args.data, args.max_structures, args.split, args.val_fraction, args.test_fraction, args.split_seed)
+    common = dict(train=train, adapter=adapter, head=head, resume=args.resume, cache_dir=args.cache, samples=args.samples, workers=args.workers, backbone_checkpoint=args.backbone_checkpoint)
+    if args.members > 1:
+        out = train_ensemble(spec, args.out, members=args.members, **common)
+    else:
+        out = train_model(spec, args.out, **common)
+    print(f"wrote {out}")
+    return 0
+
+
+def _predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="predict band gaps with uncertainty for structure files or folders")
+    p.add_argument("paths", nargs="+", help="CIF, POSCAR/CONTCAR, extxyz or pymatgen JSON files, or folders")
+    p.add_argument("--model", default=None, help="model folder (default: shipped BaLoRA model)")
+    p.add_argument("--ensemble", default=None, nargs="?", const="", help="also predict with a deep ensemble (default folder if no value)")
+    p.add_argument("--samples", type=int, default=16, help="Monte-Carlo samples (0: posterior mean only)")
+    p.add_argument("--level", type=float, default=0.9, help="central interval level")
+    p.add_argument("--out", default=None, help="write .csv or .json (atomically) instead of a table on stdout")
+    p.add_argument("--strict", action="store_true", help="stop at the first rejected input")
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from matbalora.screening import predict_paths, write_table
+
+    frame, rejected = predict_paths(
+        args.paths, model=args.model, ensemble=(args.ensemble or None) if args.ensemble is not None else False,
+        samples=args.samples, level=args.level, strict=args.strict,
+    )
+    for path, reason in rejected:
+        print(f"error: {path}: {reason}", file=sys.stderr)
+    if args.strict and rejected:
+        return 1
+    if args.out:
+        write_table(frame, args.out)
+    else:
+        import pandas as pd
+
+        with pd.option_context("display.max_rows", None, "display.width", 160, "display.float_format", "{:.3f}".format):
+            print(frame.drop(columns=[c for c in ("error", "std_epistemic", "std_aleatoric") if c in frame]).to_string(index=False))
+    return 1 if rejected else 0
+
+
+def _data_parser(sub) -> None:
+    p = sub.add_parser("data", help="inspect band-gap data")
+    dsub = p.add_subparsers(dest="data_cmd", required=True)
+    info = dsub.add_parser("info", help="counts, metal fraction, gap statistics, atom counts, elements")
+    info.add_argument("path")
+    info.add_argument("--max-structures", type=int, default=None)
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from matbalora.data.info import format_summary, summarize
+    from matbalora.data.readers import load_dataset
+
+    ds = load_dataset(args.path, on_invalid="skip", max_structures=args.max_structures)
+    print(format_summary(summarize(ds)))
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "predict": _cmd_predict, "data": _cmd_data}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="matbalora", description="Band gaps with BaLoRA uncertainty on pretrained CHGNet")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _predict_parser(sub)
+    _data_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+        print(f"error: {exc}".splitlines()[0], file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

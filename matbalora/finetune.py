@@ -1,0 +1,226 @@
+"""From a data file to a model folder: load, split, convert graphs once (cached), fine-tune,
+recalibrate on the validation split, score the test split, and write the model card.
+
+``train_model`` makes one model; ``train_ensemble`` makes K models on the same split with
+different seeds (the deep-ensemble baseline) and an ``ensemble.json`` next to them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from matbalora.atomic import write_json
+from matbalora.calibration import StdScaler
+from matbalora.checkpoint import save_model
+from matbalora.config import AdapterConfig, HeadConfig, TrainConfig, to_dict
+from matbalora.data.graph_cache import GraphCache
+from matbalora.data.readers import load_dataset
+from matbalora.data.splits import Split, grouped_split, random_split
+from matbalora.metrics import evaluate
+from matbalora.model import BandGapModel
+from matbalora.predict import ENSEMBLE_FILE, EnsemblePredictor, Predictor, Prepared
+from matbalora.training import fit
+
+log = logging.getLogger(__name__)
+
+SPLIT_FILE = "split.json"
+
+
+def default_cache_dir() -> Path:
+    """``$MATBALORA_CACHE`` or ``~/.cache/matbalora`` (graphs are keyed by structure hash and backbone)."""
+    return Path(os.environ.get("MATBALORA_CACHE", Path.home() / ".cache" / "matbalora"))
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which data and which split a model is trained on."""
+
+    path: str
+    max_structures: int | None = None
+    split: str = "random"  # random | grouped
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.split not in ("random", "grouped"):
+            raise ValueError(f"split={self.split!r}; choose 'random' or 'grouped'")
+        if not (0 < self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+            raise ValueError(f"val_fraction={self.val_fraction}, test_fraction={self.test_fraction} must leave a training part")
+
+
+@dataclass
+class PreparedData:
+    ids: list[str]
+    formulas: list[str]
+    n_atoms: list[int]
+    targets: np.ndarray
+    graphs: list
+    split: Split
+    provenance: dict
+
+    def part(self, name: str) -> Prepared:
+        idx = getattr(self.split, name).tolist()
+        return Prepared(
+            ids=[self.ids[i] for i in idx],
+            formulas=[self.formulas[i] for i in idx],
+            n_atoms=[self.n_atoms[i] for i in idx],
+            errors=[""] * len(idx),
+            graphs=[self.graphs[i] for i in idx],
+            graph_rows=list(range(len(idx))),
+        )
+
+
+def prepare_data(spec: DataSpec, model: BandGapModel, *, split_file: Path | None, cache_dir: Path | None, workers: int = 1, progress: bool = True) -> PreparedData:
+    """Load and validate the data, reuse or make the split, and convert graphs through the cache."""
+    ds = load_dataset(spec.path, on_invalid="skip", max_structures=spec.max_structures)
+    if ds.rejected:
+        log.warning("%s: %d entries rejected %s", spec.path, len(ds.rejected), ds.rejection_counts())
+    fractions = (1 - spec.val_fraction - spec.test_fraction, spec.val_fraction, spec.test_fraction)
+    if split_file is not None and split_file.is_file():
+        split = Split.load(split_file)
+        if max(int(np.max(getattr(split, p), initial=-1)) for p in ("train", "val", "test")) >= len(ds):
+            raise ValueError(f"{split_file} refers to entries beyond the {len(ds)} loaded from {spec.path}")
+    elif spec.split == "random":
+        split = random_split(len(ds), fractions=fractions, seed=spec.split_seed)
+    else:
+        split = grouped_split([s.composition.reduced_formula for s in ds.structures], fractions=fractions, seed=spec.split_seed)
+    if split_file is not None and not split_file.is_file():
+        split.save(split_file)
+    cache = GraphCache(cache_dir, converter=model.backbone.graph_converter, backbone_version=model.backbone_version)
+    graphs = cache.graphs(ds.structures, ids=ds.ids, workers=workers, progress=progress)
+    provenance = dict(ds.provenance, rejected=ds.rejection_counts(), n_loaded=len(ds))
+    return PreparedData(
+        ids=list(ds.ids),
+        formulas=[s.composition.reduced_formula for s in ds.structures],
+        n_atoms=[len(s) for s in ds.structures],
+        targets=ds.targets,
+        graphs=graphs,
+        split=split,
+        provenance=provenance,
+    )
+
+
+def _metrics(frame, y_true: np.ndarray) -> dict:
+    pred, std = frame["band_gap"].to_numpy(), frame["std"].to_numpy()
+    if not np.all(np.isfinite(std)):
+        std = np.zeros_like(pred)  # no uncertainty: only accuracy metrics are meaningful
+        out = evaluate(pred, std, y_true)
+        return {k: v for k, v in out.items() if not any(t in k for t in ("spearman", "nll", "calib", "ence", "coverage", "width", "sparsification"))}
+    return evaluate(pred, std, y_true)
+
+
+def calibrate_and_score(predictor, data: PreparedData, *, samples: int) -> tuple[dict, dict]:
+    """Fit std scaling on the validation split; metrics on validation and test (raw and scaled)."""
+    val = predictor.predict_prepared(data.part("val"), samples=samples)
+    calibration: dict = {"std_scale": 1.0, "fitted_on": "val", "samples": samples}
+    if np.all(np.isfinite(val["std"])) and np.all(val["std"] > 0):
+        scaler = StdScaler().fit(val["band_gap"], val["std"], data.targets[data.split.val])
+        calibration["std_scale"] = scaler.factor
+    metrics = {"val": _metrics(val, data.targets[data.split.val])}
+    if len(data.split.test):
+        raw = predictor.predict_prepared(data.part("test"), samples=samples)
+        metrics["test_uncalibrated"] = _metrics(raw, data.targets[data.split.test])
+        predictor.std_scale = calibration["std_scale"]
+        metrics["test"] = _metrics(predictor.predict_prepared(data.part("test"), samples=samples), data.targets[data.split.test])
+    predictor.std_scale = calibration["std_scale"]
+    return calibration, metrics
+
+
+def _command() -> str:
+    return "matbalora " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if Path(sys.argv[0]).name == "matbalora" else shlex.join(sys.argv)
+
+
+def train_model(
+    spec: DataSpec,
+    out: str | os.PathLike,
+    *,
+    train: TrainConfig,
+    adapter: AdapterConfig | None = None,
+    head: HeadConfig | None = None,
+    resume: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    samples: int = 16,
+    workers: int = 1,
+    progress: bool = True,
+    data: PreparedData | None = None,
+    backbone_checkpoint: str | None = None,
+) -> Path:
+    """Fine-tune one model and write its folder (weights, config with model card, split)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if adapter is None and train.method in ("lora", "balora"):
+        adapter = AdapterConfig(bayesian=train.method == "balora")
+    torch.manual_seed(train.seed)
+    model = BandGapModel.from_pretrained(train.method, adapter=adapter, head=head or HeadConfig(), checkpoint=backbone_checkpoint)
+    if data is None:
+        data = prepare_data(spec, model, split_file=out / SPLIT_FILE, cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(), workers=workers, progress=progress)
+    elif not (out / SPLIT_FILE).is_file():
+        data.split.save(out / SPLIT_FILE)
+    t0 = time.perf_counter()
+    history = fit(
+        model,
+        ([data.graphs[i] for i in data.split.train], data.targets[data.split.train]),
+        ([data.graphs[i] for i in data.split.val], data.targets[data.split.val]),
+        train,
+        out_dir=out / "checkpoint",
+        resume=resume,
+        progress=progress,
+    )
+    predictor = Predictor(model)
+    calibration, metrics = calibrate_and_score(predictor, data, samples=samples if model.is_bayesian else 0)
+    card = {
+        "calibration": calibration,
+        "data": {**data.provenance, "spec": to_dict(spec), "n_train": len(data.split.train), "n_val": len(data.split.val), "n_test": len(data.split.test)},
+        "split_file": SPLIT_FILE,
+        "training": {
+            "config": to_dict(train),
+            "epochs_run": len(history["history"]),
+            "best_val_mae": history["best_val_mae"],
+            "history": history["history"],
+            "train_seconds": sum(e["train_seconds"] for e in history["history"]),
+            "wall_seconds_this_run": time.perf_counter() - t0,
+            "device": "cpu",
+            "torch_threads": torch.get_num_threads(),
+            "parameters": model.parameter_counts(),
+        },
+        "metrics": metrics,
+        "command": _command(),
+    }
+    save_model(model, out, extra=card)
+    log.info("saved %s (test MAE %s)", out, metrics.get("test", {}).get("mae"))
+    return out
+
+
+def train_ensemble(spec: DataSpec, out: str | os.PathLike, *, members: int, train: TrainConfig, seeds: list[int] | None = None, **kwargs) -> Path:
+    """K models (default LoRA) on one split with different seeds, plus ``ensemble.json``."""
+    if members < 2:
+        raise ValueError(f"members={members} must be >= 2 for an ensemble")
+    out = Path(out)
+    seeds = seeds or [train.seed + k for k in range(members)]
+    names = [f"member_{k}" for k in range(members)]
+    data = kwargs.pop("data", None)
+    for name, seed in zip(names, seeds):
+        if (out / name / "config.json").is_file() and kwargs.get("resume"):
+            continue  # finished member
+        if data is None:
+            torch.manual_seed(seed)
+            probe = BandGapModel.from_pretrained("head")
+            cache = kwargs.get("cache_dir")
+            data = prepare_data(spec, probe, split_file=out / SPLIT_FILE, cache_dir=Path(cache) if cache else default_cache_dir(), workers=kwargs.get("workers", 1), progress=kwargs.get("progress", True))
+        train_model(spec, out / name, train=replace(train, seed=seed), data=data, **kwargs)
+    ensemble = EnsemblePredictor([Predictor.load(out / n) for n in names])
+    if data is None:
+        data = prepare_data(spec, ensemble.model, split_file=out / SPLIT_FILE, cache_dir=Path(kwargs["cache_dir"]) if kwargs.get("cache_dir") else default_cache_dir(), progress=False)
+    calibration, metrics = calibrate_and_score(ensemble, data, samples=0)
+    write_json(out / ENSEMBLE_FILE, {"members": names, "seeds": seeds, "method": train.method, "calibration": calibration, "metrics": metrics, "data": {"spec": to_dict(spec), "n_train": len(data.split.train), "n_val": len(data.split.val), "n_test": len(data.split.test)}, "command": _command()})
+    return out
