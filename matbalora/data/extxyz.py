@@ -1,27 +1,106 @@
-"""Fast extended-XYZ reading (plain or gzip) into ASE Atoms."""
+"""Fast extended-XYZ reading (plain or gzip) into ASE Atoms, one frame at a time.
+
+The file is streamed forwards once: ASE's own reader seeks backwards, and every backward seek in
+a gzip stream restarts decompression (hours for 100k frames). Frames are cut at their atom-count
+lines and parsed one by one with ASE's extended-XYZ frame parser, so one bad frame does not lose
+the file, ``limit`` stops reading early, and oversized frames are skipped without being parsed.
+"""
 
 from __future__ import annotations
 
 import gzip
 import io
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 from ase import Atoms
+
+
+@dataclass(frozen=True)
+class RawFrame:
+    """One frame's text. ``index``: 0-based position in the file; ``natoms``: declared atom count;
+    ``comment``: the info line; ``text``: the whole frame, or None when it was skipped unparsed."""
+
+    index: int
+    natoms: int
+    comment: str
+    text: str | None
+
+
+def _open_text(path: str):
+    opener = gzip.open if path.endswith(".gz") else open
+    return opener(path, "rt", encoding="utf-8")
+
+
+def iter_frames(
+    path: str | os.PathLike, *, limit: int | None = None, skip_above: int | None = None
+) -> Iterator[RawFrame]:
+    """The raw frames of an extended-XYZ file, streamed.
+
+    ``limit``: stop after this many frames (the rest of the file is not read);
+    ``skip_above``: frames declaring more atoms are returned with ``text=None`` (lines skipped).
+    Raises ValueError when a frame boundary cannot be found (a count line that is not a
+    non-negative integer, or the file ending inside a frame): later frames cannot be located.
+    """
+    path = os.fspath(path)
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit={limit}; must be >= 0 or None")
+    with _open_text(path) as fh:
+        index = 0
+        while limit is None or index < limit:
+            header = fh.readline()
+            if not header:
+                return
+            if not header.strip():
+                continue  # blank separator lines between frames
+            try:
+                natoms = int(header)
+            except ValueError:
+                natoms = -1
+            if natoms < 0:
+                raise ValueError(
+                    f"{path}: frame {index}: expected an atom-count line, got {header.strip()[:60]!r}; "
+                    "later frames cannot be located"
+                )
+            comment = fh.readline()
+            if not comment:
+                raise ValueError(f"{path}: file ends inside frame {index} (no comment line)")
+            skip = skip_above is not None and natoms > skip_above
+            lines = [] if skip else [header, comment]
+            for _ in range(natoms):
+                line = fh.readline()
+                if not line:
+                    raise ValueError(f"{path}: file ends inside frame {index} (declares {natoms} atoms)")
+                if not skip:
+                    lines.append(line)
+            yield RawFrame(index, natoms, comment.rstrip("\r\n"), None if skip else "".join(lines))
+            index += 1
+
+
+def parse_comment(comment: str) -> dict:
+    """The key=value pairs of an extended-XYZ info line (ASE's parser)."""
+    from ase.io.extxyz import key_val_str_to_dict
+
+    return key_val_str_to_dict(comment) if comment.strip() else {}
+
+
+def parse_frame(frame: RawFrame) -> Atoms:
+    """ASE Atoms of one raw frame; raises ValueError naming the frame on malformed content."""
+    from ase.io.extxyz import read_xyz
+
+    if frame.text is None:
+        raise ValueError(f"frame {frame.index} was skipped unparsed ({frame.natoms} atoms)")
+    try:
+        return next(read_xyz(io.StringIO(frame.text), 0))
+    except Exception as exc:  # ASE raises XYZError, ValueError, IndexError, KeyError, ...
+        raise ValueError(f"frame {frame.index}: {type(exc).__name__}: {exc}") from exc
 
 
 def read_extxyz(path: str | os.PathLike, *, limit: int | None = None) -> list[Atoms]:
     """All frames of an ``.extxyz`` or ``.extxyz.gz`` file.
 
-    A gzip file is decompressed in memory first: ASE's reader seeks backwards, and every backward
-    seek in a gzip stream restarts decompression (hours for 100k frames).
-    ``limit`` keeps only the first ``limit`` frames (read without parsing the rest).
+    ``limit`` keeps only the first ``limit`` frames (the rest of the file is not read).
+    Raises ValueError on the first malformed frame.
     """
-    from ase.io import read
-
-    path = os.fspath(path)
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        text = fh.read()
-    index = ":" if limit is None else f":{int(limit)}"
-    frames = read(io.StringIO(text), index=index, format="extxyz")
-    return list(frames)
+    return [parse_frame(frame) for frame in iter_frames(path, limit=limit)]
