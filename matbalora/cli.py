@@ -127,7 +127,43 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "predict": _cmd_predict, "data": _cmd_data}
+def _evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="metrics, recalibrated coverage and plots on labelled data")
+    p.add_argument("--model", default=None, help="model folder (default: shipped BaLoRA model)")
+    p.add_argument("--ensemble", default=None, nargs="?", const="", help="also evaluate a deep ensemble (default folder if no value)")
+    p.add_argument("--data", required=True, help="labelled data (extxyz, folder + CSV, pymatgen JSON)")
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--level", type=float, default=0.9)
+    p.add_argument("--max-structures", type=int, default=None)
+    p.add_argument("--out", required=True, help="folder for metrics.json, predictions.csv and plots")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from matbalora.api import load_ensemble, load_model
+    from matbalora.evaluation import evaluate_on_data
+
+    ensemble = load_ensemble(args.ensemble or None) if args.ensemble is not None else None
+    report = evaluate_on_data(args.data, args.out, model=load_model(args.model), ensemble=ensemble, samples=args.samples, level=args.level, max_structures=args.max_structures)
+    summary = {name: report[name].get("calibrated", {}) for name in ("model", "ensemble") if name in report}
+    print(json.dumps({k: {m: v.get(m) for m in ("mae", "spearman", "coverage_90", "nonmetal_mae", "nonmetal_spearman")} for k, v in summary.items()}, indent=1))
+    print(f"wrote {args.out}/metrics.json")
+    return 0
+
+
+def _app_parser(sub) -> None:
+    p = sub.add_parser("app", help="serve the Streamlit web app on the shipped models")
+    p.add_argument("streamlit_args", nargs=argparse.REMAINDER, help="extra arguments for streamlit run")
+
+
+def _cmd_app(args: argparse.Namespace) -> int:
+    from matbalora.app_support import launch
+
+    return int(launch(args.streamlit_args) or 0)
+
+
+COMMANDS = {"train": _cmd_train, "predict": _cmd_predict, "data": _cmd_data, "evaluate": _cmd_evaluate, "app": _cmd_app}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _predict_parser(sub)
     _data_parser(sub)
+    _evaluate_parser(sub)
+    _app_parser(sub)
     return parser
 
 

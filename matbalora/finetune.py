@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from matbalora.atomic import write_json
-from matbalora.calibration import StdScaler
+from matbalora.calibration import ConformalIntervals, StdScaler
 from matbalora.checkpoint import save_model
 from matbalora.config import AdapterConfig, HeadConfig, TrainConfig, to_dict
 from matbalora.data.graph_cache import GraphCache
@@ -124,8 +124,9 @@ def calibrate_and_score(predictor, data: PreparedData, *, samples: int) -> tuple
     val = predictor.predict_prepared(data.part("val"), samples=samples)
     calibration: dict = {"std_scale": 1.0, "fitted_on": "val", "samples": samples}
     if np.all(np.isfinite(val["std"])) and np.all(val["std"] > 0):
-        scaler = StdScaler().fit(val["band_gap"], val["std"], data.targets[data.split.val])
-        calibration["std_scale"] = scaler.factor
+        y_val = data.targets[data.split.val]
+        calibration["std_scale"] = StdScaler().fit(val["band_gap"], val["std"], y_val).factor
+        calibration["conformal"] = ConformalIntervals().fit(val["band_gap"], val["std"], y_val, 0.9).to_dict()
     metrics = {"val": _metrics(val, data.targets[data.split.val])}
     if len(data.split.test):
         raw = predictor.predict_prepared(data.part("test"), samples=samples)

@@ -156,6 +156,10 @@ def crystal_features(
     """
     from chgnet.model.model import BatchedGraph
 
+    for graph in graphs:  # CHGNet's converter marks coordinates for force/stress gradients: not needed
+        if graph.atom_frac_coord.requires_grad or graph.lattice.requires_grad:
+            graph.atom_frac_coord = graph.atom_frac_coord.detach()
+            graph.lattice = graph.lattice.detach()
     g = BatchedGraph.from_graphs(
         graphs,
         bond_basis_expansion=backbone.bond_basis_expansion,

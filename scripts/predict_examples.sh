@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up (if needed) and predict the band gaps of the example crystals with the shipped BaLoRA
+# model next to the shipped 5-member LoRA ensemble. Works offline.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+matbalora predict data/examples --ensemble "$@"

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create .venv and install matbalora with everything it needs (idempotent). CPU torch from the
+# pinned wheel: an unpinned torch would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[test,app,sources]"
