@@ -1,8 +1,12 @@
 """CHGNet CrystalGraph <-> safetensors bytes, with a checksum and structural checks on read.
 
-A graph is stored as its tensors (exact dtypes and shapes) plus header metadata: format, cache
-key, backbone version, cutoffs, composition, which tensors require grad, and a SHA-256 over
-names, dtypes, shapes and bytes. ``graph_from_bytes`` refuses anything that does not verify.
+A graph is stored as its tensors plus header metadata: format, cache key, backbone version,
+cutoffs, composition, each tensor's original dtype, which tensors require grad, and a SHA-256 over
+names, dtypes, shapes and bytes of the original tensors. Integer-valued tensors are stored in
+the narrowest integer type that holds them exactly (int8/int16; periodic images are small
+integers kept as float32 by CHGNet), which halves the files; reading restores the original
+dtypes and the checksum proves the round trip exact. ``graph_from_bytes`` refuses anything that
+does not verify.
 """
 
 from __future__ import annotations
@@ -67,12 +71,40 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def _narrow(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in int8/int16 when that holds every value exactly, else ``t`` itself."""
+    import torch
+
+    a = t.numpy()
+    if a.size == 0 or a.dtype.itemsize == 1 or a.dtype.kind not in "iuf":
+        return t
+    if a.dtype.kind == "f" and not np.array_equal(a, np.rint(a)):  # NaN also keeps the float
+        return t
+    low, high = a.min(), a.max()
+    for small in (np.int8, np.int16):
+        info = np.iinfo(small)
+        if info.min <= low and high <= info.max:
+            return torch.from_numpy(a.astype(small))
+    return t
+
+
+def _dtype(name: str) -> torch.dtype:
+    import torch
+
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise CorruptGraphError(f"unknown dtype {name!r}")
+    return dtype
+
+
 def graph_to_bytes(graph: CrystalGraph, *, key: str, backbone_version: str) -> bytes:
     """Safetensors bytes of one CrystalGraph (ids are not stored: they belong to the entry)."""
     from safetensors.torch import save
 
     tensors = {name: getattr(graph, name).detach().contiguous() for name in TENSOR_FIELDS}
+    stored = {name: _narrow(t) for name, t in tensors.items()}
     metadata = {
+        "dtypes": json.dumps({name: str(t.dtype).removeprefix("torch.") for name, t in tensors.items()}),
         "format": FORMAT,
         "key": key,
         "backbone_version": str(backbone_version),
@@ -82,7 +114,7 @@ def graph_to_bytes(graph: CrystalGraph, *, key: str, backbone_version: str) -> b
         "requires_grad": json.dumps([n for n in TENSOR_FIELDS if getattr(graph, n).requires_grad]),
         "checksum": _checksum(tensors),
     }
-    return save(tensors, metadata=metadata)
+    return save(stored, metadata=metadata)
 
 
 def _header_metadata(data: bytes) -> dict[str, str]:
@@ -156,10 +188,12 @@ def graph_from_bytes(
         tensors = load(data)
         extra: dict[str, Any] = {k: json.loads(meta[k]) for k in ("atom_graph_cutoff", "bond_graph_cutoff", "composition")}
         requires_grad = json.loads(meta["requires_grad"])
+        dtypes = json.loads(meta["dtypes"])
     except Exception as exc:  # safetensors raises its own error types on truncated data
         raise CorruptGraphError(f"unreadable tensors or metadata: {type(exc).__name__}: {exc}") from exc
-    if sorted(tensors) != sorted(TENSOR_FIELDS):
+    if sorted(tensors) != sorted(TENSOR_FIELDS) or not isinstance(dtypes, dict) or sorted(dtypes) != sorted(TENSOR_FIELDS):
         raise CorruptGraphError(f"tensors {sorted(tensors)} != {sorted(TENSOR_FIELDS)}")
+    tensors = {name: t.to(_dtype(dtypes[name])) for name, t in tensors.items()}
     if _checksum(tensors) != meta.get("checksum"):
         raise CorruptGraphError("checksum mismatch")
     _check_shapes(tensors)
