@@ -39,9 +39,7 @@ def rocksalt(a: float = 5.64, species=("Na", "Cl")) -> Structure:
 def frames() -> list[Atoms]:
     out = []
     for i, (s, gap) in enumerate([(silicon(), 0.61), (rocksalt(), 5.0), (rocksalt(6.29, ("K", "Cl")), 5.1)]):
-        atoms = Atoms(
-            [site.specie.symbol for site in s], positions=s.cart_coords, cell=s.lattice.matrix, pbc=True
-        )
+        atoms = Atoms([site.specie.symbol for site in s], positions=s.cart_coords, cell=s.lattice.matrix, pbc=True)
         atoms.info.update(material_id=f"m-{i}", band_gap=gap)
         out.append(atoms)
     return out
@@ -70,7 +68,7 @@ def test_extxyz_plain_and_gzip_agree(xyz_file, tmp_path):
 def test_max_structures_stops_reading(xyz_file):
     # garbage after frame 3: a full read reports it, a limited read never reaches it
     with open(xyz_file, "a") as fh:
-        fh.write("not-a-count\nLattice=\"1 0 0 0 1 0 0 0 1\"\n")
+        fh.write('not-a-count\nLattice="1 0 0 0 1 0 0 0 1"\n')
     full = load_dataset(xyz_file)
     assert len(full) == 3 and [r.reason for r in full.rejected] == [UNPARSABLE]
     assert "#3" in full.rejected[0].id_or_path

@@ -61,10 +61,7 @@ class BandGapDataset:
         return len(self.structures)
 
     def __repr__(self) -> str:
-        return (
-            f"BandGapDataset(n={len(self)}, rejected={len(self.rejected)}, "
-            f"source={self.provenance.get('source')!r})"
-        )
+        return f"BandGapDataset(n={len(self)}, rejected={len(self.rejected)}, source={self.provenance.get('source')!r})"
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> BandGapDataset:
         """The entries at ``indices`` (ints, in that order); provenance and rejections are kept."""

@@ -40,7 +40,9 @@ class CacheStats:
     rebuilt: int = 0
 
 
-def _convert(converter: Callable, backbone_version: str, job: tuple[int, Structure, str]) -> tuple[int, bytes | None, str]:
+def _convert(
+    converter: Callable, backbone_version: str, job: tuple[int, Structure, str]
+) -> tuple[int, bytes | None, str]:
     pos, structure, key = job
     try:
         graph = converter(structure)
@@ -127,7 +129,9 @@ class GraphCache:
                 os.unlink(tmp)
             raise
 
-    def _run(self, jobs: list[tuple[int, Structure, str]], workers: int, progress: bool) -> Iterator[tuple[int, bytes | None, str]]:
+    def _run(
+        self, jobs: list[tuple[int, Structure, str]], workers: int, progress: bool
+    ) -> Iterator[tuple[int, bytes | None, str]]:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(jobs), desc="crystal graphs", unit="graph", disable=not progress)
@@ -183,7 +187,9 @@ class GraphCache:
             if data is None:
                 raise ValueError(f"graph conversion failed for entry {names[pos] or pos}: {error}")
             self._write(keys[pos], data)
-            out[pos] = graph_from_bytes(data, key=keys[pos], backbone_version=self.backbone_version, graph_id=names[pos])
+            out[pos] = graph_from_bytes(
+                data, key=keys[pos], backbone_version=self.backbone_version, graph_id=names[pos]
+            )
             self.stats.built += 1
         for pos, key in enumerate(keys):
             if out[pos] is None:

@@ -42,7 +42,12 @@ class CorruptGraphError(ValueError):
 
 
 def structure_key(
-    structure: Structure, *, backbone_version: str, atom_graph_cutoff: float, bond_graph_cutoff: float, algorithm: str = ""
+    structure: Structure,
+    *,
+    backbone_version: str,
+    atom_graph_cutoff: float,
+    bond_graph_cutoff: float,
+    algorithm: str = "",
 ) -> str:
     """SHA-256 hex of the exact lattice, fractional coordinates and species (float64 bytes),
     plus everything else that changes the graph: backbone version, cutoffs, converter algorithm."""
@@ -157,7 +162,12 @@ def _check_shapes(t: dict[str, torch.Tensor]) -> None:
     for name in _INDEX_FIELDS:
         if t[name].dtype.is_floating_point:
             raise CorruptGraphError(f"{name} has float dtype {t[name].dtype}")
-    bounds = {"atom_graph": [n, n], "directed2undirected": [u], "undirected2directed": [e], "bond_graph": [n, u, e, u, e]}
+    bounds = {
+        "atom_graph": [n, n],
+        "directed2undirected": [u],
+        "undirected2directed": [e],
+        "bond_graph": [n, u, e, u, e],
+    }
     for name, limits in bounds.items():
         x = t[name]
         if x.numel() == 0:
@@ -186,12 +196,18 @@ def graph_from_bytes(
         raise CorruptGraphError(f"backbone version {meta.get('backbone_version')!r} != {backbone_version!r}")
     try:
         tensors = load(data)
-        extra: dict[str, Any] = {k: json.loads(meta[k]) for k in ("atom_graph_cutoff", "bond_graph_cutoff", "composition")}
+        extra: dict[str, Any] = {
+            k: json.loads(meta[k]) for k in ("atom_graph_cutoff", "bond_graph_cutoff", "composition")
+        }
         requires_grad = json.loads(meta["requires_grad"])
         dtypes = json.loads(meta["dtypes"])
     except Exception as exc:  # safetensors raises its own error types on truncated data
         raise CorruptGraphError(f"unreadable tensors or metadata: {type(exc).__name__}: {exc}") from exc
-    if sorted(tensors) != sorted(TENSOR_FIELDS) or not isinstance(dtypes, dict) or sorted(dtypes) != sorted(TENSOR_FIELDS):
+    if (
+        sorted(tensors) != sorted(TENSOR_FIELDS)
+        or not isinstance(dtypes, dict)
+        or sorted(dtypes) != sorted(TENSOR_FIELDS)
+    ):
         raise CorruptGraphError(f"tensors {sorted(tensors)} != {sorted(TENSOR_FIELDS)}")
     tensors = {name: t.to(_dtype(dtypes[name])) for name, t in tensors.items()}
     if _checksum(tensors) != meta.get("checksum"):

@@ -56,7 +56,9 @@ def _folder_entries(
     files = sorted(p for p in folder.iterdir() if p.is_file() and detect_format(p) in FOLDER_FORMATS)
     csvs = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".csv")
     if len(csvs) > 1:
-        raise ValueError(f"folder {os.fspath(folder)!r} has {len(csvs)} CSV files {[p.name for p in csvs]}; expected one")
+        raise ValueError(
+            f"folder {os.fspath(folder)!r} has {len(csvs)} CSV files {[p.name for p in csvs]}; expected one"
+        )
     if not csvs and require_target:
         raise ValueError(
             f"folder {os.fspath(folder)!r} has no CSV of targets ('id,{target_key}'); "

@@ -13,7 +13,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -187,7 +187,7 @@ def from_materials_project(
         payload = {
             "format": _MP_CACHE_FORMAT,
             "query": query,
-            "retrieved": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "retrieved": datetime.now(UTC).isoformat(timespec="seconds"),
             "records": [_mp_record(doc) for doc in docs],
         }
         _write_json_atomic(cache_path, payload)
@@ -199,7 +199,9 @@ def from_materials_project(
         "cache": os.fspath(cache_path),
         "n_documents": len(payload["records"]),
     }
-    return build_dataset(_mp_entries(payload["records"], max_atoms), provenance=provenance, on_invalid=on_invalid, checks=checks)
+    return build_dataset(
+        _mp_entries(payload["records"], max_atoms), provenance=provenance, on_invalid=on_invalid, checks=checks
+    )
 
 
 def matbench_id(row: int, n_rows: int) -> str:
@@ -255,5 +257,10 @@ def from_matbench(
             else:
                 yield Entry(entry_id, None, gap, (UNPARSABLE, f"structure is {type(structure).__name__}"))
 
-    provenance = {"source": MATBENCH_DATASET, "fold": fold, "part": part if fold is not None else "all", "n_rows": n_rows}
+    provenance = {
+        "source": MATBENCH_DATASET,
+        "fold": fold,
+        "part": part if fold is not None else "all",
+        "n_rows": n_rows,
+    }
     return build_dataset(entries(), provenance=provenance, on_invalid=on_invalid, checks=Checks(max_atoms=max_atoms))

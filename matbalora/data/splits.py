@@ -157,9 +157,7 @@ def reduced_formulas(formulas: Sequence[Any]) -> list[str]:
     return out
 
 
-def grouped_split(
-    formulas: Sequence[Any], *, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
-) -> Split:
+def grouped_split(formulas: Sequence[Any], *, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> Split:
     """A random split of whole groups of entries sharing a reduced formula (``Fe2O3`` and
     ``Fe4O6`` together), so no reduced formula appears in two parts. Part sizes follow
     ``fractions`` up to one group."""
