@@ -1,0 +1,31 @@
+"""The model cards of the shipped models and the benchmark plots, when they exist."""
+
+import streamlit as st
+
+from matbalora import app_support as sup
+
+st.title("Model card & benchmarks")
+for title, card in sup.model_cards().items():
+    st.subheader(title)
+    if "error" in card:
+        st.warning(f"No model card: {card['error']}")
+        continue
+    member = card.get("member card", card)
+    backbone = member.get("backbone") or {}
+    cols = st.columns(3)
+    cols[0].metric("method", str(member.get("method", "?")))
+    cols[1].metric("backbone", f"{backbone.get('name', '?')} {backbone.get('version', '')}")
+    cols[2].metric("members" if "members" in card else "std scale",
+                   len(card["members"]) if "members" in card else f"{(card.get('calibration') or {}).get('std_scale', 1.0):.3g}")
+    if member.get("metrics"):
+        st.write("**Metrics**")
+        st.json(member["metrics"], expanded=True)
+    with st.expander("Full model card (config.json)"):
+        st.json(card, expanded=False)
+
+st.subheader("Benchmark plots")
+images = sup.benchmark_images()
+if not images:
+    st.info("No benchmark plots yet; they appear here once the benchmark scripts have written them to benchmarks/.")
+for path in images:
+    st.image(str(path), caption=str(path.relative_to(sup.REPO)), width="stretch")

@@ -1,0 +1,15 @@
+"""matbalora web app: band gaps with BaLoRA and deep-ensemble uncertainty.
+
+Run with ``matbalora app`` (or ``streamlit run app/streamlit_app.py``); the models come from the
+repository's ``models/`` folder or ``$MATBALORA_MODELS``. Every number shown is computed by
+``matbalora.app_support``; these pages only lay it out.
+"""
+
+import streamlit as st
+
+st.set_page_config(page_title="matbalora: band gaps with uncertainty", page_icon=":material/deployed_code:", layout="wide")
+page = st.navigation([
+    st.Page("pages/predict.py", title="Predict", icon=":material/science:", default=True),
+    st.Page("pages/model_card.py", title="Model card & benchmarks", icon=":material/description:"),
+])
+page.run()

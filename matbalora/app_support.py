@@ -1,0 +1,481 @@
+"""Everything the web app shows, as pure functions: uploads -> checked structures and summaries,
+one prediction call per structure, a plain-language reading, and plotly figures.
+
+The Streamlit UI (``app/streamlit_app.py``) only lays these out. Uploaded file names are labels,
+never paths: the bytes are parsed from a private temporary folder under a name chosen here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from matbalora.data.dataset import Rejection
+from matbalora.data.formats import detect_format, file_id
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import plotly.graph_objects as go
+    from pymatgen.core import Structure
+
+    from matbalora.predict import EnsemblePredictor, Predictor
+
+REPO = Path(__file__).resolve().parents[1]
+APP_SCRIPT = REPO / "app" / "streamlit_app.py"
+ACCEPTED = "CIF (.cif), POSCAR/CONTCAR (.vasp, .poscar, or a name starting with POSCAR/CONTCAR), extended XYZ (.extxyz, .xyz), pymatgen JSON (.json); optionally gzipped (.gz)"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one upload may hold; the app states these next to the uploader."""
+
+    max_file_mb: int = 2  # per uploaded file, MiB
+    max_atoms: int = 200  # per structure
+    max_structures: int = 50  # per page (all uploads and examples together)
+
+    def __post_init__(self) -> None:
+        for name in ("max_file_mb", "max_atoms", "max_structures"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}; must be a positive integer")
+
+    @property
+    def max_file_bytes(self) -> int:
+        return self.max_file_mb * 1024 * 1024
+
+    def describe(self) -> str:
+        return (f"Up to {self.max_file_mb} MB per file, {self.max_atoms} atoms per structure, "
+                f"{self.max_structures} structures at a time; ordered crystals only (no partial occupancies).")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One structure found in an upload, or the upload itself when nothing usable was found.
+
+    ``source``: the uploaded file's name (a label); ``id``: unique on the page; ``key``: SHA-256 of
+    the structure (a cache key); ``error``: plain-language reason when ``structure`` is None.
+    """
+
+    source: str
+    id: str
+    structure: Structure | None = None
+    key: str = ""
+    error: str = ""
+
+
+def display_name(name: str) -> str:
+    """A file name fit to show: no folders, no control characters, at most 80 characters."""
+    base = re.split(r"[\\/]", str(name))[-1]
+    base = "".join(ch for ch in base if ch.isprintable()).strip()
+    return (base or "upload")[:80]
+
+
+_PLAIN = {
+    "unparsable": "could not be read",
+    "disordered": "is disordered (partial occupancies); the model needs an ordered crystal",
+    "too_many_atoms": "has too many atoms",
+    "empty": "holds no atoms",
+    "bad_lattice": "has no usable periodic cell",
+    "non_finite": "has NaN or infinite numbers",
+    "overlapping_atoms": "has overlapping atoms",
+    "isolated_atom": "has an atom with no neighbour within the model's 6 Å cutoff",
+    "duplicate_id": "repeats an earlier structure id",
+}
+
+
+def explain(rejection: Rejection) -> str:
+    """One plain sentence for a reader's Rejection."""
+    text = _PLAIN.get(rejection.reason, rejection.reason)
+    return f"{text} ({rejection.detail})" if rejection.detail else text
+
+
+def structure_key(structure: Structure) -> str:
+    return hashlib.sha256(structure.to_json().encode()).hexdigest()
+
+
+def read_upload(name: str, data: bytes, *, limits: Limits = Limits()) -> list[Item]:
+    """The structures in one uploaded file, each checked; a bad file gives one Item with ``error``."""
+    from matbalora.data.entries import Checks, admit_structures
+    from matbalora.data.formats import file_entries
+
+    label = display_name(name)
+    stem = file_id(label)
+    if len(data) > limits.max_file_bytes:
+        return [Item(label, label, error=f"file is {len(data) / 2**20:.1f} MB; the limit is {limits.max_file_mb} MB")]
+    fmt = detect_format(label)
+    if fmt is None:
+        return [Item(label, label, error=f"unknown file type; accepted: {ACCEPTED}")]
+    suffix = {"cif": ".cif", "poscar": ".vasp", "extxyz": ".extxyz", "json": ".json"}[fmt]
+    suffix += ".gz" if label.lower().endswith(".gz") else ""
+    with tempfile.TemporaryDirectory(prefix="matbalora-upload-") as tmp:  # private (0700), random name
+        path = Path(tmp) / f"upload{suffix}"
+        path.write_bytes(data)
+        try:  # read_structures, but stopping after max_structures + 1 entries of a multi-frame file
+            entries = file_entries(path, id_key="material_id", target_key="", limit=limits.max_structures + 1,
+                                   max_atoms=limits.max_atoms)
+            found = admit_structures(entries, checks=Checks(max_atoms=limits.max_atoms))
+        except (ValueError, OSError) as exc:
+            found = [("upload", Rejection("upload", "unparsable", str(exc)))]
+    items = []
+    if len(found) > limits.max_structures:
+        found = found[:limits.max_structures]
+        items.append(Item(label, label, error=f"holds more than {limits.max_structures} structures; only the first {limits.max_structures} are used"))
+    for sid, obj in found:
+        sid = sid.replace(os.fspath(path), stem)
+        sid = stem + sid[len("upload"):] if sid.startswith("upload") else sid
+        if isinstance(obj, Rejection):
+            detail = obj.detail.replace(os.fspath(path), label).replace(tmp, "")
+            items.append(Item(label, sid, error=explain(Rejection(sid, obj.reason, detail))))
+        else:
+            items.append(Item(label, sid, obj, structure_key(obj)))
+    return items or [Item(label, label, error="no structure found in the file")]
+
+
+def collect(items: Sequence[Item], *, limits: Limits = Limits()) -> list[Item]:
+    """Ids made unique (``Si``, ``Si (2)``); structures beyond ``max_structures`` become errors."""
+    seen: dict[str, int] = {}
+    out, n_good = [], 0
+    for item in items:
+        n = seen[item.id] = seen.get(item.id, 0) + 1
+        sid = item.id if n == 1 else f"{item.id} ({n})"
+        if item.structure is not None:
+            n_good += 1
+            if n_good > limits.max_structures:
+                item = Item(item.source, sid, error=f"skipped: more than {limits.max_structures} structures at a time")
+        out.append(Item(item.source, sid, item.structure, item.key, item.error))
+    return out
+
+
+def _fcc(a: float):
+    from pymatgen.core import Lattice
+
+    return Lattice([[0, a / 2, a / 2], [a / 2, 0, a / 2], [a / 2, a / 2, 0]])  # primitive cell, Å
+
+
+def _example(name: str) -> Structure:
+    from pymatgen.core import Lattice, Structure
+
+    if name == "β-Ga2O3 (monoclinic, 20 atoms)":  # conventional C2/m cell, all five sites 4i
+        return Structure.from_spacegroup(
+            "C2/m", Lattice.monoclinic(12.214, 3.0371, 5.7981, 103.83), ["Ga", "Ga", "O", "O", "O"],
+            [[0.0904, 0, 0.7948], [0.3414, 0, 0.6857], [0.1674, 0, 0.1011], [0.4957, 0, 0.2553], [0.8279, 0, 0.4365]])
+    cubic = {"SrTiO3 (cubic perovskite)": (Lattice.cubic(3.945), ["Sr", "Ti", "O", "O", "O"],
+                                           [[0, 0, 0], [0.5] * 3, [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])}
+    fcc = {"Si (diamond)": (5.468, ["Si", "Si"], [[0, 0, 0], [0.25] * 3]),
+           "GaAs (zinc blende)": (5.75, ["Ga", "As"], [[0, 0, 0], [0.25] * 3]),
+           "NaCl (rock salt)": (5.69, ["Na", "Cl"], [[0, 0, 0], [0.5] * 3]),
+           "Cu (fcc metal)": (3.63, ["Cu"], [[0, 0, 0]])}
+    if name in fcc:
+        a, species, coords = fcc[name]
+        return Structure(_fcc(a), species, coords)
+    return Structure(*cubic[name])
+
+
+EXAMPLES: tuple[str, ...] = ("Si (diamond)", "GaAs (zinc blende)", "NaCl (rock salt)", "Cu (fcc metal)",
+                             "SrTiO3 (cubic perovskite)", "β-Ga2O3 (monoclinic, 20 atoms)")
+
+
+def example(name: str) -> Item:
+    """A built-in example crystal (names in ``EXAMPLES``; experimental lattice constants)."""
+    if name not in EXAMPLES:
+        raise ValueError(f"unknown example {name!r}; choose from {list(EXAMPLES)}")
+    structure = _example(name)
+    return Item("built-in example", name.split(" ")[0], structure, structure_key(structure))
+
+
+def summarize(structure: Structure) -> dict[str, Any]:
+    """Formula, space group, lattice (Å, degrees), volume (Å^3), atom count, density (g/cm^3)."""
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    try:
+        sga = SpacegroupAnalyzer(structure, symprec=0.1)
+        space_group = f"{sga.get_space_group_symbol()} ({sga.get_space_group_number()})"
+        system = sga.get_crystal_system()
+    except Exception:  # noqa: BLE001 - spglib fails on odd cells; the summary is useful without it
+        space_group, system = "undetermined", "undetermined"
+    lat = structure.lattice
+    return {
+        "formula": structure.composition.reduced_formula,
+        "cell formula": structure.composition.formula.replace(" ", ""),
+        "space group": space_group,
+        "crystal system": system,
+        "atoms": len(structure),
+        "a, b, c (Å)": ", ".join(f"{x:.3f}" for x in lat.abc),
+        "α, β, γ (°)": ", ".join(f"{x:.2f}" for x in lat.angles),
+        "volume (Å³)": round(lat.volume, 2),
+        "density (g/cm³)": round(float(structure.density), 3),
+    }
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """BaLoRA and deep-ensemble predictions for one structure (eV).
+
+    ``balora``/``ensemble``: band_gap, std, lower, upper; ``draws``: [S] the Monte-Carlo band gaps
+    behind ``balora``; ``error``: why there is no prediction; ``seconds``: wall time of the call.
+    """
+
+    balora: dict[str, float]
+    ensemble: dict[str, float]
+    draws: np.ndarray = field(default_factory=lambda: np.empty(0))
+    level: float = 0.9
+    error: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class Models:
+    """The BaLoRA model and the deep ensemble, shared by every session of a server.
+
+    A model keeps its sampling mode and generator on itself while it runs, so calls take ``lock``:
+    two sessions predicting at once are served one after the other, never interleaved.
+    """
+
+    model: Predictor
+    ensemble: EnsemblePredictor
+    folder: Path
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def predict(self, structure: Structure, *, samples: int, level: float, seed: int = 0) -> Prediction:
+        with self.lock:
+            return predict_structure(self.model, self.ensemble, structure, samples=samples, level=level, seed=seed)
+
+
+def load_models(models: str | os.PathLike | None = None) -> Models:
+    """The BaLoRA model (``balora/``) and the deep ensemble (``lora_ensemble/``) of a models folder
+    (default: the shipped one, or ``$MATBALORA_MODELS``)."""
+    from matbalora.api import load_ensemble, load_model, models_dir
+
+    folder = Path(models) if models is not None else models_dir()
+    return Models(load_model(folder / "balora"), load_ensemble(folder / "lora_ensemble"), folder)
+
+
+def predict_structure(model: Predictor, ensemble: EnsemblePredictor, structure: Structure, *,
+                      samples: int, level: float, seed: int = 0) -> Prediction:
+    """Both predictions for one structure, and the Monte-Carlo draws behind the BaLoRA row."""
+    from matbalora.predict import Predictor, prepare
+
+    class KeepDraws(Predictor):  # the same model; remembers the draws predict_prepared summarises
+        def sample(self, prep, *, samples, seed=0):
+            self.draws = super().sample(prep, samples=samples, seed=seed)
+            return self.draws
+
+    start = time.perf_counter()
+    prep = prepare(model.model, [structure], ["upload"])
+    keeper = KeepDraws(model.model, model.config)
+    ours = keeper.predict_prepared(prep, samples=samples, level=level, seed=seed).iloc[0]
+    if ours["error"]:
+        return Prediction({}, {}, level=level, error=ours["error"], seconds=time.perf_counter() - start)
+    theirs = ensemble.predict_prepared(prep, level=level).iloc[0]
+    keys = ("band_gap", "std", "lower", "upper")
+    return Prediction({k: float(ours[k]) for k in keys}, {k: float(theirs[k]) for k in keys},
+                      keeper.draws.gaps[:, 0], level, "", time.perf_counter() - start)
+
+
+#: Upper edges (PBE band gap, eV) of the plain-language classes.
+GAP_CLASSES: tuple[tuple[float, str], ...] = (
+    (0.1, "metal"), (1.5, "small-gap semiconductor"), (3.5, "semiconductor"), (math.inf, "wide-gap insulator"))
+
+
+def gap_class(gap: float) -> str:
+    return next(name for edge, name in GAP_CLASSES if max(gap, 0.0) < edge)
+
+
+def reading(band_gap: float, lower: float, upper: float) -> str:
+    """One plain line, e.g. 'likely a metal' or 'a wide-gap insulator; uncertain (could be a semiconductor)'."""
+    if not all(math.isfinite(x) for x in (band_gap, lower, upper)):
+        return "no prediction"
+    names = [name for _, name in GAP_CLASSES]
+    here, low, high = gap_class(band_gap), names.index(gap_class(lower)), names.index(gap_class(upper))
+    if low == high:
+        return f"likely a {here}"
+    others = [name for name in names[low:high + 1] if name != here]
+    return f"a {here}; uncertain (could be {' or '.join('a ' + o for o in others)})"
+
+
+def _pct(level: float) -> str:
+    return f"{100 * level:g}%"
+
+
+def interval_figure(pred: Prediction) -> go.Figure:
+    """BaLoRA and deep-ensemble intervals drawn on one axis, one above the other."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for name, row, color in (("BaLoRA", pred.balora, "#d62728"), ("Deep ensemble (5 LoRA)", pred.ensemble, "#1f77b4")):
+        fig.add_trace(go.Scatter(
+            x=[row["band_gap"]], y=[name], mode="markers", marker={"size": 12, "color": color}, name=name,
+            error_x={"type": "data", "symmetric": False, "array": [row["upper"] - row["band_gap"]],
+                     "arrayminus": [row["band_gap"] - row["lower"]], "thickness": 4, "width": 10},
+            hovertemplate=f"{name}: %{{x:.2f}} eV<br>{_pct(pred.level)} interval "
+                          f"{row['lower']:.2f}–{row['upper']:.2f} eV<extra></extra>",
+        ))
+    fig.add_vrect(x0=0, x1=GAP_CLASSES[0][0], fillcolor="grey", opacity=0.15, line_width=0,
+                  annotation_text="metal", annotation_position="top left")
+    high = max(pred.balora["upper"], pred.ensemble["upper"], 1.0)
+    fig.update_layout(title=f"PBE band gap with {_pct(pred.level)} intervals", xaxis_title="band gap (eV)",
+                      xaxis_range=[-0.05 * high, 1.1 * high], showlegend=False, height=260,
+                      margin={"l": 10, "r": 10, "t": 40, "b": 40})
+    return fig
+
+
+def samples_figure(pred: Prediction) -> go.Figure:
+    """Histogram of the BaLoRA Monte-Carlo draws with the mean and the interval marked."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Histogram(x=pred.draws, nbinsx=max(5, min(40, len(pred.draws) // 2)),
+                                 marker_color="#d62728", opacity=0.75, name="draws"))
+    b = pred.balora
+    for x, dash, text in ((b["band_gap"], "solid", "mean"), (b["lower"], "dash", "lower"), (b["upper"], "dash", "upper")):
+        fig.add_vline(x=x, line_dash=dash, line_color="black", annotation_text=text)
+    fig.update_layout(title=f"{len(pred.draws)} BaLoRA Monte-Carlo samples", xaxis_title="band gap (eV)",
+                      yaxis_title="count", showlegend=False, height=300, margin={"l": 10, "r": 10, "t": 40, "b": 40},
+                      bargap=0.05)
+    return fig
+
+
+def _element_colors() -> dict[str, str]:
+    import pymatgen.vis
+    from monty.serialization import loadfn
+
+    table = loadfn(Path(pymatgen.vis.__file__).parent / "ElementColorSchemes.yaml")["Jmol"]
+    return {el: f"rgb({r},{g},{b})" for el, (r, g, b) in table.items()}
+
+
+def cell_figure(structure: Structure) -> go.Figure:
+    """Interactive 3D unit cell: atoms (with images on the cell faces) coloured by element, cell edges."""
+    import plotly.graph_objects as go
+
+    lat = structure.lattice.matrix
+    frac = np.mod(structure.frac_coords, 1.0)
+    frac[np.isclose(frac, 1.0, atol=1e-4)] = 0.0
+    shifts = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
+    colors = _element_colors()
+    fig = go.Figure()
+    species = [site.specie.symbol for site in structure]
+    for el in sorted(set(species)):
+        rows = [i for i, s in enumerate(species) if s == el]
+        on_face = [frac[i] + s for i in rows for s in shifts if np.all((s == 0) | np.isclose(frac[i], 0.0, atol=1e-4))]
+        xyz = np.array(on_face) @ lat  # [n, 3] Å, each site plus its images on the opposite faces
+        radius = float(getattr(structure[rows[0]].specie, "atomic_radius", None) or 1.0)
+        fig.add_trace(go.Scatter3d(x=xyz[:, 0], y=xyz[:, 1], z=xyz[:, 2], mode="markers", name=el,
+                                   marker={"size": 6 + 8 * radius, "color": colors.get(el, "grey"),
+                                           "line": {"width": 1, "color": "black"}},
+                                   hovertemplate=f"{el}<br>(%{{x:.2f}}, %{{y:.2f}}, %{{z:.2f}}) Å<extra></extra>"))
+    corners = shifts @ lat
+    edges = [(a, b) for a in range(8) for b in range(a + 1, 8) if np.abs(shifts[a] - shifts[b]).sum() == 1]
+    line = np.full((3 * len(edges), 3), np.nan)
+    for n, (a, b) in enumerate(edges):
+        line[3 * n], line[3 * n + 1] = corners[a], corners[b]
+    fig.add_trace(go.Scatter3d(x=line[:, 0], y=line[:, 1], z=line[:, 2], mode="lines", name="cell",
+                               line={"color": "black", "width": 3}, hoverinfo="skip", showlegend=False))
+    axis = {"showbackground": False, "showgrid": False, "zeroline": False, "showticklabels": False, "title": ""}
+    fig.update_layout(scene={"aspectmode": "data", "xaxis": axis, "yaxis": axis, "zaxis": axis,
+                             "camera": {"eye": {"x": 1.9, "y": 1.9, "z": 1.3}}},
+                      height=420, margin={"l": 0, "r": 0, "t": 0, "b": 0}, legend={"itemsizing": "constant"})
+    return fig
+
+
+def batch_table(rows: Sequence[tuple[Item, Prediction | None]]) -> pd.DataFrame:
+    """One row per item for the sortable table and its CSV (gaps in eV, level from the predictions)."""
+    import pandas as pd
+
+    records = []
+    for item, pred in rows:
+        ok = item.structure is not None and pred is not None and not pred.error
+        rec: dict[str, Any] = {"file": item.source, "structure": item.id,
+                               "formula": item.structure.composition.reduced_formula if item.structure else "",
+                               "atoms": len(item.structure) if item.structure else None}
+        for prefix, part in (("balora", "balora"), ("ensemble", "ensemble")):
+            values = getattr(pred, part) if ok else {}
+            for key in ("band_gap", "lower", "upper", "std"):
+                rec[f"{prefix}_{key}"] = values.get(key, math.nan)
+        rec["reading"] = reading(rec["balora_band_gap"], rec["balora_lower"], rec["balora_upper"]) if ok else ""
+        rec["level"] = pred.level if ok else math.nan
+        rec["message"] = item.error or (pred.error if pred is not None else "")
+        records.append(rec)
+    return pd.DataFrame.from_records(records)
+
+
+def model_cards(models: str | os.PathLike | None = None) -> dict[str, dict]:
+    """The config (model card) of the BaLoRA model and of the ensemble (with its first member's)."""
+    import json
+
+    from matbalora.api import models_dir
+    from matbalora.checkpoint import read_config
+
+    folder = Path(models) if models is not None else models_dir()
+    cards: dict[str, dict] = {}
+    try:
+        cards["BaLoRA"] = read_config(folder / "balora")
+    except (OSError, ValueError) as exc:
+        cards["BaLoRA"] = {"error": str(exc)}
+    try:
+        ens = json.loads((folder / "lora_ensemble" / "ensemble.json").read_text(encoding="utf-8"))
+        cards["Deep ensemble"] = {**ens, "member card": read_config(folder / "lora_ensemble" / ens["members"][0])}
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        cards["Deep ensemble"] = {"error": f"{folder / 'lora_ensemble'}: {exc}"}
+    return cards
+
+
+def benchmark_images(root: str | os.PathLike = REPO / "benchmarks") -> list[Path]:
+    """Benchmark plots (PNG/SVG/JPEG) found under ``root``, sorted by path."""
+    root = Path(root)
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".svg", ".jpg", ".jpeg")) if root.is_dir() else []
+
+
+def server_flags(*, port: int | None = None, address: str | None = None, limits: Limits = Limits()) -> list[str]:
+    """``streamlit run`` options: headless, no usage statistics, no file watcher, the upload cap."""
+    flags = ["--server.headless=true", "--browser.gatherUsageStats=false", "--server.fileWatcherType=none",
+             f"--server.maxUploadSize={limits.max_file_mb}", "--client.toolbarMode=viewer"]
+    flags += [f"--server.port={port}"] if port is not None else []
+    flags += [f"--server.address={address}"] if address is not None else []
+    return flags
+
+
+def launch(argv: Sequence[str] | None = None) -> int:
+    """``matbalora app [--models DIR] [--port N] [--address HOST] [streamlit options]``: serve the app."""
+    parser = argparse.ArgumentParser(prog="matbalora app", description="Serve the band-gap web app.")
+    parser.add_argument("--models", help="folder holding balora/ and lora_ensemble/ (default: the shipped models)")
+    parser.add_argument("--port", type=int, help="port to listen on (default 8501)")
+    parser.add_argument("--address", help="address to bind (default: all interfaces)")
+    args, rest = parser.parse_known_args(list(argv or []))
+    try:
+        import streamlit  # noqa: F401
+    except ImportError:
+        print("matbalora app: streamlit is not installed; pip install 'matbalora[app]'", file=sys.stderr)
+        return 2
+    if not APP_SCRIPT.is_file():
+        print(f"matbalora app: {APP_SCRIPT} is missing; the app runs from a source checkout", file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    if args.models:
+        env["MATBALORA_MODELS"] = os.fspath(Path(args.models).resolve())
+    from matbalora.api import models_dir
+
+    folder = Path(env["MATBALORA_MODELS"]) if "MATBALORA_MODELS" in env else models_dir()
+    missing = [name for name in ("balora", "lora_ensemble") if not (folder / name).is_dir()]
+    if missing:
+        print(f"matbalora app: no {' or '.join(missing)} model folder in {folder}; "
+              "train the models or pass --models DIR", file=sys.stderr)
+        return 2
+    cmd = [sys.executable, "-m", "streamlit", "run", os.fspath(APP_SCRIPT),
+           *server_flags(port=args.port, address=args.address), *rest]
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:  # Ctrl-C stops the server (subprocess.call has already ended it)
+        return 130

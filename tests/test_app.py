@@ -1,0 +1,116 @@
+"""The Streamlit app through Streamlit's AppTest, on tiny model folders."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+pytest.importorskip("streamlit")
+from app_helpers import make_models
+from conftest import REPO, rocksalt_nacl, silicon
+from streamlit.testing.v1 import AppTest
+
+APP = REPO / "app" / "streamlit_app.py"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_checkpoint):
+    return make_models(tmp_path_factory.mktemp("app_models"), tiny_checkpoint)
+
+
+@pytest.fixture
+def app(monkeypatch, models):
+    monkeypatch.setenv("MATBALORA_MODELS", str(models))
+    return lambda: AppTest.from_file(str(APP), default_timeout=120)
+
+
+def cif(structure) -> bytes:
+    return structure.to(fmt="cif").encode()
+
+
+def texts(at) -> str:
+    parts = [e.value for kind in ("markdown", "caption", "info", "error", "subheader", "title") for e in getattr(at, kind)]
+    return "\n".join(str(p) for p in parts)
+
+
+def test_first_render(app):
+    at = app().run()
+    assert not at.exception
+    assert at.title[0].value.startswith("Band gaps")
+    assert "Upload CIF" in at.info[0].value
+    assert len(at.file_uploader) == 1 and "200 atoms per structure" in texts(at)
+
+
+def test_upload_shows_both_intervals(app):
+    at = app().run()
+    at.file_uploader[0].upload("Si.cif", cif(silicon()), "chemical/x-cif")
+    at.run()
+    assert not at.exception and not at.error
+    shown = texts(at)
+    assert "Predicted band gap:" in shown and "Reading: " in shown
+    assert [m.label for m in at.metric] == ["BaLoRA", "Deep ensemble (5 LoRA)"]
+    assert sum("90% interval:" in c.value for c in at.caption) == 2
+    table = at.dataframe[0].value
+    assert table.loc[0, "formula"] == "Si" and table.loc[0, "balora_lower"] <= table.loc[0, "balora_upper"]
+    assert table[["balora_band_gap", "ensemble_band_gap"]].notna().all().all()
+
+
+def test_bad_uploads_show_messages_and_the_rest_work(app):
+    disordered = silicon()
+    disordered.replace_species({"Si": {"Si": 0.5, "Ge": 0.5}})
+    at = app().run()
+    for name, data in [("junk.cif", b"data_junk\nthis is not a cif\n"), ("alloy.cif", cif(disordered)),
+                       ("huge.cif", b"#" * (2 * 1024 * 1024 + 1)), ("../../etc/passwd", b"root:x:0:0"),
+                       ("NaCl.cif", cif(rocksalt_nacl()))]:
+        at.file_uploader[0].upload(name, data)
+    at.run()
+    assert not at.exception
+    errors = [e.value for e in at.error]
+    assert len(errors) == 4, errors
+    assert any("junk.cif" in e and "could not be read" in e for e in errors)
+    assert any("alloy.cif" in e and "disordered" in e for e in errors)
+    assert any("huge.cif" in e and "the limit is 2 MB" in e for e in errors)
+    assert any("**passwd**" in e and "unknown file type" in e for e in errors)
+    assert "Predicted band gap:" in texts(at) and "NaCl" in at.subheader[0].value
+    table = at.dataframe[0].value
+    assert len(table) == 5 and table["balora_band_gap"].notna().sum() == 1
+
+
+def test_sessions_do_not_see_each_other(app, monkeypatch):
+    """Two sessions uploading different crystals at the same time each see only their own."""
+    # A server compiles its scripts once, under a lock, in one ScriptCache for all sessions; AppTest
+    # makes a cache per run, and two threads compiling at once trip CPython 3.11's AST
+    # recursion-depth check ("AST constructor recursion depth mismatch"). Share one, as a server does.
+    from streamlit.runtime.scriptrunner.script_cache import ScriptCache
+    from streamlit.testing.v1 import app_test, local_script_runner
+
+    shared = ScriptCache()
+    monkeypatch.setattr(local_script_runner, "ScriptCache", lambda: shared)
+    monkeypatch.setattr(app_test, "ScriptCache", lambda: shared)
+    sessions = {"Si": app().run(), "NaCl": app().run()}
+    sessions["Si"].file_uploader[0].upload("mine.cif", cif(silicon()))
+    sessions["NaCl"].file_uploader[0].upload("mine.cif", cif(rocksalt_nacl()))
+    threads = [threading.Thread(target=at.run) for at in sessions.values()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for formula, at in sessions.items():
+        assert not at.exception
+        assert at.dataframe[0].value["formula"].tolist() == [formula]
+        assert formula in at.subheader[0].value
+
+
+def test_model_card_page(app):
+    at = app().run()
+    at.switch_page("pages/model_card.py").run()
+    assert not at.exception
+    assert [s.value for s in at.subheader][:2] == ["BaLoRA", "Deep ensemble"]
+
+
+def test_missing_models_say_so(monkeypatch, tmp_path):
+    monkeypatch.setenv("MATBALORA_MODELS", str(tmp_path))
+    at = AppTest.from_file(str(APP), default_timeout=60).run()
+    assert not at.exception
+    assert "could not be loaded" in at.error[0].value and str(tmp_path) in at.error[0].value
