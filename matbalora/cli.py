@@ -93,7 +93,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from matbalora.screening import predict_paths, write_table
 
     frame, rejected = predict_paths(
-        args.paths, model=args.model, ensemble=(args.ensemble or None) if args.ensemble is not None else False,
+        args.paths, model=args.model, ensemble=(args.ensemble or True) if args.ensemble is not None else False,
         samples=args.samples, level=args.level, strict=args.strict,
     )
     for path, reason in rejected:
@@ -153,8 +153,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _app_parser(sub) -> None:
-    p = sub.add_parser("app", help="serve the Streamlit web app on the shipped models")
-    p.add_argument("streamlit_args", nargs=argparse.REMAINDER, help="extra arguments for streamlit run")
+    p = sub.add_parser("app", help="serve the Streamlit web app on the shipped models (matbalora app --help for options)", add_help=False)
+    p.add_argument("streamlit_args", nargs=argparse.REMAINDER, help="options of the app launcher")
 
 
 def _cmd_app(args: argparse.Namespace) -> int:

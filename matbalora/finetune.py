@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from matbalora.atomic import write_json
-from matbalora.calibration import ConformalIntervals, StdScaler
+from matbalora.calibration import ConformalIntervals, StdScaler, gaussian_interval
 from matbalora.checkpoint import save_model
 from matbalora.config import AdapterConfig, HeadConfig, TrainConfig, to_dict
 from matbalora.data.graph_cache import GraphCache
@@ -120,7 +120,9 @@ def _metrics(frame, y_true: np.ndarray) -> dict:
 
 
 def calibrate_and_score(predictor, data: PreparedData, *, samples: int) -> tuple[dict, dict]:
-    """Fit std scaling on the validation split; metrics on validation and test (raw and scaled)."""
+    """Fit std scaling and 90% conformal intervals on the validation split; metrics on validation
+    and test (test reported before and after std scaling; one prediction pass per split)."""
+    predictor.std_scale = 1.0
     val = predictor.predict_prepared(data.part("val"), samples=samples)
     calibration: dict = {"std_scale": 1.0, "fitted_on": "val", "samples": samples}
     if np.all(np.isfinite(val["std"])) and np.all(val["std"] > 0):
@@ -130,9 +132,11 @@ def calibrate_and_score(predictor, data: PreparedData, *, samples: int) -> tuple
     metrics = {"val": _metrics(val, data.targets[data.split.val])}
     if len(data.split.test):
         raw = predictor.predict_prepared(data.part("test"), samples=samples)
-        metrics["test_uncalibrated"] = _metrics(raw, data.targets[data.split.test])
-        predictor.std_scale = calibration["std_scale"]
-        metrics["test"] = _metrics(predictor.predict_prepared(data.part("test"), samples=samples), data.targets[data.split.test])
+        y_test = data.targets[data.split.test]
+        metrics["test_uncalibrated"] = _metrics(raw, y_test)
+        scaled = raw.assign(std=raw["std"] * calibration["std_scale"])
+        lower, upper = gaussian_interval(scaled["band_gap"], scaled["std"], 0.9)
+        metrics["test"] = _metrics(scaled.assign(lower=lower, upper=upper), y_test)
     predictor.std_scale = calibration["std_scale"]
     return calibration, metrics
 
@@ -142,7 +146,7 @@ def _command() -> str:
 
 
 def train_model(
-    spec: DataSpec,
+    spec: DataSpec | None,
     out: str | os.PathLike,
     *,
     train: TrainConfig,
@@ -164,6 +168,8 @@ def train_model(
     torch.manual_seed(train.seed)
     model = BandGapModel.from_pretrained(train.method, adapter=adapter, head=head or HeadConfig(), checkpoint=backbone_checkpoint)
     if data is None:
+        if spec is None:
+            raise ValueError("train_model needs a DataSpec or prepared data")
         data = prepare_data(spec, model, split_file=out / SPLIT_FILE, cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(), workers=workers, progress=progress)
     elif not (out / SPLIT_FILE).is_file():
         data.split.save(out / SPLIT_FILE)
@@ -181,7 +187,7 @@ def train_model(
     calibration, metrics = calibrate_and_score(predictor, data, samples=samples if model.is_bayesian else 0)
     card = {
         "calibration": calibration,
-        "data": {**data.provenance, "spec": to_dict(spec), "n_train": len(data.split.train), "n_val": len(data.split.val), "n_test": len(data.split.test)},
+        "data": {**data.provenance, "spec": to_dict(spec) if spec is not None else None, "n_train": len(data.split.train), "n_val": len(data.split.val), "n_test": len(data.split.test)},
         "split_file": SPLIT_FILE,
         "training": {
             "config": to_dict(train),
@@ -223,5 +229,5 @@ def train_ensemble(spec: DataSpec, out: str | os.PathLike, *, members: int, trai
     if data is None:
         data = prepare_data(spec, ensemble.model, split_file=out / SPLIT_FILE, cache_dir=Path(kwargs["cache_dir"]) if kwargs.get("cache_dir") else default_cache_dir(), progress=False)
     calibration, metrics = calibrate_and_score(ensemble, data, samples=0)
-    write_json(out / ENSEMBLE_FILE, {"members": names, "seeds": seeds, "method": train.method, "calibration": calibration, "metrics": metrics, "data": {"spec": to_dict(spec), "n_train": len(data.split.train), "n_val": len(data.split.val), "n_test": len(data.split.test)}, "command": _command()})
+    write_json(out / ENSEMBLE_FILE, {"members": names, "seeds": seeds, "method": train.method, "calibration": calibration, "metrics": metrics, "data": {"spec": to_dict(spec) if spec is not None else None, "n_train": len(data.split.train), "n_val": len(data.split.val), "n_test": len(data.split.test)}, "command": _command()})
     return out

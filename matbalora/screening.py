@@ -54,11 +54,11 @@ def _items(inputs: Any) -> list[tuple[str, Any]]:
     return items
 
 
-def predict_items(items: Sequence[tuple[str, Any]], model: Predictor, ensemble: EnsemblePredictor | None, *, samples: int, level: float) -> pd.DataFrame:
+def predict_items(items: Sequence[tuple[str, Any]], model: Predictor, ensemble: EnsemblePredictor | None, *, samples: int, level: float, seed: int | None = 0) -> pd.DataFrame:
     """One row per item; rejected items keep their row with NaNs and the reason in ``error``."""
     good = [(i, sid, obj) for i, (sid, obj) in enumerate(items) if not isinstance(obj, Rejection)]
     prep = prepare(model.model, [obj for _, _, obj in good], [sid for _, sid, _ in good])
-    frame = model.predict_prepared(prep, samples=samples, level=level)
+    frame = model.predict_prepared(prep, samples=samples, level=level, seed=seed)
     if ensemble is not None:
         ens = ensemble.predict_prepared(prep, level=level)
         for src, dst in ENSEMBLE_COLUMNS.items():
@@ -101,17 +101,24 @@ def write_table(frame: pd.DataFrame, path: str | os.PathLike) -> None:
         raise ValueError(f"--out {os.fspath(path)!r}: use a .csv or .json file")
 
 
-def _completed_rows(out: Path) -> pd.DataFrame | None:
-    """Rows already in ``out``; a torn last line (killed mid-write) is cut off first."""
+def _completed_rows(out: Path, chunk: int, ids: Sequence[str]) -> pd.DataFrame | None:
+    """Rows of the complete chunks already in ``out``; the file is cut back to them (a chunk
+    torn by a kill mid-write is recomputed, with the same seed, on resume). Raises if the rows
+    belong to other inputs."""
     if not out.is_file() or out.stat().st_size == 0:
         return None
-    data = out.read_bytes()
-    cut = data.rfind(b"\n") + 1
-    if cut != len(data):
-        with open(out, "r+b") as fh:
-            fh.truncate(cut)
-        data = data[:cut]
-    return pd.read_csv(io.BytesIO(data), dtype={"id": str, "formula": str, "error": str}, keep_default_na=False, na_values=[""])
+    lines = out.read_bytes().splitlines(keepends=True)
+    if not lines[0].endswith(b"\n"):
+        out.unlink()
+        return None
+    complete = [ln for ln in lines[1:] if ln.endswith(b"\n")]
+    frame = pd.read_csv(io.BytesIO(lines[0] + b"".join(complete)), dtype={"id": str, "formula": str, "error": str}, keep_default_na=False, na_values=[""])
+    if "id" not in frame or frame["id"].astype(str).tolist() != [str(i) for i in ids[: len(frame)]]:
+        raise ValueError(f"{out} holds rows of other inputs; use a new out file")
+    keep = (len(complete) // chunk) * chunk
+    with open(out, "r+b") as fh:
+        fh.truncate(len(lines[0]) + sum(len(ln) for ln in complete[:keep]))
+    return frame.iloc[:keep].reset_index(drop=True)
 
 
 def screen(
@@ -124,13 +131,17 @@ def screen(
     batch_size: int | None = None,
     out: str | os.PathLike | None = None,
     progress: bool = True,
+    seed: int | None = 0,
 ) -> pd.DataFrame:
     """Predict many inputs in chunks. ``ensemble``: None/False none, True the shipped one, or a folder.
 
     With ``out`` (a .csv path), each chunk is appended as soon as it is done and a rerun resumes
-    after the last complete row (inputs must be the same, in the same order).
+    after the last complete chunk (inputs, ``batch_size`` and ``seed`` must be the same); chunk k's
+    Monte-Carlo draws use seed ``seed + k``, so a resumed screen writes exactly the rows of an
+    uninterrupted one.
     """
     items = _items(inputs)
+    base_seed = seed
     predictor, ens = _predictor(model), _ensemble(ensemble)
     chunk = batch_size or 256
     if chunk < 1:
@@ -138,16 +149,13 @@ def screen(
     out_path = Path(out) if out is not None else None
     if out_path is not None and out_path.suffix.lower() != ".csv":
         raise ValueError(f"out={os.fspath(out)!r}: screening appends rows, use a .csv file")
-    done = _completed_rows(out_path) if out_path is not None else None
+    done = _completed_rows(out_path, chunk, [sid for sid, _ in items]) if out_path is not None else None
     n_done = 0 if done is None else len(done)
-    if n_done:
-        expected = [sid for sid, _ in items[:n_done]]
-        if done["id"].astype(str).tolist() != expected:
-            raise ValueError(f"{out_path} holds rows of other inputs; use a new out file")
     frames = [done] if n_done else []
     bar = tqdm(total=len(items), initial=n_done, desc="screening", unit="crystal", disable=not progress)
     for start in range(n_done, len(items), chunk):
-        part = predict_items(items[start : start + chunk], predictor, ens, samples=samples, level=level)
+        seed = None if base_seed is None else base_seed + start // chunk  # per chunk: resume reproduces draws
+        part = predict_items(items[start : start + chunk], predictor, ens, samples=samples, level=level, seed=seed)
         if out_path is not None:
             header = start == 0
             text = part.to_csv(index=False, header=header)

@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # tiny test models: one thread is fastest
 python -m pytest -q "$@"

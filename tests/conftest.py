@@ -102,3 +102,37 @@ def tiny_model(method: str, checkpoint: Path, seed: int = 0, **adapter_kw):
     torch.manual_seed(seed)
     adapter = AdapterConfig(rank=2, bayesian=method == "balora", **adapter_kw) if method in ("lora", "balora") else None
     return BandGapModel.from_pretrained(method, adapter=adapter, head=HeadConfig(hidden=8), checkpoint=checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tiny_checkpoint, tmp_path_factory) -> Path:
+    """A folder laid out like ``models/``: ``balora/`` and a 2-member ``lora_ensemble/``, with
+    random (non-zero) adapter weights so predictions and spreads are non-trivial."""
+    from matbalora.adapters import adapters_of
+    from matbalora.atomic import write_json
+    from matbalora.checkpoint import save_model
+
+    root = tmp_path_factory.mktemp("models")
+    gen = torch.Generator().manual_seed(7)
+
+    def randomize(model, log_a=None):
+        with torch.no_grad():
+            for m in adapters_of(model.backbone):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=gen) * 0.5)
+                if log_a is not None:
+                    m.log_a.fill_(log_a)
+        return model
+
+    save_model(randomize(tiny_model("balora", tiny_checkpoint), log_a=-1.0), root / "balora",
+               extra={"calibration": {"std_scale": 1.5}})
+    for k in range(2):
+        save_model(randomize(tiny_model("lora", tiny_checkpoint, seed=k)), root / "lora_ensemble" / f"member_{k}")
+    write_json(root / "lora_ensemble" / "ensemble.json", {"members": ["member_0", "member_1"], "calibration": {"std_scale": 1.0}})
+    return root
+
+
+@pytest.fixture
+def shipped_like(tiny_model_dirs, monkeypatch) -> Path:
+    """Point the default (shipped) model location at the tiny models."""
+    monkeypatch.setenv("MATBALORA_MODELS", str(tiny_model_dirs))
+    return tiny_model_dirs

@@ -1,0 +1,122 @@
+"""The BaLoRA benchmark on Materials Project band gaps (issue 5) and the shipped models (issue 4).
+
+    python benchmarks/mp_gap.py train      [--only NAME,...]   # resumable; skips finished models
+    python benchmarks/mp_gap.py evaluate                       # benchmarks/results/mp_gap.json + plots
+    python benchmarks/mp_gap.py ship                           # copy balora + lora ensemble to models/
+
+Every method is trained on the same seeded subsets: test = Matbench fold-0 test entries,
+train / validation = the other folds (sizes below, recorded in the results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from mp_gap_data import REPO, SplitSizes, load_benchmark_data  # noqa: E402
+
+from matbalora.atomic import write_json  # noqa: E402
+from matbalora.config import AdapterConfig, HeadConfig, TrainConfig  # noqa: E402
+from matbalora.finetune import train_model  # noqa: E402
+from matbalora.model import BandGapModel  # noqa: E402
+
+RUNS = REPO / "runs" / "mp_gap"
+RESULTS = REPO / "benchmarks" / "results"
+SIZES = SplitSizes(n_train=2000, n_val=500, n_test=1000, seed=0)
+EPOCHS = 3
+ENSEMBLE_SEEDS = [0, 1, 2, 3, 4]
+
+#: name -> (method, adapter config, head config, seed, beta)
+METHODS: dict[str, tuple] = {
+    "balora": ("balora", AdapterConfig(bayesian=True), HeadConfig(), 0, 1.0),
+    **{f"lora_seed{s}": ("lora", AdapterConfig(), HeadConfig(), s, 1.0) for s in ENSEMBLE_SEEDS},
+    "head": ("head", None, HeadConfig(), 0, 1.0),
+    "full": ("full", None, HeadConfig(), 0, 1.0),
+    "mc_dropout": ("lora", AdapterConfig(dropout=0.1), HeadConfig(dropout=0.1), 0, 1.0),
+    "balora_per_row": ("balora", AdapterConfig(bayesian=True, noise="per_row"), HeadConfig(), 0, 1.0),
+    "balora_beta0": ("balora", AdapterConfig(bayesian=True), HeadConfig(), 0, 0.0),
+}
+
+
+def command(stage: str, extra: str = "") -> str:
+    return f"python benchmarks/mp_gap.py {stage}{extra}"
+
+
+def stage_train(only: list[str] | None, workers: int) -> None:
+    probe = BandGapModel.from_pretrained("head")
+    t0 = time.perf_counter()
+    data = load_benchmark_data(SIZES, probe, workers=workers)
+    print(f"data ready in {time.perf_counter() - t0:.0f}s: {data.split.sizes()} rejected={data.provenance['rejected']}", flush=True)
+    for name in only or list(METHODS):
+        method, adapter, head, seed, beta = METHODS[name]
+        folder = RUNS / name
+        if (folder / "config.json").is_file():
+            print(f"{name}: done already", flush=True)
+            continue
+        cfg = TrainConfig(method=method, epochs=EPOCHS, seed=seed, beta=beta, patience=EPOCHS)
+        t0 = time.perf_counter()
+        train_model(
+            None, folder, train=cfg, adapter=adapter, head=head, data=data,
+            resume=(folder / "checkpoint").is_dir(), samples=16, progress=False,
+        )
+        card = json.loads((folder / "config.json").read_text())
+        card["command"] = command("train", f" --only {name}")
+        write_json(folder / "config.json", card)
+        print(f"{name}: trained in {time.perf_counter() - t0:.0f}s, test MAE {card['metrics']['test']['mae']:.3f}", flush=True)
+
+
+def stage_ship() -> None:
+    from matbalora.predict import ENSEMBLE_FILE
+
+    models = REPO / "models"
+    target = models / "balora"
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(RUNS / "balora", target, ignore=shutil.ignore_patterns("checkpoint"))
+    ens = models / "lora_ensemble"
+    if ens.exists():
+        shutil.rmtree(ens)
+    ens.mkdir(parents=True)
+    names = []
+    for k, seed in enumerate(ENSEMBLE_SEEDS):
+        shutil.copytree(RUNS / f"lora_seed{seed}", ens / f"member_{k}", ignore=shutil.ignore_patterns("checkpoint"))
+        names.append(f"member_{k}")
+    results = json.loads((RESULTS / "mp_gap.json").read_text())
+    ens_cal = results["ensemble_calibration"]
+    write_json(ens / ENSEMBLE_FILE, {
+        "members": names, "seeds": ENSEMBLE_SEEDS, "method": "lora",
+        "calibration": ens_cal, "metrics": {"test": results["methods"]["lora_ensemble"]},
+        "data": results["data"], "command": command("train") + " && " + command("evaluate") + " && " + command("ship"),
+    })
+    print(f"shipped {target} and {ens}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=["train", "evaluate", "ship"])
+    ap.add_argument("--only", default=None, help="comma-separated method names (train stage)")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest when other work shares the cores)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.stage == "train":
+        stage_train(args.only.split(",") if args.only else None, args.workers)
+    elif args.stage == "evaluate":
+        from mp_gap_evaluate import stage_evaluate
+
+        stage_evaluate()
+    else:
+        stage_ship()
+
+
+if __name__ == "__main__":
+    main()
