@@ -44,6 +44,8 @@ METHODS: dict[str, tuple] = {
     "mc_dropout": ("lora", AdapterConfig(dropout=0.1), HeadConfig(dropout=0.1), 0, 1.0),
     "balora_per_row": ("balora", AdapterConfig(bayesian=True, noise="per_row"), HeadConfig(), 0, 1.0),
     "balora_beta0": ("balora", AdapterConfig(bayesian=True), HeadConfig(), 0, 0.0),
+    "head_gated": ("head", None, HeadConfig(output="gated"), 0, 1.0),
+    "lora_gated": ("lora", AdapterConfig(), HeadConfig(output="gated"), 0, 1.0),
 }
 
 
