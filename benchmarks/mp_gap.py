@@ -3,6 +3,7 @@
     python benchmarks/mp_gap.py train      [--only NAME,...]   # resumable; skips finished models
     python benchmarks/mp_gap.py evaluate                       # benchmarks/results/mp_gap.json + plots
     python benchmarks/mp_gap.py ship                           # copy balora + lora ensemble to models/
+    python benchmarks/mp_gap.py report                         # tables of BENCHMARKS.md from the results
 
 Every method is trained on the same seeded subsets: test = Matbench fold-0 test entries,
 train / validation = the other folds (sizes below, recorded in the results).
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -29,10 +31,14 @@ from matbalora.config import AdapterConfig, HeadConfig, TrainConfig  # noqa: E40
 from matbalora.finetune import train_model  # noqa: E402
 from matbalora.model import BandGapModel  # noqa: E402
 
-RUNS = REPO / "runs" / "mp_gap"
-RESULTS = REPO / "benchmarks" / "results"
-SIZES = SplitSizes(n_train=2000, n_val=500, n_test=1000, seed=0)
-EPOCHS = 3
+#: MATBALORA_BENCH_SMOKE=1 runs the whole pipeline on a tiny split, into runs/mp_gap_smoke (a check, not a result)
+SMOKE = os.environ.get("MATBALORA_BENCH_SMOKE") == "1"
+RUNS = REPO / "runs" / ("mp_gap_smoke" if SMOKE else "mp_gap")
+RESULTS = RUNS / "results" if SMOKE else REPO / "benchmarks" / "results"
+SIZES = SplitSizes(n_train=60, n_val=30, n_test=40, seed=0) if SMOKE else SplitSizes(n_train=2000, n_val=500, n_test=1000, seed=0)
+EPOCHS = 1 if SMOKE else 3
+#: the composition baseline is also trained on this many crystals of the other folds, for scale
+LARGE_BASELINE_TRAIN = 500 if SMOKE else 40_000
 ENSEMBLE_SEEDS = [0, 1, 2, 3, 4]
 
 #: name -> (method, adapter config, head config, seed, beta)
@@ -79,7 +85,7 @@ def stage_train(only: list[str] | None, workers: int) -> None:
 def stage_ship() -> None:
     from matbalora.predict import ENSEMBLE_FILE
 
-    models = REPO / "models"
+    models = RUNS / "models" if SMOKE else REPO / "models"
     target = models / "balora"
     if target.exists():
         shutil.rmtree(target)
@@ -104,7 +110,7 @@ def stage_ship() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["train", "evaluate", "ship"])
+    ap.add_argument("stage", choices=["train", "evaluate", "ship", "report"])
     ap.add_argument("--only", default=None, help="comma-separated method names (train stage)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest when other work shares the cores)")
@@ -116,6 +122,10 @@ def main() -> None:
         from mp_gap_evaluate import stage_evaluate
 
         stage_evaluate()
+    elif args.stage == "report":
+        from mp_gap_report import stage_report
+
+        stage_report(RESULTS / "mp_gap.json", RUNS / "BENCHMARKS.md" if SMOKE else REPO / "BENCHMARKS.md")
     else:
         stage_ship()
 

@@ -4,6 +4,7 @@ seeded subsets for train / validation / test, validated, graphs from the on-disk
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +41,24 @@ def select_rows(matbench_index: np.ndarray, sizes: SplitSizes) -> tuple[np.ndarr
     return np.sort(other[: sizes.n_train]), np.sort(other[sizes.n_train :]), test
 
 
+@lru_cache(maxsize=1)
+def read_frames(path: Path = MP_GAP) -> list:
+    return read_extxyz(path)
+
+
+def composition_rows(sizes: SplitSizes, n: int, *, path: Path = MP_GAP) -> tuple[list[str], np.ndarray]:
+    """Reduced formulas and gaps of ``n`` seeded rows from the non-test folds, none of them in the
+    benchmark's validation subset (for the composition baseline trained at a larger size)."""
+    frames = read_frames(path)
+    mb_index = np.array([int(a.info["matbench_index"]) for a in frames])
+    _, val, _ = select_rows(mb_index, sizes)
+    pool = np.setdiff1d(np.flatnonzero(matbench_fold_ids()[mb_index] != 0), val)
+    rows = np.sort(np.random.default_rng(sizes.seed + 1).choice(pool, min(n, len(pool)), replace=False))
+    return [frames[i].get_chemical_formula(empirical=True) for i in rows], np.array([float(frames[i].info["band_gap"]) for i in rows])
+
+
 def load_benchmark_data(sizes: SplitSizes, model: BandGapModel, *, path: Path = MP_GAP, workers: int = 1, progress: bool = True) -> PreparedData:
-    frames = read_extxyz(path)
+    frames = read_frames(path)
     mb_index = np.array([int(a.info["matbench_index"]) for a in frames])
     parts = select_rows(mb_index, sizes)
     order = np.concatenate(parts)

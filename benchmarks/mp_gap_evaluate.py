@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pandas as pd
 
-from mp_gap import ENSEMBLE_SEEDS, METHODS, RESULTS, RUNS, SIZES, command
-from mp_gap_data import load_benchmark_data
+from mp_gap import ENSEMBLE_SEEDS, LARGE_BASELINE_TRAIN, METHODS, RESULTS, RUNS, SIZES, command
+from mp_gap_data import composition_rows, load_benchmark_data
 
 from matbalora.atomic import write_json
 from matbalora.calibration import ConformalIntervals, StdScaler
@@ -51,6 +51,18 @@ def _timed_draws(pred: Predictor, prep, samples: int):
     return draws, (time.perf_counter() - t0) * 1000 / max(1, len(prep.graphs))
 
 
+def noise_summary(model) -> dict:
+    """Where the learned BaLoRA noise ended up: log a per rank component, over all adapted layers,
+    and the fraction of components at the clamp ceiling (noise std = sqrt(a) times the mean)."""
+    from matbalora.adapters import BaLoRALinear
+
+    layers = [m for m in model.modules() if isinstance(m, BaLoRALinear)]
+    log_a = np.concatenate([m.clamped_log_a().detach().cpu().numpy() for m in layers])
+    ceiling = layers[0].log_a_range[1]
+    return {"layers": len(layers), "log_a_mean": float(log_a.mean()), "log_a_min": float(log_a.min()), "log_a_median": float(np.median(log_a)),
+            "log_a_max": float(log_a.max()), "fraction_at_ceiling": float(np.mean(log_a >= ceiling - 1e-6)), "kl_total": float(sum(m.kl() for m in layers))}
+
+
 def evaluate_single(name: str, test, y: np.ndarray, out: dict) -> Predictor:
     pred = Predictor.load(RUNS / name)
     stochastic = pred.model.is_bayesian or pred.model.has_dropout
@@ -59,10 +71,21 @@ def evaluate_single(name: str, test, y: np.ndarray, out: dict) -> Predictor:
     g = draws.gaps
     main = g[:MAIN_SAMPLES] if stochastic else g
     std = main.std(0, ddof=1) * pred.std_scale if stochastic else np.full(g.shape[1], np.nan)
-    scored = score_frame(_frame(main.mean(0), std), y, std_scale=pred.std_scale, conformal=(pred.config.get("calibration") or {}).get("conformal"))
+    calibration = pred.config.get("calibration") or {}
+    if stochastic and "conformal" not in calibration:  # trained before stochastic non-Bayesian models were recalibrated
+        data = _SHARED["data"]
+        val = pred.sample(data.part("val"), samples=MAIN_SAMPLES, seed=0).gaps
+        y_val = data.targets[data.split.val]
+        calibration = {"std_scale": StdScaler().fit(val.mean(0), val.std(0, ddof=1), y_val).factor,
+                       "conformal": ConformalIntervals().fit(val.mean(0), val.std(0, ddof=1), y_val, 0.9).to_dict(), "fitted_on": "val (at evaluation)"}
+        pred.std_scale = calibration["std_scale"]
+        std = main.std(0, ddof=1) * pred.std_scale
+    scored = score_frame(_frame(main.mean(0), std), y, std_scale=pred.std_scale, conformal=calibration.get("conformal"))
     row = _summary(scored) | _card_facts(RUNS / name)
     row["predict_ms_per_structure"] = ms * (MAIN_SAMPLES / n_draws if n_draws > MAIN_SAMPLES else 1.0)
     row["samples"] = MAIN_SAMPLES if stochastic else 0
+    if pred.model.is_bayesian:
+        row["noise"] = noise_summary(pred.model)
     out["methods"][name] = row
     out["details"][name] = scored
     if name == "balora":
@@ -110,35 +133,51 @@ def evaluate_ensemble(data, test, y: np.ndarray, out: dict) -> None:
 
 
 def evaluate_composition_baseline(data, y: np.ndarray, out: dict) -> None:
-    """Magpie composition features + a 100-tree random forest; std = spread of the trees."""
+    """Magpie composition features + a 100-tree random forest; std = spread of the trees. Trained on
+    the benchmark's training split (``composition_baseline``) and, for scale, on
+    ``LARGE_BASELINE_TRAIN`` crystals of the other folds (``composition_baseline_large``)."""
     from matminer.featurizers.composition import ElementProperty
     from pymatgen.core import Composition
     from sklearn.ensemble import RandomForestRegressor
 
     feat = ElementProperty.from_preset("magpie")
-    t0 = time.perf_counter()
+    memo: dict[str, list] = {}
 
-    def features(idx):
-        return np.array([feat.featurize(Composition(data.formulas[i])) for i in idx], dtype=float)
+    def features(formulas):
+        for f in set(formulas) - memo.keys():
+            memo[f] = feat.featurize(Composition(f))
+        return np.nan_to_num(np.array([memo[f] for f in formulas], dtype=float))
 
-    X_tr, X_val, X_te = features(data.split.train), features(data.split.val), features(data.split.test)
-    rf = RandomForestRegressor(n_estimators=100, n_jobs=2, random_state=0, min_samples_leaf=1)
-    rf.fit(np.nan_to_num(X_tr), data.targets[data.split.train])
-    train_s = time.perf_counter() - t0
+    y_val = data.targets[data.split.val]
+    X_val = features([data.formulas[i] for i in data.split.val])
+    X_te = features([data.formulas[i] for i in data.split.test])
+    large_formulas, large_y = composition_rows(SIZES, LARGE_BASELINE_TRAIN)
+    for name, formulas, targets in (
+        ("composition_baseline", [data.formulas[i] for i in data.split.train], data.targets[data.split.train]),
+        ("composition_baseline_large", large_formulas, large_y),
+    ):
+        t0 = time.perf_counter()
+        rf = RandomForestRegressor(n_estimators=100, n_jobs=2, random_state=0)
+        rf.fit(features(formulas), targets)
+        train_s = time.perf_counter() - t0
 
-    def predict(X):
-        trees = np.stack([t.predict(np.nan_to_num(X)) for t in rf.estimators_])
-        return trees.mean(0), trees.std(0, ddof=1)
+        def predict(X):
+            trees = np.stack([t.predict(X) for t in rf.estimators_])
+            return trees.mean(0), np.maximum(trees.std(0, ddof=1), 1e-6)
 
-    vm, vs = predict(X_val)
-    scale = StdScaler().fit(vm, np.maximum(vs, 1e-6), data.targets[data.split.val]).factor
-    conformal = ConformalIntervals().fit(vm, np.maximum(vs, 1e-6), data.targets[data.split.val], 0.9).to_dict()
-    t0 = time.perf_counter()
-    mean, std = predict(X_te)
-    ms = (time.perf_counter() - t0) * 1000 / len(y)
-    scored = score_frame(_frame(mean, np.maximum(std, 1e-6) * scale), y, std_scale=scale, conformal=conformal)
-    out["methods"]["composition_baseline"] = _summary(scored) | {"train_seconds": train_s, "predict_ms_per_structure": ms, "trainable_params": None, "model": "matminer Magpie + RandomForest(100)"}
-    out["details"]["composition_baseline"] = scored
+        vm, vs = predict(X_val)
+        scale = StdScaler().fit(vm, vs, y_val).factor
+        conformal = ConformalIntervals().fit(vm, vs, y_val, 0.9).to_dict()
+        t0 = time.perf_counter()
+        mean, std = predict(X_te)
+        ms = (time.perf_counter() - t0) * 1000 / len(y)
+        scored = score_frame(_frame(mean, std * scale), y, std_scale=scale, conformal=conformal)
+        out["methods"][name] = _summary(scored) | {
+            "train_seconds": train_s, "predict_ms_per_structure": ms, "trainable_params": None,
+            "n_train": len(targets), "model": "matminer Magpie + RandomForest(100 trees), std = spread of the trees",
+        }
+        out["details"][name] = scored
+        print(name, out["methods"][name]["mae"], out["methods"][name]["spearman"], flush=True)
 
 
 def sweep_plot(out: dict) -> None:
@@ -159,7 +198,30 @@ def sweep_plot(out: dict) -> None:
     out["plots"].append("spearman_vs_compute.png")
 
 
-def stage_evaluate() -> None:
+_SHARED: dict = {}  # data of the evaluation, inherited by the forked workers
+
+
+def _task(job: tuple[str, str]) -> dict:
+    """One evaluation job in a worker: ``("single", name)`` or ``("ensemble", "")``; returns its part of the results."""
+    import torch
+
+    torch.set_num_threads(1)
+    part: dict = {"methods": {}, "details": {}, "plots": []}
+    data, test, y = _SHARED["data"], _SHARED["test"], _SHARED["y"]
+    t0 = time.perf_counter()
+    if job[0] == "single":
+        evaluate_single(job[1], test, y, part)
+    else:
+        evaluate_ensemble(data, test, y, part)
+    print(f"{job[1] or job[0]}: evaluated in {time.perf_counter() - t0:.0f}s", flush=True)
+    return part
+
+
+def stage_evaluate(workers: int = 2) -> None:
+    """Score every trained method on the test split; jobs run in ``workers`` forked processes
+    (one torch thread each), so per-structure prediction times are measured with the cores shared."""
+    import multiprocessing as mp
+
     probe = BandGapModel.from_pretrained("head")
     data = load_benchmark_data(SIZES, probe, progress=False)
     test = data.part("test")
@@ -171,17 +233,24 @@ def stage_evaluate() -> None:
         "data": {**{k: v for k, v in data.provenance.items() if k != "rejected"}, "rejected": data.provenance["rejected"]},
         "protocol": "test = seeded subset of Matbench fold-0 test entries; train/val = seeded subsets of the other folds; "
                     "all methods share the split; recalibration (std scaling, conformal) fitted on val only",
+        "evaluation_workers": workers,
         "methods": {}, "details": {}, "plots": [],
     }
-    for name in METHODS:
-        if name.startswith("lora_seed") and name != "lora_seed0":
-            continue
-        if (RUNS / name / "config.json").is_file():
-            evaluate_single(name, test, y, out)
-            print(name, out["methods"][name]["mae"], out["methods"][name].get("spearman"), flush=True)
+    names = [n for n in METHODS if not (n.startswith("lora_seed") and n != "lora_seed0") and (RUNS / n / "config.json").is_file()]
+    jobs = [("single", "balora")] * ("balora" in names) + [("ensemble", "")] + [("single", n) for n in names if n != "balora"]
+    _SHARED.update(data=data, test=test, y=y)
+    with mp.get_context("fork").Pool(workers, maxtasksperchild=1) as pool:
+        for part in pool.imap(_task, jobs):
+            for key, value in part.items():
+                if key in ("methods", "details"):
+                    out[key].update(value)
+                elif key == "plots":
+                    out["plots"] += value
+                else:
+                    out[key] = value
+    out["methods"] = {n: out["methods"][n] for n in [*names, "lora_ensemble"]}  # a stable order
     out["methods"]["lora"] = out["methods"].pop("lora_seed0")
     out["details"]["lora"] = out["details"].pop("lora_seed0")
-    evaluate_ensemble(data, test, y, out)
     evaluate_composition_baseline(data, y, out)
     sweep_plot(out)
     write_json(RESULTS / "mp_gap.json", out)
