@@ -184,7 +184,7 @@ def train_model(
         progress=progress,
     )
     predictor = Predictor(model)
-    calibration, metrics = calibrate_and_score(predictor, data, samples=samples if model.is_bayesian else 0)
+    calibration, metrics = calibrate_and_score(predictor, data, samples=samples if model.is_bayesian or model.has_dropout else 0)
     card = {
         "calibration": calibration,
         "data": {**data.provenance, "spec": to_dict(spec) if spec is not None else None, "n_train": len(data.split.train), "n_val": len(data.split.val), "n_test": len(data.split.test)},
