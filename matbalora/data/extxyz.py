@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -85,12 +86,36 @@ def parse_comment(comment: str) -> dict:
     return key_val_str_to_dict(comment) if comment.strip() else {}
 
 
+_PROPERTIES = re.compile(r'(?i)(?:^|\s)properties\s*=\s*(?:"([^"]*)"|(\S+))')
+
+
+def check_columns(frame: RawFrame) -> None:
+    """ValueError when the ``Properties`` of the info line declare more columns than the first atom
+    line holds (ASE fails on such a frame too, but only after allocating every declared column:
+    ``x:R:100000000`` costs gigabytes)."""
+    found = _PROPERTIES.search(frame.comment)
+    if found is None or frame.text is None or frame.natoms == 0:
+        return
+    fields = (found.group(1) if found.group(1) is not None else found.group(2)).split(":")
+    try:
+        declared = sum(int(count) for count in fields[2::3])
+    except ValueError:
+        return  # ASE reports the malformed declaration itself
+    first_atom = frame.text.split("\n", 3)[2] if frame.text.count("\n") >= 2 else ""
+    found_columns = len(first_atom.split())
+    if declared > found_columns:
+        raise ValueError(
+            f"frame {frame.index}: Properties declare {declared} columns, the first atom line has {found_columns}"
+        )
+
+
 def parse_frame(frame: RawFrame) -> Atoms:
     """ASE Atoms of one raw frame; raises ValueError naming the frame on malformed content."""
     from ase.io.extxyz import read_xyz
 
     if frame.text is None:
         raise ValueError(f"frame {frame.index} was skipped unparsed ({frame.natoms} atoms)")
+    check_columns(frame)
     try:
         return next(read_xyz(io.StringIO(frame.text), 0))
     except Exception as exc:  # ASE raises XYZError, ValueError, IndexError, KeyError, ...

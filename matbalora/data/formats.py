@@ -21,6 +21,7 @@ import numpy as np
 
 from matbalora.data.entries import Entry
 from matbalora.data.extxyz import iter_frames, parse_comment, parse_frame
+from matbalora.data.precheck import MAX_TEXT_CHARS, cif_problem, poscar_problem
 from matbalora.data.validation import BAD_LATTICE, TOO_MANY_ATOMS, UNPARSABLE, check_cheap
 
 if TYPE_CHECKING:
@@ -66,11 +67,15 @@ def file_id(path: str | os.PathLike) -> str:
     return base
 
 
-def read_text(path: str | os.PathLike) -> str:
+def read_text(path: str | os.PathLike, *, max_chars: int | None = None) -> str:
+    """The file's text (gzip-decompressed for ``.gz``); ValueError above ``max_chars`` characters."""
     path = os.fspath(path)
     opener = gzip.open if path.lower().endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as fh:
-        return fh.read()
+        text = fh.read() if max_chars is None else fh.read(max_chars + 1)
+    if max_chars is not None and len(text) > max_chars:
+        raise ValueError(f"file holds more than {max_chars} characters; too large for one structure")
+    return text
 
 
 def _failed(entry_id: str, reason: str, detail: str, target: Any = None) -> Entry:
@@ -154,7 +159,7 @@ def json_entries(
     stem = file_id(path)
     try:
         data = json.loads(read_text(path))
-    except (OSError, UnicodeDecodeError, EOFError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, EOFError, ValueError, RecursionError) as exc:  # RecursionError: deep nesting
         yield _failed(stem, UNPARSABLE, f"JSON: {type(exc).__name__}: {exc}")
         return
     single = isinstance(data, dict)
@@ -183,19 +188,31 @@ def json_entries(
             yield Entry(entry_id, made, target)
 
 
-def text_structure_entry(path: str | os.PathLike, fmt: str) -> Entry:
-    """Entry of a single-structure CIF or POSCAR file (first CIF block)."""
+def text_structure_entry(path: str | os.PathLike, fmt: str, *, max_atoms: int) -> Entry:
+    """Entry of a single-structure CIF or POSCAR file (first CIF block). The declared size is
+    checked on the text first (``precheck``): an oversized file is rejected without being built."""
     from pymatgen.core import Structure
+    from pymatgen.io.cif import CifParser
 
     entry_id = file_id(path)
     with warnings.catch_warnings(record=True) as caught:  # pymatgen warns for every CIF issue
         warnings.simplefilter("always")
         try:
-            structure = Structure.from_str(read_text(path), fmt=fmt)
+            text = read_text(path, max_chars=MAX_TEXT_CHARS)
+            if fmt == "cif":  # what Structure.from_str(text, fmt="cif") runs, with the check in between
+                parser = CifParser.from_str(text)
+                problem = cif_problem(parser, max_atoms=max_atoms)
+                built = None if problem else parser.parse_structures(primitive=False)[0]
+                structure = None if built is None else Structure.from_sites(built, properties=built.properties)
+            else:
+                problem = poscar_problem(text, max_atoms=max_atoms)
+                structure = None if problem else Structure.from_str(text, fmt=fmt)
         except Exception as exc:  # pymatgen's CIF/POSCAR parsers raise many types
-            notes = "; ".join(dict.fromkeys(str(w.message).splitlines()[0] for w in caught))
+            notes = "; ".join(dict.fromkeys(str(w.message).splitlines()[0] for w in caught if str(w.message)))
             detail = f"{fmt}: {type(exc).__name__}: {exc}" + (f" [{notes}]" if notes else "")
             return _failed(entry_id, UNPARSABLE, detail)
+    if problem is not None:
+        return _failed(entry_id, *problem)
     for w in caught:
         log.debug("%s: %s", os.fspath(path), w.message)
     return Entry(entry_id, structure)
@@ -212,7 +229,7 @@ def file_entries(
         yield from json_entries(path, id_key=id_key, target_key=target_key, limit=limit, max_atoms=max_atoms)
     elif fmt in ("cif", "poscar"):
         if limit is None or limit > 0:
-            yield text_structure_entry(path, fmt)
+            yield text_structure_entry(path, fmt, max_atoms=max_atoms)
     else:
         yield _failed(os.fspath(path), UNPARSABLE, f"unknown file type; supported formats: {list(FORMATS)}")
 

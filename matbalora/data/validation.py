@@ -1,7 +1,11 @@
 """Structure and target checks with named rejection reasons, and the on-invalid policy.
 
-Cheap checks (size, finiteness, order, lattice) run before the one neighbour search, so a
-structure declaring a million atoms is rejected without touching its sites.
+Cheap checks (size, finiteness, order, lattice, density) run before the one neighbour search, so a
+structure declaring a million atoms is rejected without touching its sites. The neighbour search
+itself (pymatgen's ``find_points_in_spheres``, which CHGNet's graph converter also runs) allocates
+one entry per periodic image it visits and one grid cell per ``radius`` cube of the sites' extent:
+``check_search_size`` bounds both before it runs, and the neighbour counts it finds bound the graph
+(edges and angles) before any graph is built.
 """
 
 from __future__ import annotations
@@ -28,9 +32,12 @@ EMPTY = "empty"
 TOO_MANY_ATOMS = "too_many_atoms"
 NON_FINITE = "non_finite"
 DISORDERED = "disordered"
+UNSUPPORTED_ELEMENT = "unsupported_element"
 BAD_LATTICE = "bad_lattice"
 OVERLAPPING_ATOMS = "overlapping_atoms"
 ISOLATED_ATOM = "isolated_atom"
+TOO_DENSE = "too_dense"
+TOO_SPREAD = "too_spread"
 # Target
 MISSING_TARGET = "missing_target"
 NON_FINITE_TARGET = "non_finite_target"
@@ -44,9 +51,12 @@ REASONS: tuple[str, ...] = (
     TOO_MANY_ATOMS,
     NON_FINITE,
     DISORDERED,
+    UNSUPPORTED_ELEMENT,
     BAD_LATTICE,
     OVERLAPPING_ATOMS,
     ISOLATED_ATOM,
+    TOO_DENSE,
+    TOO_SPREAD,
     MISSING_TARGET,
     NON_FINITE_TARGET,
     NEGATIVE_TARGET,
@@ -58,8 +68,22 @@ ON_INVALID: tuple[str, ...] = get_args(OnInvalid)
 DEFAULT_MAX_ATOMS = 500
 DEFAULT_MIN_DISTANCE = 0.5  # Å
 DEFAULT_CUTOFF = 6.0  # Å, CHGNet 0.3.0 atom_graph_cutoff
+MAX_ATOMIC_NUMBER = 94  # CHGNet 0.3.0 embeds elements H (1) to Pu (94)
 #: A cell is degenerate when det(L) <= this fraction of |a||b||c| (flat or collinear vectors).
 MIN_RELATIVE_VOLUME = 1e-6
+#: Most atoms per Å^3: 2.6x the densest crystal in Materials Project (0.19 in mp_gap). Locally,
+#: within a sphere of radius r around any atom, at most MAX_DENSITY * 4/3 pi r^3 + LOCAL_SLACK
+#: neighbours (mp_gap at most: 176 within 6 Å, 32 within 3 Å; these limits: 476 and 80).
+MAX_DENSITY = 0.5
+LOCAL_SLACK = 24
+BOND_CUTOFF = 3.0  # Å, CHGNet 0.3.0 bond_graph_cutoff: angles join bonds shorter than this
+#: Most periodic site images, and most grid cells, one neighbour search may visit (about 56 bytes
+#: per image, 280 per cell; a 500-atom crystal needs some 10^4 of each).
+MAX_SEARCH_IMAGES = 4_000_000
+MAX_SEARCH_CELLS = 500_000
+#: Sites further than this many cells from the unit cell are refused: pymatgen's search counts
+#: image cells in 32-bit integers (hangs from about 2e9) and positions lose precision long before.
+MAX_CELLS_AWAY = 1_000_000
 
 
 def check_policy(on_invalid: str) -> None:
@@ -86,10 +110,87 @@ def check_cheap(n_atoms: int, lattice: Any, coords: Any, *, max_atoms: int) -> t
         return NON_FINITE, "lattice has NaN or inf entries"
     if not np.all(np.isfinite(np.asarray(coords, dtype=np.float64))):
         return NON_FINITE, "coordinates have NaN or inf entries"
-    volume = float(np.linalg.det(lattice))
-    scale = float(np.prod(np.linalg.norm(lattice, axis=1)))
+    with np.errstate(all="ignore"):  # an overflowing volume is inf, refused below
+        volume = float(np.linalg.det(lattice))
+        scale = float(np.prod(np.linalg.norm(lattice, axis=1)))
     if not volume > MIN_RELATIVE_VOLUME * scale:  # also catches volume <= 0 and NaN
         return BAD_LATTICE, f"cell volume {volume:.4g} Å^3 (zero, negative or degenerate)"
+    if not n_atoms / volume <= MAX_DENSITY:
+        return TOO_DENSE, f"{n_atoms / volume:.3g} atoms/Å^3 > {MAX_DENSITY} (real crystals: at most about 0.2)"
+    return None
+
+
+def check_search_size(lattice: Any, cart_coords: Any, radius: float) -> tuple[str, str] | None:
+    """Refuse a periodic neighbour search within ``radius`` Å that would allocate without bound.
+
+    ``lattice``: [3, 3] Å, rows are vectors, finite with positive volume (``check_cheap``);
+    ``cart_coords``: [n_atoms, 3] Å. Mirrors the bounds of pymatgen's ``find_points_in_spheres``:
+    it visits every image within ``radius`` of the cell heights around the sites' fractional
+    extent, and bins the sites' Cartesian extent into cubes of ``radius``.
+    """
+    lattice = np.asarray(lattice, dtype=np.float64)
+    cart = np.asarray(cart_coords, dtype=np.float64).reshape(-1, 3)
+    r = max(float(radius), 1.0)  # pymatgen searches at least 1 Å
+    with np.errstate(all="ignore"):  # overflow becomes inf and fails the <= tests below
+        scale = float(np.abs(lattice).max())  # heights of the unit-scaled cell: no overflow in between
+        unit = lattice / scale
+        areas = np.linalg.norm(np.cross(unit[[1, 2, 0]], unit[[2, 0, 1]]), axis=1)
+        heights = scale * abs(float(np.linalg.det(unit))) / areas  # [3] Å, distance between lattice planes
+        reps = np.ceil((r + 0.15) / heights)
+        frac = np.linalg.solve(lattice.T, cart.T).T
+        spans = np.ceil(frac.max(0) + reps) - np.floor(frac.min(0) - reps)  # [3] cells visited
+        images = len(cart) * float(np.prod(spans))
+        cells = float(np.prod(np.ceil((np.ptp(cart, axis=0) + 2 * r) / r)))
+        away = np.abs(frac).max(axis=1)  # [n_atoms]
+    if not away.max() <= MAX_CELLS_AWAY:
+        site = int(np.argmax(np.nan_to_num(away, nan=np.inf)))
+        return TOO_SPREAD, (
+            f"site {site} lies {away[site]:.3g} cells from the unit cell (> {MAX_CELLS_AWAY}); wrap the coordinates"
+        )
+    if not images <= MAX_SEARCH_IMAGES:
+        if not len(cart) * float(np.prod(2 * reps + 2)) <= MAX_SEARCH_IMAGES:
+            return BAD_LATTICE, (
+                f"cell heights {np.round(heights, 4).tolist()} Å are too thin for a {radius} Å neighbour search "
+                f"({images:.3g} periodic images > {MAX_SEARCH_IMAGES}); reduce the cell (Niggli) first"
+            )
+        return TOO_SPREAD, (
+            f"sites span {np.round(np.ptp(frac, axis=0), 1).tolist()} cells ({images:.3g} periodic images to search "
+            f"> {MAX_SEARCH_IMAGES}); wrap the coordinates into the cell"
+        )
+    if not cells <= MAX_SEARCH_CELLS:
+        return TOO_SPREAD, (
+            f"sites spread over {np.round(np.ptp(cart, axis=0), 1).tolist()} Å ({cells:.3g} search cells of {r} Å "
+            f"> {MAX_SEARCH_CELLS})"
+        )
+    return None
+
+
+def _unsupported_element(structure: Structure) -> tuple[str, str] | None:
+    """UNSUPPORTED_ELEMENT for a dummy species or an element the backbone has no embedding for
+    (CHGNet's embedding lookup fails on Z > 94 and takes the whole batch down with it)."""
+    from pymatgen.core import DummySpecies
+
+    numbers = np.array([0 if isinstance(site.specie, DummySpecies) else site.specie.Z for site in structure])
+    outside = np.flatnonzero((numbers < 1) | (numbers > MAX_ATOMIC_NUMBER))
+    if not outside.size:
+        return None
+    bad = int(outside[0])
+    what = f"Z={int(numbers[bad])}" if numbers[bad] else "not a chemical element"
+    return UNSUPPORTED_ELEMENT, (
+        f"site {bad} is {structure[bad].specie} ({what}); the model knows elements Z=1..{MAX_ATOMIC_NUMBER} "
+        f"({outside.size} such sites)"
+    )
+
+
+def _crowded_site(centers: np.ndarray, distances: np.ndarray, n_atoms: int, cutoff: float) -> tuple[str, str] | None:
+    """TOO_DENSE when an atom has more neighbours within ``BOND_CUTOFF`` or ``cutoff`` Å than any
+    real crystal (bounds the graph's edges and angles)."""
+    for r in sorted({min(cutoff, BOND_CUTOFF), cutoff}):
+        counts = np.bincount(centers[distances <= r], minlength=n_atoms)
+        limit = MAX_DENSITY * 4 / 3 * math.pi * r**3 + LOCAL_SLACK
+        if counts.size and counts.max() > limit:
+            site = int(np.argmax(counts))
+            return TOO_DENSE, f"site {site} has {int(counts[site])} neighbours within {r} Å (> {limit:.0f})"
     return None
 
 
@@ -110,7 +211,14 @@ def check_structure(
     if not structure.is_ordered:
         bad = next(i for i, site in enumerate(structure) if not site.is_ordered)
         return DISORDERED, f"site {bad} has partial occupancy {structure[bad].species}"
-    centers, neighbors, distances = _neighbor_pairs(structure, max(cutoff, min_distance))
+    unsupported = _unsupported_element(structure)
+    if unsupported is not None:
+        return unsupported
+    radius = max(cutoff, min_distance)
+    too_large = check_search_size(structure.lattice.matrix, structure.cart_coords, radius)
+    if too_large is not None:
+        return too_large
+    centers, neighbors, distances = _neighbor_pairs(structure, radius)
     if len(distances):
         closest = int(np.argmin(distances))
         if distances[closest] < min_distance:
@@ -119,6 +227,9 @@ def check_structure(
                 f"(< {min_distance} Å)"
             )
     if cutoff > 0:
+        crowded = _crowded_site(centers, distances, n_atoms, cutoff)
+        if crowded is not None:
+            return crowded
         isolated = np.setdiff1d(np.arange(n_atoms), centers[distances <= cutoff])
         if isolated.size:
             return ISOLATED_ATOM, f"site {int(isolated[0])} has no neighbour within {cutoff} Å ({isolated.size} such)"

@@ -1,0 +1,118 @@
+"""Size checks on the raw text of CIF and POSCAR files, run before pymatgen builds a Structure.
+
+pymatgen applies a CIF's symmetry operations site by site and compares every new position with the
+earlier ones, and it builds every data block of a file, not only the first: a 3 kB CIF listing 100
+general positions in F m -3 m takes about a minute to expand to 19,104 atoms (the time grows with
+the square of the atom count). A POSCAR count line can declare a million atoms. These checks
+estimate the atom count from the text (symmetry orbits of the listed sites; declared counts) and
+refuse a file above ``max_atoms`` before any Structure exists.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from matbalora.data.validation import TOO_MANY_ATOMS, UNPARSABLE
+
+if TYPE_CHECKING:
+    from pymatgen.io.cif import CifParser
+
+#: Characters read from a single-structure CIF/POSCAR file at most (larger files are refused).
+MAX_TEXT_CHARS = 64 * 2**20
+#: Symmetry operations one CIF block may list: the largest space-group order (F m -3 m, conventional).
+MAX_SYMOPS = 192
+#: Blocks of one CIF may expand to this many times ``max_atoms`` in total (pymatgen builds them all).
+MAX_BLOCKS_FACTOR = 4
+#: Fractional tolerance for telling orbit points apart; looser than pymatgen's 1e-4, so the
+#: estimate errs towards fewer atoms (never refuses a structure pymatgen would build small).
+ORBIT_TOL = 1e-3
+
+
+def orbit_size(point: np.ndarray, rotations: np.ndarray, translations: np.ndarray) -> int:
+    """Distinct images of one fractional ``point`` [3] under symmetry operations
+    (``rotations`` [k, 3, 3], ``translations`` [k, 3]), modulo lattice translations."""
+    images = (rotations @ point + translations) % 1.0  # [k, 3]
+    diff = images[:, None, :] - images[None, :, :]
+    diff -= np.round(diff)
+    close = np.all(np.abs(diff) < ORBIT_TOL, axis=-1)
+    return int(len(images) - np.any(np.tril(close, -1), axis=1).sum())
+
+
+def _column(block, key: str) -> list:
+    value = block.data.get(key)
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def _block_atoms(parser: CifParser, block, name: str, limit: int) -> int | tuple[str, str]:
+    """Estimated atoms of one CIF block (stops counting above ``limit``), or ``(reason, detail)``."""
+    from pymatgen.io.cif import str2float
+
+    labels = _column(block, "_atom_site_label")
+    if len(labels) > limit:
+        return TOO_MANY_ATOMS, f"CIF block {name!r} lists {len(labels)} atoms > {limit} (not built)"
+    try:
+        ops = parser.get_symops(block)
+    except Exception:  # pymatgen will fail on this block too, quickly
+        return len(labels)
+    if len(ops) > MAX_SYMOPS:
+        return (
+            UNPARSABLE,
+            f"CIF block {name!r} lists {len(ops)} symmetry operations; a space group has at most {MAX_SYMOPS}",
+        )
+    if not ops:
+        return len(labels)
+    rotations = np.array([op.rotation_matrix for op in ops], dtype=np.float64)
+    translations = np.array([op.translation_vector for op in ops], dtype=np.float64)
+    columns = [_column(block, f"_atom_site_fract_{axis}") for axis in "xyz"]
+    total = 0
+    for row in range(len(labels)):
+        try:
+            point = np.array([str2float(col[row]) for col in columns], dtype=np.float64)
+        except Exception:  # missing or unreadable coordinate: pymatgen skips or fails on it
+            point = None
+        total += 1 if point is None or not np.all(np.isfinite(point)) else orbit_size(point, rotations, translations)
+        if total > limit:
+            break
+    return total
+
+
+def cif_problem(parser: CifParser, *, max_atoms: int) -> tuple[str, str] | None:
+    """``(reason, detail)`` when building the CIF's structures would exceed the atom limits."""
+    blocks = list(parser._cif.data.items())  # the sanitised blocks parse_structures will build
+    total = 0
+    for index, (name, block) in enumerate(blocks):
+        budget = MAX_BLOCKS_FACTOR * max_atoms - total
+        found = _block_atoms(parser, block, name, max_atoms if index == 0 else budget)
+        if isinstance(found, tuple):
+            return found
+        if index == 0 and found > max_atoms:
+            return TOO_MANY_ATOMS, f"CIF expands to more than max_atoms={max_atoms} atoms (not built)"
+        total += found
+        if total > MAX_BLOCKS_FACTOR * max_atoms:
+            return TOO_MANY_ATOMS, (
+                f"CIF has {len(blocks)} data blocks expanding to more than {MAX_BLOCKS_FACTOR * max_atoms} atoms "
+                "in total; every block is built, so keep one structure per file"
+            )
+    return None
+
+
+def poscar_problem(text: str, *, max_atoms: int) -> tuple[str, str] | None:
+    """TOO_MANY_ATOMS when the POSCAR's count line (line 6, or 7 after a species line) declares
+    more than ``max_atoms`` atoms."""
+    lines = text.splitlines()
+    for index in (5, 6):
+        tokens = lines[index].split() if index < len(lines) else []
+        try:
+            counts = [int(tok) for tok in tokens]
+        except ValueError:
+            continue
+        if counts:
+            declared = sum(counts)
+            if declared > max_atoms:
+                return TOO_MANY_ATOMS, f"POSCAR declares {declared} atoms > max_atoms={max_atoms} (not parsed)"
+            return None
+    return None

@@ -1,0 +1,390 @@
+"""Input fuzzing shared by tests/test_fuzz_inputs.py (seeded CI subset) and benchmarks/fuzz_campaign.py.
+
+Seeds are real files (data/examples/*.cif) and small files written from textbook crystals in every
+reader's format. A case is a seed put through a few mutations (truncation, byte flips, other
+encodings, huge/NaN/inf numbers, broken cells, a million atoms declared, broken syntax); it is
+read with ``read_structures`` (the reader ``matbalora predict`` and ``screen`` use) and every
+admitted structure is predicted. ``run_case`` returns the outcome of each entry: ``accepted``, a
+named rejection reason, or ``failure:...`` for anything else (an exception, a time-out).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import re
+import resource
+import signal
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "data" / "examples"
+FORMATS = ("cif", "poscar", "extxyz", "json")
+SUFFIX = {"cif": ".cif", "poscar": ".vasp", "extxyz": ".extxyz", "json": ".json"}
+EXTREME = ["1e308", "1e400", "-1e400", "-1e300", "1e17", "nan", "NaN", "inf", "-inf", "Infinity", "0", "-0",
+           "1e-300", "-5.43", "1000000", "-1", "9" * 400, "0x1F", "1,5", ""]  # fmt: skip
+
+
+class CaseTimeout(BaseException):
+    """Raised by the alarm when a case runs past its time bound (BaseException: no library
+    ``except Exception`` can swallow it)."""
+
+
+# ---------------------------------------------------------------- seeds
+
+
+def _crystals():
+    from pymatgen.core import Lattice, Structure
+
+    nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    si = Structure(Lattice.cubic(5.43), ["Si"] * 2, [[0, 0, 0], [0.25, 0.25, 0.25]])
+    perovskite = Structure(Lattice.cubic(3.9), ["Sr", "Ti", "O", "O", "O"],
+                           [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])  # fmt: skip
+    wurtzite = Structure(Lattice.hexagonal(3.25, 5.21), ["Zn", "Zn", "O", "O"],
+                         [[1 / 3, 2 / 3, 0], [2 / 3, 1 / 3, 0.5], [1 / 3, 2 / 3, 0.382], [2 / 3, 1 / 3, 0.882]])  # fmt: skip
+    return {"NaCl": nacl, "Si": si, "SrTiO3": perovskite, "ZnO": wurtzite}
+
+
+def build_seeds() -> dict[str, list[tuple[str, bytes]]]:
+    """``format -> [(name, file bytes)]``: real CIFs plus every reader's format written from crystals."""
+    from ase import Atoms
+    from ase.io import write
+    from pymatgen.io.cif import CifWriter
+
+    crystals = _crystals()
+    seeds: dict[str, list[tuple[str, bytes]]] = {fmt: [] for fmt in FORMATS}
+    seeds["cif"] += [(p.stem, p.read_bytes()) for p in sorted(EXAMPLES.glob("*.cif"))]
+    for name, s in crystals.items():
+        seeds["cif"].append((f"{name}_sym", str(CifWriter(s, symprec=0.01)).encode()))  # symmetry to expand
+        seeds["poscar"].append((name, s.to(fmt="poscar").encode()))
+    seeds["json"].append(("single", json.dumps(crystals["Si"].as_dict()).encode()))
+    records = [{"id": f"m-{i}", "structure": s.as_dict(), "band_gap": 1.0 + i} for i, s in enumerate(crystals.values())]
+    seeds["json"].append(("records", json.dumps(records).encode()))
+    frames = []
+    for i, s in enumerate(crystals.values()):
+        atoms = Atoms([site.specie.symbol for site in s], positions=s.cart_coords, cell=s.lattice.matrix, pbc=True)
+        atoms.info.update(material_id=f"m-{i}", band_gap=0.5 * i)
+        frames.append(atoms)
+    for name, part in (("one", frames[:1]), ("all", frames)):
+        from io import StringIO
+
+        buf = StringIO()
+        write(buf, part, format="extxyz")
+        seeds["extxyz"].append((name, buf.getvalue().encode()))
+    return seeds
+
+
+# ---------------------------------------------------------------- mutations
+
+_NUMBER = re.compile(rb"(?<![A-Za-z_])[-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?")
+
+
+def truncate(rng: random.Random, data: bytes, fmt: str) -> bytes:
+    return data[: rng.randrange(len(data) + 1)]
+
+
+def flip_bytes(rng: random.Random, data: bytes, fmt: str) -> bytes:
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 8)):
+        if out:
+            out[rng.randrange(len(out))] ^= 1 << rng.randrange(8) if rng.random() < 0.7 else rng.randrange(256)
+    return bytes(out)
+
+
+def splice(rng: random.Random, data: bytes, fmt: str) -> bytes:
+    """Delete, duplicate or insert a chunk (garbage or a piece of the file)."""
+    i, j = sorted(rng.randrange(len(data) + 1) for _ in range(2))
+    kind = rng.choice(["delete", "duplicate", "garbage"])
+    if kind == "delete":
+        return data[:i] + data[j:]
+    if kind == "duplicate":
+        return data[:j] + data[i:j] + data[j:]
+    return data[:i] + rng.randbytes(rng.randint(1, 64)) + data[i:]
+
+
+def shuffle_lines(rng: random.Random, data: bytes, fmt: str) -> bytes:
+    lines = data.split(b"\n")
+    kind = rng.choice(["drop", "dup", "swap"])
+    k = rng.randrange(len(lines))
+    if kind == "drop":
+        del lines[k]
+    elif kind == "dup":
+        lines.insert(k, lines[k])
+    else:
+        m = rng.randrange(len(lines))
+        lines[k], lines[m] = lines[m], lines[k]
+    return b"\n".join(lines)
+
+
+def extreme_numbers(rng: random.Random, data: bytes, fmt: str) -> bytes:
+    """Replace a few numbers by huge, tiny, NaN, inf, negative or malformed ones."""
+    spans = [m.span() for m in _NUMBER.finditer(data)]
+    if not spans:
+        return data
+    out = data
+    for start, end in sorted(rng.sample(spans, min(len(spans), rng.randint(1, 4))), reverse=True):
+        out = out[:start] + rng.choice(EXTREME).encode() + out[end:]
+    return out
+
+
+_SYMBOL = re.compile(rb"\b(?:Na|Cl|Si|Sr|Ti|O|Zn|Al|Cu|Ga|As|Li|F|Mg)\b")
+ODD_SPECIES = [
+    "Am",
+    "Cm",
+    "Og",
+    "Ts",
+    "Pu",
+    "U",
+    "H",
+    "He",
+    "D",
+    "T",
+    "X",
+    "Xx",
+    "Uuo",
+    "Na+",
+    "Fe3+",
+    "O2-",
+    "e",
+    "1",
+    "",
+]
+
+
+def swap_element(rng: random.Random, data: bytes, fmt: str) -> bytes:
+    """Replace element symbols by heavy (Z > 94), dummy, charged or made-up ones."""
+    spans = [m.span() for m in _SYMBOL.finditer(data)]
+    out = data
+    for start, end in sorted(rng.sample(spans, min(len(spans), rng.randint(1, 3))), reverse=True):
+        out = out[:start] + rng.choice(ODD_SPECIES).encode() + out[end:]
+    return out
+
+
+def encoding(rng: random.Random, data: bytes, fmt: str) -> bytes:
+    """Other encodings: latin-1 bytes, UTF-16, a BOM, NUL bytes, or pure binary garbage."""
+    kind = rng.choice(["latin1", "utf16", "bom", "nul", "garbage"])
+    text = data.decode("utf-8", errors="replace")
+    if kind == "latin1":
+        k = rng.randrange(len(text) + 1)
+        return (text[:k] + " Å° é " + text[k:]).encode("latin-1", errors="replace")
+    if kind == "utf16":
+        return text.encode("utf-16")
+    if kind == "bom":
+        return b"\xef\xbb\xbf" + data
+    if kind == "nul":
+        k = rng.randrange(len(data) + 1)
+        return data[:k] + b"\x00" * rng.randint(1, 16) + data[k:]
+    return rng.randbytes(rng.randint(0, 2048))
+
+
+def _lines_replace(data: bytes, index: int, new: bytes) -> bytes:
+    lines = data.split(b"\n")
+    if index < len(lines):
+        lines[index] = new
+    return b"\n".join(lines)
+
+
+def declare_many(rng: random.Random, data: bytes, fmt: str) -> bytes:
+    """Declare (or expand to) far more atoms than allowed: 10^6 or so."""
+    big = rng.choice([1_000_000, 10**9, 501, 100_000])
+    if fmt == "poscar":
+        lines = data.split(b"\n")
+        idx = 6 if len(lines) > 6 and not lines[5].strip()[:1].isdigit() else 5
+        return _lines_replace(data, idx, f"{big} {rng.randint(0, 3)}".encode())
+    if fmt == "extxyz":
+        return str(big).encode() + data[data.index(b"\n") :] if b"\n" in data else data
+    if fmt == "json":
+        obj = json.loads(data)
+        target = (
+            obj if isinstance(obj, dict) and "sites" in obj else obj[0]["structure"] if isinstance(obj, list) else obj
+        )
+        target["sites"] = target["sites"][:4] * rng.choice([200, 2000, 20_000])  # up to 80,000 sites, a few MB
+        return json.dumps(obj).encode()
+    # CIF: many general positions in a high-symmetry group, or a long explicit symmetry loop
+    if rng.random() < 0.5:
+        rows = "".join(
+            f"O{i} O {rng.random():.4f} {rng.random():.4f} {rng.random():.4f} 1\n"
+            for i in range(rng.choice([4, 40, 600]))
+        )
+        return (b"data_big\n_cell_length_a 30\n_cell_length_b 30\n_cell_length_c 30\n_cell_angle_alpha 90\n"
+                b"_cell_angle_beta 90\n_cell_angle_gamma 90\n_symmetry_space_group_name_H-M 'F m -3 m'\nloop_\n"
+                b"_atom_site_label\n_atom_site_type_symbol\n_atom_site_fract_x\n_atom_site_fract_y\n"
+                b"_atom_site_fract_z\n_atom_site_occupancy\n" + rows.encode())  # fmt: skip
+    ops = "".join(f"'x+{i / 997:.5f},y,z'\n" for i in range(rng.choice([50, 300, 5000])))
+    return data.replace(b"loop_\n", b"loop_\n_symmetry_equiv_pos_as_xyz\n" + ops.encode() + b"loop_\n", 1)
+
+
+def bad_cell(rng: random.Random, data: bytes, fmt: str) -> bytes:
+    """Zero, negative (left-handed), collinear, tiny or huge cells, via each format's lattice text."""
+    kind = rng.choice(["zero", "negative", "collinear", "tiny", "huge", "angles"])
+    rows = {"zero": ["0 0 0", "0 4 0", "0 0 4"], "negative": ["0 4 0", "4 0 0", "0 0 4"],
+            "collinear": ["4 0 0", "8 0 0", "0 0 4"], "tiny": ["0.01 0 0", "0 0.01 0", "0 0 0.01"],
+            "huge": ["1e9 0 0", "0 1e9 0", "0 0 1e9"], "angles": ["4 0 0", "4 1e-7 0", "0 0 4"]}[kind]  # fmt: skip
+    if fmt == "poscar":
+        for i, row in enumerate(rows):
+            data = _lines_replace(data, 2 + i, row.encode())
+        return data
+    if fmt == "extxyz":
+        return re.sub(rb'Lattice="[^"]*"', f'Lattice="{" ".join(rows)}"'.encode(), data)
+    if fmt == "json":
+        obj = json.loads(data)
+        target = obj if isinstance(obj, dict) else obj[0]["structure"]
+        target["lattice"] = {"matrix": [[float(x) for x in r.split()] for r in rows]}
+        return json.dumps(obj).encode()
+    values = {"zero": (0, 4, 4, 90, 90, 90), "negative": (-4, 4, 4, 90, 90, 90), "collinear": (4, 4, 4, 0, 0, 0),
+              "tiny": (0.01, 0.01, 0.01, 90, 90, 90), "huge": (1e9, 1e9, 1e9, 90, 90, 90),
+              "angles": (4, 4, 4, 179.9999, 90, 90)}[kind]  # fmt: skip
+    for key, value in zip(
+        ("length_a", "length_b", "length_c", "angle_alpha", "angle_beta", "angle_gamma"), values, strict=True
+    ):
+        data = re.sub(rf"_cell_{key}\s+\S+".encode(), f"_cell_{key} {value}".encode(), data)
+    return data
+
+
+def broken_syntax(rng: random.Random, data: bytes, fmt: str) -> bytes:
+    """Deeply nested or unterminated constructs."""
+    depth = rng.choice([10, 1000, 100_000])
+    kind = rng.choice(["nest", "quote", "cut_tokens", "gzip_garbage"])
+    if kind == "gzip_garbage":
+        packed = gzip.compress(data)
+        return packed[: rng.randrange(len(packed) + 1)]
+    if kind == "nest":
+        pre = {"json": b"[" * depth, "cif": b"loop_\n" * depth, "extxyz": b'"' * depth, "poscar": b"[" * depth}[fmt]
+        return pre + data if rng.random() < 0.5 else data + pre
+    if kind == "quote":
+        k = rng.randrange(len(data) + 1)
+        return data[:k] + rng.choice([b'"', b"'", b"\n;", b"{", b"\\"]) + data[k:]
+    return b" ".join(data.split()[: rng.randrange(1, 40)])
+
+
+MUTATIONS: dict[str, Callable[[random.Random, bytes, str], bytes]] = {
+    f.__name__: f
+    for f in (
+        truncate,
+        flip_bytes,
+        splice,
+        shuffle_lines,
+        extreme_numbers,
+        swap_element,
+        encoding,
+        declare_many,
+        bad_cell,
+        broken_syntax,
+    )
+}
+
+
+@dataclass
+class Case:
+    """One fuzz input: the seed file and mutations that made ``data``; ``gz``: written gzipped."""
+
+    fmt: str
+    seed_name: str
+    ops: list[str]
+    data: bytes
+    gz: bool = False
+
+
+def make_case(rng: random.Random, seeds: dict[str, list[tuple[str, bytes]]], fmt: str) -> Case:
+    """Pick a seed of ``fmt`` and apply 0-3 mutations drawn from ``rng``."""
+    name, data = rng.choice(seeds[fmt])
+    ops = [rng.choice(list(MUTATIONS)) for _ in range(rng.choice([0, 1, 1, 1, 2, 2, 3]))]
+    for op in ops:
+        try:
+            data = MUTATIONS[op](rng, data, fmt)
+        except Exception:  # the mutation needs structure an earlier one destroyed: keep the input as it is
+            pass
+    gz = rng.random() < 0.1
+    return Case(fmt, name, ops, data, gz)
+
+
+# ---------------------------------------------------------------- running one case
+
+
+@contextmanager
+def time_limit(seconds: float):
+    """Raise CaseTimeout in the main thread after ``seconds`` (SIGALRM)."""
+
+    def _raise(signum, frame):
+        raise CaseTimeout(f"no result within {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@contextmanager
+def memory_limit(extra_bytes: int):
+    """Cap this process's address space at its current size + ``extra_bytes`` (RLIMIT_AS), so a
+    runaway allocation raises MemoryError instead of exhausting the machine."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    pages = int(Path("/proc/self/statm").read_text().split()[0])
+    cap = pages * resource.getpagesize() + extra_bytes
+    resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def write_case(case: Case, folder: Path, index: int) -> Path:
+    path = folder / f"case{index}{SUFFIX[case.fmt]}{'.gz' if case.gz else ''}"
+    path.write_bytes(gzip.compress(case.data) if case.gz else case.data)
+    return path
+
+
+def run_case(path: Path, *, predictor=None, seconds: float = 10.0) -> tuple[list[str], float]:
+    """Outcome of every entry of one file: ``accepted`` (read, validated and, with a predictor,
+    predicted to a finite band gap), a rejection reason, or ``failure:<what>``; and the seconds."""
+    from matbalora.data.dataset import Rejection
+    from matbalora.data.readers import read_structures
+    from matbalora.data.validation import REASONS
+
+    start = time.perf_counter()
+    outcomes: list[str] = []
+    try:
+        with time_limit(seconds), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            items = read_structures(path)
+            for _, obj in items:
+                if isinstance(obj, Rejection):
+                    outcomes.append(obj.reason if obj.reason in REASONS else f"failure:unnamed reason {obj.reason!r}")
+            accepted = [obj for _, obj in items if not isinstance(obj, Rejection)]
+            if accepted and predictor is not None:
+                frame = predictor.predict(accepted, samples=2)
+                for gap, error in zip(frame["band_gap"], frame["error"], strict=True):
+                    if error:
+                        outcomes.append(f"failure:predict row error {error.split(':')[0]}")
+                    else:
+                        outcomes.append("accepted" if np.isfinite(gap) else "failure:non-finite prediction")
+            else:
+                outcomes += ["accepted"] * len(accepted)
+    except CaseTimeout:
+        outcomes.append("failure:timeout")
+    except Exception as exc:  # what the fuzzing looks for
+        outcomes.append(f"failure:{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}")
+    return outcomes, time.perf_counter() - start
+
+
+def tiny_predictor(folder: Path):
+    """A Predictor on a tiny random CHGNet with BaLoRA adapters (as tests/conftest.py builds them)."""
+    import torch
+
+    from conftest import tiny_chgnet, tiny_model
+    from matbalora.predict import Predictor
+
+    ckpt = folder / "tiny_chgnet.pth.tar"
+    torch.save({"model": tiny_chgnet().as_dict()}, ckpt)
+    return Predictor(tiny_model("balora", ckpt))
