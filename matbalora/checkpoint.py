@@ -3,11 +3,15 @@
 Only trained weights are saved (adapters + head; the whole backbone for ``full``). The backbone is
 rebuilt from its own checkpoint, and loading refuses a folder whose backbone version differs from
 the one available, a weight file whose SHA-256 differs from the one recorded, or missing/extra
-tensors. Nothing is ever unpickled from a model folder.
+tensors. Nothing is ever unpickled from a model folder: weights are safetensors, and a custom
+backbone checkpoint named in the config (CHGNet's own format is a torch pickle) is read with
+``torch.load(weights_only=True)``, which admits tensors and plain containers only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 from pathlib import Path
@@ -101,27 +105,56 @@ def verify_weights(folder: str | os.PathLike, config: dict[str, Any]) -> Path:
     return path
 
 
+def load_backbone(folder: str | os.PathLike, backbone: dict[str, Any]) -> torch.nn.Module:
+    """The backbone a model folder names: CHGNet's shipped weights (``checkpoint`` null), or the
+    checkpoint file, checked against its recorded SHA-256 and loaded without unpickling objects."""
+    config_path = Path(folder) / CONFIG
+    ckpt = backbone.get("checkpoint")
+    if ckpt is None:
+        return chgnet_backbone.load_chgnet(None)
+    if not isinstance(ckpt, str) or not os.path.isfile(ckpt):
+        raise ModelFolderError(f"{ckpt}: backbone checkpoint named in {config_path} does not exist")
+    if backbone.get("checkpoint_sha256") and sha256_file(ckpt) != backbone["checkpoint_sha256"]:
+        raise ModelFolderError(f"{ckpt}: backbone checkpoint differs from the one the model was trained on")
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for any object beyond tensors and plain containers
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise ModelFolderError(
+            f"{ckpt}: backbone checkpoint refused, it is not plain tensors and containers "
+            f"({type(exc).__name__}: {first}); model folders never unpickle objects"
+        ) from None
+    from chgnet.model import CHGNet
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # CHGNet prints on construction
+            return CHGNet.from_dict(state["model"]).eval()
+    except Exception as exc:
+        raise ModelFolderError(f"{ckpt}: not a CHGNet checkpoint ({type(exc).__name__}: {exc})") from None
+
+
 def load_model_folder(folder: str | os.PathLike) -> tuple[BandGapModel, dict]:
     """Rebuild the model of a folder: its backbone checkpoint, adapters, head and trained weights."""
     config = read_config(folder)
     weights = verify_weights(folder, config)
-    bb = config["backbone"]
-    if bb.get("name") != chgnet_backbone.BACKBONE_NAME:
-        raise ModelFolderError(f"{Path(folder) / CONFIG}: backbone {bb.get('name')!r} is not supported")
-    ckpt = bb.get("checkpoint")
-    if ckpt is not None and bb.get("checkpoint_sha256") and os.path.isfile(ckpt):
-        if sha256_file(ckpt) != bb["checkpoint_sha256"]:
-            raise ModelFolderError(f"{ckpt}: backbone checkpoint differs from the one the model was trained on")
-    backbone = chgnet_backbone.load_chgnet(ckpt)
+    bb = config.get("backbone")
+    if not isinstance(bb, dict) or bb.get("name") != chgnet_backbone.BACKBONE_NAME:
+        name = bb.get("name") if isinstance(bb, dict) else bb
+        raise ModelFolderError(f"{Path(folder) / CONFIG}: backbone {name!r} is not supported")
+    backbone = load_backbone(folder, bb)
     found = chgnet_backbone.backbone_version(backbone)
     if found != bb.get("version"):
         raise ModelFolderError(
             f"{Path(folder) / CONFIG}: trained on backbone {bb.get('name')} {bb.get('version')!r}, "
             f"but the available backbone is {found!r}; use the matching checkpoint"
         )
-    adapter = from_dict(AdapterConfig, config["adapter"]) if config.get("adapter") else None
-    head = from_dict(HeadConfig, config["head"])
-    model = BandGapModel(backbone, method=config["method"], adapter=adapter, head=head, backbone_checkpoint=bb.get("checkpoint"))
+    try:
+        adapter = from_dict(AdapterConfig, config["adapter"]) if config.get("adapter") else None
+        head = from_dict(HeadConfig, config["head"])
+        model = BandGapModel(backbone, method=config["method"], adapter=adapter, head=head, backbone_checkpoint=bb.get("checkpoint"))
+    except (KeyError, TypeError, ValueError) as exc:
+        what = f"{type(exc).__name__}: {exc}"
+        raise ModelFolderError(f"{Path(folder) / CONFIG}: method/adapter/head do not describe a model ({what})") from None
     try:
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error types

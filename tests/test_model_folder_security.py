@@ -1,0 +1,147 @@
+"""Shared model folders are verified, never unpickled, and refused with the file and the reason.
+
+Covers a truncated, a tampered (same length) and a missing weight file, a version-mismatched or
+swapped backbone, broken configs, and pickles: one lying next to the weights, one in place of
+them, and one named as the backbone checkpoint by an edited config. Each pickle's payload would
+create a marker file when unpickled; the marker must never appear.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from matbalora.atomic import sha256_file
+from matbalora.checkpoint import CONFIG, WEIGHTS, ModelFolderError, load_model_folder, save_model
+
+
+class Payload:
+    """Unpickling this object opens (creates) ``marker``: proof that a pickle was loaded."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_checkpoint, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model") / "balora"
+    save_model(tiny_model("balora", tiny_checkpoint), folder)
+    return folder
+
+
+@pytest.fixture
+def folder(saved, tmp_path):
+    copy = tmp_path / "shared_model"
+    shutil.copytree(saved, copy)
+    return copy
+
+
+def _edit_config(folder, **changes) -> None:
+    path = folder / CONFIG
+    config = json.loads(path.read_text())
+    for dotted, value in changes.items():
+        node, *keys = dotted.split("__")
+        target = config
+        for key in [node, *keys][:-1]:
+            target = target[key]
+        target[[node, *keys][-1]] = value
+    path.write_text(json.dumps(config))
+
+
+def _refused(folder, *needles: str) -> str:
+    with pytest.raises(ModelFolderError) as info:
+        load_model_folder(folder)
+    message = str(info.value)
+    for needle in needles:
+        assert needle in message, f"{needle!r} not in {message!r}"
+    return message
+
+
+def test_intact_folder_loads(folder):
+    _, config = load_model_folder(folder)
+    assert config["weights"][WEIGHTS] == sha256_file(folder / WEIGHTS)
+
+
+def test_truncated_weights(folder):
+    data = (folder / WEIGHTS).read_bytes()
+    (folder / WEIGHTS).write_bytes(data[: len(data) - 100])
+    _refused(folder, str(folder / WEIGHTS), "SHA-256", "truncated or modified")
+
+
+def test_tampered_weights_same_length(folder):
+    data = bytearray((folder / WEIGHTS).read_bytes())
+    data[-1] ^= 0x01  # one bit in the last tensor's data
+    (folder / WEIGHTS).write_bytes(bytes(data))
+    _refused(folder, str(folder / WEIGHTS), "does not match config")
+
+
+def test_missing_weights_and_config(folder):
+    (folder / WEIGHTS).unlink()
+    _refused(folder, str(folder / WEIGHTS), "missing weight file")
+    (folder / CONFIG).unlink()
+    _refused(folder, str(folder / CONFIG), "missing")
+
+
+def test_config_without_checksum(folder):
+    _edit_config(folder, weights={})
+    _refused(folder, str(folder / CONFIG), "records no SHA-256")
+
+
+def test_backbone_version_mismatch(folder):
+    _edit_config(folder, backbone__version="0.3.0")
+    _refused(folder, str(folder / CONFIG), "trained on backbone chgnet '0.3.0'", "'tiny-test'")
+
+
+def test_swapped_backbone_checkpoint(folder, tmp_path):
+    other = tmp_path / "other.pth.tar"
+    torch.save(
+        {
+            "model": tiny_model(
+                "head", json.loads((folder / CONFIG).read_text())["backbone"]["checkpoint"]
+            ).backbone.as_dict()
+        },
+        other,
+    )
+    _edit_config(folder, backbone__checkpoint=str(other))
+    _refused(folder, str(other), "differs from the one the model was trained on")
+
+
+def test_broken_config_fields_name_the_config(folder):
+    _edit_config(folder, head={"hidden": "many", "unknown_key": 1})
+    _refused(folder, str(folder / CONFIG), "do not describe a model")
+    _edit_config(folder, backbone="chgnet")
+    _refused(folder, str(folder / CONFIG), "is not supported")
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt", "model.pkl", "adapter_model.bin"])
+def test_pickle_next_to_the_weights_is_ignored(folder, tmp_path, name):
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": Payload(marker)}, folder / name)
+    load_model_folder(folder)
+    assert not marker.exists()
+
+
+def test_pickle_in_place_of_the_weights_is_refused(folder, tmp_path):
+    marker = tmp_path / "pwned"
+    (folder / WEIGHTS).write_bytes(pickle.dumps({"head.out.weight": Payload(marker)}))
+    _edit_config(folder, weights={WEIGHTS: sha256_file(folder / WEIGHTS)})  # the sender fixed the checksum too
+    _refused(folder, str(folder / WEIGHTS), "unreadable safetensors")
+    assert not marker.exists()
+
+
+def test_pickle_named_as_backbone_checkpoint_is_never_unpickled(folder, tmp_path):
+    """Before: CHGNet.from_file(torch.load(weights_only=False)) ran whatever the file held."""
+    marker = tmp_path / "pwned"
+    evil = folder / "backbone.pth.tar"
+    torch.save({"model": Payload(marker)}, evil)
+    _edit_config(folder, backbone__checkpoint=str(evil), backbone__checkpoint_sha256=sha256_file(evil))
+    _refused(folder, str(evil), "backbone checkpoint refused", "never unpickle")
+    assert not marker.exists()
