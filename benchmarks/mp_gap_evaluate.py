@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from mp_gap import ENSEMBLE_SEEDS, LARGE_BASELINE_TRAIN, METHODS, RESULTS, RUNS, SIZES, command
+from mp_gap import ENSEMBLE_SEEDS, EPOCHS, EPOCHS_OVERRIDE, LARGE_BASELINE_TRAIN, METHODS, RESULTS, RUNS, SIZES, command
 from mp_gap_data import composition_rows, load_benchmark_data
 
 from matbalora.atomic import write_json
@@ -19,6 +19,7 @@ from matbalora.plots import save_figure
 from matbalora.predict import Predictor
 
 S_SWEEP = [1, 2, 4, 8, 16, 32, 64]
+STD_FLOOR = 1e-6  # eV: draws or members that agree exactly (a saturated output) still get a positive std
 MAIN_SAMPLES = 16
 
 
@@ -60,7 +61,47 @@ def noise_summary(model) -> dict:
     log_a = np.concatenate([m.clamped_log_a().detach().cpu().numpy() for m in layers])
     ceiling = layers[0].log_a_range[1]
     return {"layers": len(layers), "log_a_mean": float(log_a.mean()), "log_a_min": float(log_a.min()), "log_a_median": float(np.median(log_a)),
-            "log_a_max": float(log_a.max()), "fraction_at_ceiling": float(np.mean(log_a >= ceiling - 1e-6)), "kl_total": float(sum(m.kl() for m in layers))}
+            "log_a_max": float(log_a.max()), "fraction_at_ceiling": float(np.mean(log_a >= ceiling - 1e-6)), "kl_total": float(sum(m.kl().detach() for m in layers))}
+
+
+NOISE_OFFSETS = [0.0, 2.0, 4.0, 6.0]  # added to every learned log a at test time
+NOISE_SWEEP_CRYSTALS = 500
+
+
+def noise_sweep(pred: Predictor, test, y: np.ndarray, main_draws: np.ndarray) -> dict:
+    """Diagnostic, not the method: the trained BaLoRA model with every log a raised by an offset at
+    test time (noise std times exp(offset / 2)), 16 draws on the first test crystals. Tells whether
+    the ranking of errors would improve if training had moved the noise further from its start."""
+    import torch
+
+    from matbalora.adapters import BaLoRALinear
+    from matbalora.metrics import mae, spearman
+
+    n = min(NOISE_SWEEP_CRYSTALS, len(y))
+    sub = type(test)(**{**test.__dict__, **{k: getattr(test, k)[:n] for k in ("ids", "formulas", "n_atoms", "errors", "graphs")}, "graph_rows": list(range(n))})
+    layers = [m for m in pred.model.modules() if isinstance(m, BaLoRALinear)]
+    result = {"crystals": n, "samples": MAIN_SAMPLES, "offsets": {}}
+    nonmetal = y[:n] > 0
+    for offset in NOISE_OFFSETS:
+        if offset == 0.0:
+            g = main_draws[:, :n]
+        else:
+            with torch.no_grad():
+                for m in layers:
+                    m.log_a.add_(offset)
+            try:
+                g = pred.sample(sub, samples=MAIN_SAMPLES, seed=1).gaps
+            finally:
+                with torch.no_grad():
+                    for m in layers:
+                        m.log_a.sub_(offset)
+        mean, sd = g.mean(0), g.std(0, ddof=1)
+        result["offsets"][str(offset)] = {
+            "log_a_mean": float(np.mean(np.concatenate([m.clamped_log_a().detach().numpy() for m in layers])) + offset),
+            "mae": mae(mean, sd, y[:n]), "spearman": spearman(mean, sd, y[:n]),
+            "nonmetal_spearman": spearman(mean[nonmetal], sd[nonmetal], y[:n][nonmetal]), "median_raw_std": float(np.median(sd)),
+        }
+    return result
 
 
 def evaluate_single(name: str, test, y: np.ndarray, out: dict) -> Predictor:
@@ -76,14 +117,16 @@ def evaluate_single(name: str, test, y: np.ndarray, out: dict) -> Predictor:
         data = _SHARED["data"]
         val = pred.sample(data.part("val"), samples=MAIN_SAMPLES, seed=0).gaps
         y_val = data.targets[data.split.val]
-        calibration = {"std_scale": StdScaler().fit(val.mean(0), val.std(0, ddof=1), y_val).factor,
-                       "conformal": ConformalIntervals().fit(val.mean(0), val.std(0, ddof=1), y_val, 0.9).to_dict(), "fitted_on": "val (at evaluation)"}
+        val_std = np.maximum(val.std(0, ddof=1), STD_FLOOR)
+        calibration = {"std_scale": StdScaler().fit(val.mean(0), val_std, y_val).factor,
+                       "conformal": ConformalIntervals().fit(val.mean(0), val_std, y_val, 0.9).to_dict(), "fitted_on": "val (at evaluation)"}
         pred.std_scale = calibration["std_scale"]
         std = main.std(0, ddof=1) * pred.std_scale
     scored = score_frame(_frame(main.mean(0), std), y, std_scale=pred.std_scale, conformal=calibration.get("conformal"))
     row = _summary(scored) | _card_facts(RUNS / name)
     row["predict_ms_per_structure"] = ms * (MAIN_SAMPLES / n_draws if n_draws > MAIN_SAMPLES else 1.0)
     row["samples"] = MAIN_SAMPLES if stochastic else 0
+    row["std_scale"] = pred.std_scale if stochastic else None
     if pred.model.is_bayesian:
         row["noise"] = noise_summary(pred.model)
     out["methods"][name] = row
@@ -100,6 +143,7 @@ def evaluate_single(name: str, test, y: np.ndarray, out: dict) -> Predictor:
             sweep_nll[str(s)] = nll(m, sd, y) if s > 1 else float("nan")
         out["spearman_vs_samples"], out["nll_vs_samples"], out["mae_vs_samples"] = sweep_sp, sweep_nll, sweep_mae
         out["plots"] += [p.name for p in plot_all(_frame(main.mean(0), std), y, RESULTS / "plots", "balora")]
+        out["noise_sweep"] = noise_sweep(pred, test, y, g[:MAIN_SAMPLES])
     return pred
 
 
@@ -113,13 +157,14 @@ def evaluate_ensemble(data, test, y: np.ndarray, out: dict) -> None:
     t0 = time.perf_counter()
     test_g = np.stack([m.sample(test, samples=0).gaps[0] for m in members])
     ms = (time.perf_counter() - t0) * 1000 / len(test.graphs)
-    scale = StdScaler().fit(val_g.mean(0), val_g.std(0, ddof=1), y_val).factor
-    conformal = ConformalIntervals().fit(val_g.mean(0), val_g.std(0, ddof=1), y_val, 0.9).to_dict()
+    val_std = np.maximum(val_g.std(0, ddof=1), STD_FLOOR)
+    scale = StdScaler().fit(val_g.mean(0), val_std, y_val).factor
+    conformal = ConformalIntervals().fit(val_g.mean(0), val_std, y_val, 0.9).to_dict()
     out["ensemble_calibration"] = {"std_scale": scale, "conformal": conformal, "fitted_on": "val", "samples": 0}
     mean, std = test_g.mean(0), test_g.std(0, ddof=1) * scale
     scored = score_frame(_frame(mean, std), y, std_scale=scale, conformal=conformal)
     facts = [_card_facts(RUNS / f"lora_seed{s}") for s in ENSEMBLE_SEEDS]
-    row = _summary(scored) | {"train_seconds": sum(f["train_seconds"] for f in facts), "trainable_params": sum(f["trainable_params"] for f in facts), "predict_ms_per_structure": ms, "members": len(members)}
+    row = _summary(scored) | {"train_seconds": sum(f["train_seconds"] for f in facts), "trainable_params": sum(f["trainable_params"] for f in facts), "predict_ms_per_structure": ms, "members": len(members), "std_scale": scale}
     out["methods"]["lora_ensemble"] = row
     out["details"]["lora_ensemble"] = scored
     out["spearman_vs_members"], out["nll_vs_members"], out["mae_vs_members"] = {}, {}, {}
@@ -198,6 +243,8 @@ def sweep_plot(out: dict) -> None:
     out["plots"].append("spearman_vs_compute.png")
 
 
+#: the member scored alone as "lora": one trained for as many epochs as balora
+LORA_REFERENCE = next(f"lora_seed{s}" for s in ENSEMBLE_SEEDS if EPOCHS_OVERRIDE.get(f"lora_seed{s}", EPOCHS) == EPOCHS)
 _SHARED: dict = {}  # data of the evaluation, inherited by the forked workers
 
 
@@ -236,7 +283,7 @@ def stage_evaluate(workers: int = 2) -> None:
         "evaluation_workers": workers,
         "methods": {}, "details": {}, "plots": [],
     }
-    names = [n for n in METHODS if not (n.startswith("lora_seed") and n != "lora_seed0") and (RUNS / n / "config.json").is_file()]
+    names = [n for n in METHODS if not (n.startswith("lora_seed") and n != LORA_REFERENCE) and (RUNS / n / "config.json").is_file()]
     jobs = [("single", "balora")] * ("balora" in names) + [("ensemble", "")] + [("single", n) for n in names if n != "balora"]
     _SHARED.update(data=data, test=test, y=y)
     with mp.get_context("fork").Pool(workers, maxtasksperchild=1) as pool:
@@ -249,8 +296,8 @@ def stage_evaluate(workers: int = 2) -> None:
                 else:
                     out[key] = value
     out["methods"] = {n: out["methods"][n] for n in [*names, "lora_ensemble"]}  # a stable order
-    out["methods"]["lora"] = out["methods"].pop("lora_seed0")
-    out["details"]["lora"] = out["details"].pop("lora_seed0")
+    out["methods"]["lora"] = out["methods"].pop(LORA_REFERENCE) | {"member": LORA_REFERENCE}
+    out["details"]["lora"] = out["details"].pop(LORA_REFERENCE)
     evaluate_composition_baseline(data, y, out)
     sweep_plot(out)
     write_json(RESULTS / "mp_gap.json", out)

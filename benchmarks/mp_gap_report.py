@@ -21,7 +21,15 @@ NONMETAL_COLUMNS = [("nonmetal_mae", "MAE", 3), ("nonmetal_spearman", "Spearman"
 COST_COLUMNS = [("trainable_params", "trainable params", 0), ("trainable_share", "share", 4), ("epochs", "epochs", 0),
                 ("train_seconds", "train s", 0), ("seconds_per_epoch", "s/epoch", 0), ("ms_per_structure_step", "train ms/crystal", 0),
                 ("best_val_mae", "val MAE", 3), ("predict_ms_per_structure", "predict ms/crystal", 1), ("samples", "S", 0),
-                ("n_train", "n_train", 0)]
+                ("n_train", "n_train", 0), ("std_scale", "std scale", 3)]
+
+
+def noise_table(res: dict) -> str:
+    rows = ["| log a offset | mean log a | MAE | Spearman | non-metal Spearman | median raw std (eV) |", "|---|---|---|---|---|---|"]
+    sweep_ = res.get("noise_sweep", {})
+    for off, r in sweep_.get("offsets", {}).items():
+        rows.append(f"| {off} | {r['log_a_mean']:.2f} | {r['mae']:.3f} | {r['spearman']:.3f} | {r['nonmetal_spearman']:.3f} | {r['median_raw_std']:.2e} |")
+    return f"On the first {sweep_.get('crystals')} test crystals, {sweep_.get('samples')} draws, no recalibration:\n\n" + "\n".join(rows)
 
 
 def with_derived(methods: dict, n_train: int) -> dict:
@@ -76,6 +84,9 @@ def render(res: dict) -> str:
         "", "**Cost**", "", table(m, COST_COLUMNS),
         "", "**BaLoRA vs test-time samples S** (same 64 draws, first S used)", "", sweep(res, "spearman_vs_samples", "S"),
         "", "**LoRA ensemble vs members K**", "", sweep(res, "spearman_vs_members", "K"),
+        "", "**Where the BaLoRA noise went** (learned log a over all adapted layers)", "",
+        "```", json.dumps(m.get("balora", {}).get("noise", {}), indent=None), "```",
+        "", "**Diagnostic: the trained BaLoRA model with its noise raised at test time**", "", noise_table(res),
     ]
     return "\n".join(parts)
 
