@@ -11,8 +11,18 @@ Sampling is controlled by a :class:`NoiseContext` shared by all BaLoRA layers of
 * ``mode="mean"``: A = M (posterior mean, deterministic);
 * ``mode="sample"`` with ``noise="per_crystal"``: one draw of A per *group* (crystal x sample), shared
   by every row of that group; the backbone sets ``ctx.owners[row_kind]`` (row -> group index) before
-  the forward. Without owners every row is its own group;
+  the forward. Without owners every row is its own group. When the backbone also sets
+  ``ctx.segments[row_kind]`` (rows per crystal in one tile) and ``ctx.tiles`` (S), the rows are
+  known to be tile-major (row ``s * N + i`` of crystal c belongs to group ``s * C + c``) and the
+  draw runs as one batched matmul over the S samples per crystal instead of one matmul per group;
 * ``mode="sample"`` with ``noise="per_row"``: independent Gaussian h per row (local reparameterisation).
+
+Without autograd (``torch.no_grad()``, i.e. prediction) and without active adapter dropout, a layer
+computes the same function with the update folded into the weight: ``(W0 + s B A) x + b0``, with
+``A = M`` for the mean and one sampled ``A`` per group for per-crystal draws (a [out, in] matrix
+per crystal and sample, applied by a batched matmul). That costs one frozen-layer matmul instead of
+three, so the deterministic pass runs at the backbone's own speed. Training forwards (autograd on)
+always work in activation space and never build ``B A``.
 """
 
 from __future__ import annotations
@@ -41,7 +51,13 @@ class NoiseContext:
         self.mode: SampleMode = "mean"
         self.owners: dict[str, Tensor] = {}
         self.n_groups: int | None = None
+        self.segments: dict[str, list[int]] = {}  # row kind -> rows of each crystal in one tile
+        self.tiles: int = 1  # S: the batch is repeated this many times, tile-major
         self.generator: torch.Generator | None = None
+
+    def clear_rows(self) -> None:
+        """Forget the row layout of the last forward."""
+        self.owners, self.n_groups, self.segments, self.tiles = {}, None, {}, 1
 
     @contextmanager
     def sampling(self, mode: SampleMode = "sample", generator: torch.Generator | None = None) -> Iterator[None]:
@@ -89,10 +105,15 @@ class LoRALinear(nn.Module):
         return x @ self.lora_A.T
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base(x)
         if self.merged:
-            return y
-        return y + self.scale * (self.low_rank(self.dropout(x)) @ self.lora_B.T)
+            return self.base(x)
+        if self.foldable():
+            return nn.functional.linear(x, self.base.weight + self.delta_weight(), self.base.bias)
+        return self.base(x) + self.scale * (self.low_rank(self.dropout(x)) @ self.lora_B.T)
+
+    def foldable(self) -> bool:
+        """True when the update may be folded into the weight: no autograd, no active dropout."""
+        return not torch.is_grad_enabled() and (isinstance(self.dropout, nn.Identity) or not self.dropout.training)
 
     def delta_weight(self) -> Tensor:
         """s * B A, the update a merge adds to W0  [out, in]."""
@@ -134,22 +155,64 @@ class BaLoRALinear(LoRALinear):
             raise RuntimeError(
                 "a merged BaLoRA layer is its posterior mean and gives no uncertainty; unmerge to sample"
             )
+        segments = self.context.segments.get(self.row_kind) if self.row_kind else None
+        if self.context.mode == "sample" and self.noise == "per_crystal" and segments is not None and self.foldable():
+            return self._folded_draws(x, segments)
         return super().forward(x)
+
+    def _draw_noise(self, n_groups: int, std_ratio: Tensor, gen: torch.Generator | None, like: Tensor) -> Tensor:
+        """Noise of A for ``n_groups`` independent draws  [G, r, d_in]: A_g = M + noise_g."""
+        eps = torch.randn((n_groups, *self.lora_A.shape), generator=gen, dtype=like.dtype, device=like.device)
+        return (self.lora_A * std_ratio[:, None]).unsqueeze(0) * eps
+
+    def _folded_draws(self, x: Tensor, segments: list[int]) -> Tensor:
+        """Per-crystal draws with the update folded into one weight per group (no autograd).
+
+        x [S * N, d_in] tile-major (see ``NoiseContext``) -> [S * N, d_out]; the same random numbers
+        as the activation-space path, so both give the same draws up to float rounding.
+        """
+        tiles, n_crystals = self.context.tiles, len(segments)
+        if x.shape[0] != tiles * sum(segments):
+            raise RuntimeError(
+                f"segments for row kind {self.row_kind!r} cover {tiles} x {sum(segments)} rows, input has {x.shape[0]}"
+            )
+        noise = self._draw_noise(tiles * n_crystals, self.clamped_log_a().exp().sqrt(), self.context.generator, x)
+        weights = self.base.weight + torch.matmul(self.scale * self.lora_B, self.lora_A + noise)  # [S * C, out, in]
+        weights = weights.view(tiles, n_crystals, *self.base.weight.shape).transpose(2, 3)
+        x3 = x.view(tiles, -1, x.shape[1])
+        bias = self.base.bias
+        pieces = [
+            torch.bmm(seg, w) if bias is None else torch.baddbmm(bias, seg, w)
+            for w, seg in zip(weights.unbind(1), torch.split(x3, segments, dim=1))
+            if seg.shape[1]
+        ]
+        if not pieces:
+            return x.new_zeros(0, self.out_features)
+        return torch.cat(pieces, dim=1).reshape(-1, self.out_features)
 
     def clamped_log_a(self) -> Tensor:
         return self.log_a.clamp(*self.log_a_range)
 
     def low_rank(self, x: Tensor) -> Tensor:
-        mean = x @ self.lora_A.T
         if self.context.mode == "mean":
-            return mean
+            return x @ self.lora_A.T
         a = self.clamped_log_a().exp()
         gen = self.context.generator
         if self.noise == "per_row":
+            mean = x @ self.lora_A.T
             var = ((x * x) @ (self.lora_A * self.lora_A).T) * a
             eps = torch.randn(mean.shape, generator=gen, dtype=mean.dtype, device=mean.device)
             return mean + var.clamp_min(0).sqrt() * eps
-        return mean + self._shared_draw_noise(x, a.sqrt(), gen)
+        segments = self.context.segments.get(self.row_kind) if self.row_kind else None
+        if segments is not None:  # one matmul per crystal with its sampled A (no separate mean pass)
+            tiles, n_crystals = self.context.tiles, len(segments)
+            if x.shape[0] != tiles * sum(segments):
+                raise RuntimeError(
+                    f"segments for row kind {self.row_kind!r} cover {tiles} x {sum(segments)} rows, input has {x.shape[0]}"
+                )
+            sampled = self.lora_A + self._draw_noise(tiles * n_crystals, a.sqrt(), gen, x)  # [S * C, r, d_in]
+            return _tiled_segment_matmul(x, segments, sampled.view(tiles, n_crystals, *self.lora_A.shape))
+        return x @ self.lora_A.T + self._shared_draw_noise(x, a.sqrt(), gen)
 
     def _shared_draw_noise(self, x: Tensor, std_ratio: Tensor, gen: torch.Generator | None) -> Tensor:
         """Noise part of A x with one eps [r, d_in] per group, shared by all rows of the group."""
@@ -163,8 +226,7 @@ class BaLoRALinear(LoRALinear):
                     f"owners for row kind {self.row_kind!r} have {owners.shape[0]} rows, input has {x.shape[0]}"
                 )
             n_groups = self.context.n_groups or (int(owners.max()) + 1 if owners.numel() else 0)
-        eps = torch.randn((n_groups, *self.lora_A.shape), generator=gen, dtype=x.dtype, device=x.device)
-        noisy_A = (self.lora_A * std_ratio[:, None]).unsqueeze(0) * eps  # [G, r, d_in]
+        noisy_A = self._draw_noise(n_groups, std_ratio, gen, x)  # [G, r, d_in]
         if owners.numel() > 1 and not bool((owners[1:] >= owners[:-1]).all()):
             order = torch.argsort(owners, stable=True)
             out = torch.empty(x.shape[0], self.rank, dtype=x.dtype, device=x.device)
@@ -180,6 +242,27 @@ class BaLoRALinear(LoRALinear):
     def merge(self) -> None:
         """Merge the posterior mean M into W0; the merged layer is deterministic (no uncertainty)."""
         super().merge()
+
+
+def _tiled_segment_matmul(x: Tensor, counts: list[int], mats: Tensor) -> Tensor:
+    """Tile-major rows: row ``s * N + i`` of crystal c gets ``mats[s, c] @ x_row``.
+
+    x [S * N, d] with N = sum(counts); mats [S, C, r, d] -> [S * N, r]. One bmm over the S samples
+    per crystal: C matmul calls instead of S * C.
+    """
+    tiles, rank = mats.shape[0], mats.shape[2]
+    if tiles == 1:  # training: plain matmuls have a cheaper backward than bmm of batch 1
+        pieces = [seg @ mat.T for mat, seg in zip(mats[0].unbind(0), torch.split(x, counts)) if seg.shape[0]]
+        return torch.cat(pieces) if pieces else x.new_zeros(0, rank)
+    x3 = x.view(tiles, -1, x.shape[1])
+    pieces = [
+        torch.bmm(seg, mat.transpose(1, 2))
+        for mat, seg in zip(mats.unbind(1), torch.split(x3, counts, dim=1))
+        if seg.shape[1]
+    ]
+    if not pieces:
+        return x.new_zeros(0, rank)
+    return torch.cat(pieces, dim=1).reshape(-1, rank)
 
 
 def _segment_matmul(x: Tensor, sorted_owners: Tensor, mats: Tensor) -> Tensor:

@@ -110,6 +110,36 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 1 if rejected else 0
 
 
+def _screen_parser(sub) -> None:
+    p = sub.add_parser("screen", help="screen many structures in chunks into a resumable CSV, here or on a Dask cluster")
+    p.add_argument("paths", nargs="+", help="CIF, POSCAR/CONTCAR, extxyz or pymatgen JSON files, or folders")
+    p.add_argument("--out", required=True, help="CSV to append finished chunks to; rerun to resume")
+    p.add_argument("--model", default=None, help="model folder (default: shipped BaLoRA model)")
+    p.add_argument("--ensemble", default=None, nargs="?", const="", help="also predict with a deep ensemble (default folder if no value)")
+    p.add_argument("--samples", type=int, default=16, help="Monte-Carlo samples (0: posterior mean only)")
+    p.add_argument("--level", type=float, default=0.9, help="central interval level")
+    p.add_argument("--batch-size", type=int, default=256, help="crystals per chunk (one task on a cluster)")
+    p.add_argument("--seed", type=int, default=0, help="chunk k draws with seed + k")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS", help="Dask scheduler address, e.g. tcp://host:8786 (default: this process)")
+    p.add_argument("--retries", type=int, default=2, help="reruns of a chunk whose task failed (with --scheduler)")
+    p.add_argument("--max-atoms", type=int, default=None, help="reject larger structures (default: the data layer's limit)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _cmd_screen(args: argparse.Namespace) -> int:
+    from matbalora.screening import screen
+
+    ensemble = (args.ensemble or True) if args.ensemble is not None else None
+    frame = screen(
+        args.paths, model=args.model, ensemble=ensemble, samples=args.samples, level=args.level,
+        batch_size=args.batch_size, out=args.out, progress=not args.no_progress, seed=args.seed,
+        cluster=args.scheduler, retries=args.retries, **({} if args.max_atoms is None else {"max_atoms": args.max_atoms}),
+    )
+    failed = int((frame["error"] != "").sum()) if len(frame) else 0
+    print(f"wrote {args.out}: {len(frame)} rows, {failed} rejected (see the error column)")
+    return 0
+
+
 def _data_parser(sub) -> None:
     p = sub.add_parser("data", help="inspect band-gap data")
     dsub = p.add_subparsers(dest="data_cmd", required=True)
@@ -163,7 +193,7 @@ def _cmd_app(args: argparse.Namespace) -> int:
     return int(launch(args.streamlit_args) or 0)
 
 
-COMMANDS = {"train": _cmd_train, "predict": _cmd_predict, "data": _cmd_data, "evaluate": _cmd_evaluate, "app": _cmd_app}
+COMMANDS = {"train": _cmd_train, "predict": _cmd_predict, "screen": _cmd_screen, "data": _cmd_data, "evaluate": _cmd_evaluate, "app": _cmd_app}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _predict_parser(sub)
+    _screen_parser(sub)
     _data_parser(sub)
     _evaluate_parser(sub)
     _app_parser(sub)
@@ -181,9 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from matbalora.allocator import tune_cpu_allocator
+
+    tune_cpu_allocator()  # a process-wide setting: the command line owns its process
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError, ImportError, OSError) as exc:
         print(f"error: {exc}".splitlines()[0], file=sys.stderr)
         return 2
     except KeyboardInterrupt:

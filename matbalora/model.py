@@ -23,6 +23,49 @@ from matbalora.config import AdapterConfig, HeadConfig, Method
 from matbalora.head import BandGapHead
 
 
+#: Default budget of feature rows (atoms + directed bonds + angles, times draws) per forward pass.
+#: ~0.6 GB of activations on CPU: see ``benchmarks/speed.py`` for the measured peak memory.
+DEFAULT_MAX_ROWS = 200_000
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One forward pass of a prediction: crystals ``start:stop`` with ``draws`` samples each."""
+
+    start: int
+    stop: int
+    draws: int
+
+
+def plan_passes(rows: Sequence[int], *, draws: int, max_rows: int, max_crystals: int) -> list[Pass]:
+    """Split crystals (in order) into forward passes whose tiled row count stays within a budget.
+
+    ``rows[i]``: feature rows of crystal i (``graph_rows``); a pass holds consecutive crystals while
+    ``sum(rows) * draws <= max_rows`` and at most ``max_crystals`` of them. A crystal that exceeds the
+    budget on its own gets passes of its own, each with as many draws as fit (at least one): memory is
+    bounded by the largest crystal's single draw, whatever the number of samples.
+    """
+    if draws < 1 or max_rows < 1 or max_crystals < 1:
+        raise ValueError(f"draws={draws}, max_rows={max_rows}, max_crystals={max_crystals}: each must be >= 1")
+    passes: list[Pass] = []
+    start, total = 0, 0
+    for i, n in enumerate(rows):
+        if n * draws > max_rows:  # too large for one pass with every draw: split its draws
+            if i > start:
+                passes.append(Pass(start, i, draws))
+            per_pass = max(1, max_rows // max(n, 1))
+            passes.extend(Pass(i, i + 1, min(per_pass, draws - done)) for done in range(0, draws, per_pass))
+            start, total = i + 1, 0
+            continue
+        if i > start and ((total + n) * draws > max_rows or i - start >= max_crystals):
+            passes.append(Pass(start, i, draws))
+            start, total = i, 0
+        total += n
+    if start < len(rows):
+        passes.append(Pass(start, len(rows), draws))
+    return passes
+
+
 @dataclass
 class GapSamples:
     """Raw Monte-Carlo output for a batch: ``gaps`` [S, n] eV; ``aleatoric_var`` [n] eV^2 or None."""
@@ -153,13 +196,22 @@ class BandGapModel(nn.Module):
 
     @torch.no_grad()
     def sample_gaps(
-        self, graphs: Sequence, *, samples: int = 16, seed: int | None = 0, batch_size: int = 64
+        self,
+        graphs: Sequence,
+        *,
+        samples: int = 16,
+        seed: int | None = 0,
+        batch_size: int = 64,
+        max_rows: int = DEFAULT_MAX_ROWS,
     ) -> GapSamples:
         """Monte-Carlo band gaps for ``graphs``.
 
         samples=0: one deterministic pass (BaLoRA posterior mean; dropout off) -> gaps [1, n].
         samples>0 on a BaLoRA model: ``samples`` adapter draws per crystal -> gaps [samples, n];
         on a model with dropout, MC dropout; on any other model the pass is deterministic -> [1, n].
+        Passes hold at most ``batch_size`` crystals and ``max_rows`` feature rows counted over all
+        draws (see :func:`plan_passes`), so memory is bounded by atoms and bonds, not crystals.
+        The draws depend on the seed and on how the crystals fall into passes.
         """
         if samples < 0:
             raise ValueError(f"samples={samples!r} must be >= 0")
@@ -169,21 +221,24 @@ class BandGapModel(nn.Module):
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         if stochastic and self.has_dropout and seed is not None:
             torch.manual_seed(seed)
-        gaps, log_vars = [], []
         mode = "sample" if stochastic and self.is_bayesian else "mean"
+        rows = [chgnet_backbone.graph_rows(g) for g in graphs]
+        passes = plan_passes(rows, draws=n_draws, max_rows=max_rows, max_crystals=batch_size)
+        outputs: dict[tuple[int, int], list[dict[str, Tensor]]] = {}  # crystals -> their passes, draws in order
         self.set_dropout(stochastic and self.has_dropout)
         try:
             with self.context.sampling(mode, generator=gen):
-                for start in range(0, len(graphs), batch_size):
-                    chunk = graphs[start : start + batch_size]
-                    out = self(chunk, samples=n_draws)
-                    gaps.append(out["gap"])
-                    if "log_var" in out:
-                        log_vars.append(out["log_var"])
+                for step in passes:
+                    out = self(graphs[step.start : step.stop], samples=step.draws)
+                    outputs.setdefault((step.start, step.stop), []).append(out)
         finally:
             self.set_dropout(False)
-        if not gaps:
+        if not outputs:
             return GapSamples(np.zeros((n_draws, 0)), None)
-        g = torch.cat(gaps, dim=1).double().numpy()
-        alea = torch.cat(log_vars, dim=1).double().exp().mean(0).numpy() if log_vars else None
-        return GapSamples(g, alea)
+
+        def stack(key: str) -> Tensor:  # [draws, n_crystals]
+            return torch.cat([torch.cat([o[key] for o in outs], dim=0) for outs in outputs.values()], dim=1)
+
+        has_var = "log_var" in next(iter(outputs.values()))[0]
+        alea = stack("log_var").double().exp().mean(0).numpy() if has_var else None
+        return GapSamples(stack("gap").double().numpy(), alea)

@@ -22,7 +22,7 @@ import pandas as pd
 
 from matbalora.calibration import gaussian_interval
 from matbalora.checkpoint import load_model_folder
-from matbalora.data.validation import check_structure
+from matbalora.data.validation import DEFAULT_MAX_ATOMS, check_structure
 from matbalora.model import BandGapModel
 
 COLUMNS = ["id", "formula", "n_atoms", "band_gap", "std", "lower", "upper", "std_epistemic", "std_aleatoric", "error"]
@@ -59,7 +59,7 @@ def as_structure(obj: Any):
     raise TypeError(f"expected a pymatgen Structure or ASE Atoms, got {type(obj).__name__}")
 
 
-def prepare(model: BandGapModel, structures: Iterable, ids: Sequence[str] | None = None, *, max_atoms: int = 500) -> Prepared:
+def prepare(model: BandGapModel, structures: Iterable, ids: Sequence[str] | None = None, *, max_atoms: int = DEFAULT_MAX_ATOMS) -> Prepared:
     """Validate inputs and convert the valid ones to graphs with the model's own converter."""
     items = [structures] if not isinstance(structures, (list, tuple)) and hasattr(structures, "lattice") else list(structures)
     if ids is not None and len(ids) != len(items):
@@ -137,10 +137,11 @@ class Predictor:
     def card(self) -> dict:
         return self.config
 
-    def predict(self, structures, *, samples: int = 16, level: float = 0.9, ids: Sequence[str] | None = None, seed: int | None = 0) -> pd.DataFrame:
-        """Structures/Atoms in, one row per input in input order. ``samples=0``: posterior mean only."""
+    def predict(self, structures, *, samples: int = 16, level: float = 0.9, ids: Sequence[str] | None = None, seed: int | None = 0, max_atoms: int = DEFAULT_MAX_ATOMS) -> pd.DataFrame:
+        """Structures/Atoms in, one row per input in input order. ``samples=0``: posterior mean only.
+        Structures above ``max_atoms`` are rejected (their row says so)."""
         _check_level(level)
-        prep = prepare(self.model, structures, ids)
+        prep = prepare(self.model, structures, ids, max_atoms=max_atoms)
         return self.predict_prepared(prep, samples=samples, level=level, seed=seed)
 
     def sample(self, prep: Prepared, *, samples: int, seed: int | None = 0):

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from tqdm.auto import tqdm
 
-from matbalora.api import load_ensemble, load_model
+from matbalora.api import SHIPPED_ENSEMBLE, SHIPPED_MODEL, load_ensemble, load_model
 from matbalora.atomic import write_text
 from matbalora.data.dataset import Rejection
 from matbalora.data.readers import read_structures
+from matbalora.data.validation import DEFAULT_MAX_ATOMS
 from matbalora.predict import COLUMNS, EnsemblePredictor, Predictor, prepare
 
 ENSEMBLE_COLUMNS = {"band_gap": "ens_band_gap", "std": "ens_std", "lower": "ens_lower", "upper": "ens_upper"}
@@ -37,7 +38,7 @@ def _ensemble(ensemble: EnsemblePredictor | str | os.PathLike | bool | None) -> 
     return load_ensemble(None if ensemble is True else ensemble)
 
 
-def _items(inputs: Any) -> list[tuple[str, Any]]:
+def _items(inputs: Any, max_atoms: int = DEFAULT_MAX_ATOMS) -> list[tuple[str, Any]]:
     """(id, Structure | Atoms | Rejection) for paths, structures, or a mix, in order."""
     if isinstance(inputs, (str, os.PathLike)) or hasattr(inputs, "lattice") or hasattr(inputs, "cell"):
         inputs = [inputs]
@@ -45,7 +46,7 @@ def _items(inputs: Any) -> list[tuple[str, Any]]:
     for pos, obj in enumerate(inputs):
         if isinstance(obj, (str, os.PathLike)):
             try:
-                items.extend(read_structures(obj))
+                items.extend(read_structures(obj, max_atoms=max_atoms))
             except (ValueError, FileNotFoundError) as exc:
                 items.append((os.fspath(obj), Rejection(os.fspath(obj), "unreadable", str(exc))))
         else:
@@ -54,10 +55,13 @@ def _items(inputs: Any) -> list[tuple[str, Any]]:
     return items
 
 
-def predict_items(items: Sequence[tuple[str, Any]], model: Predictor, ensemble: EnsemblePredictor | None, *, samples: int, level: float, seed: int | None = 0) -> pd.DataFrame:
+def predict_items(
+    items: Sequence[tuple[str, Any]], model: Predictor, ensemble: EnsemblePredictor | None, *, samples: int, level: float,
+    seed: int | None = 0, max_atoms: int = DEFAULT_MAX_ATOMS,
+) -> pd.DataFrame:
     """One row per item; rejected items keep their row with NaNs and the reason in ``error``."""
     good = [(i, sid, obj) for i, (sid, obj) in enumerate(items) if not isinstance(obj, Rejection)]
-    prep = prepare(model.model, [obj for _, _, obj in good], [sid for _, sid, _ in good])
+    prep = prepare(model.model, [obj for _, _, obj in good], [sid for _, sid, _ in good], max_atoms=max_atoms)
     frame = model.predict_prepared(prep, samples=samples, level=level, seed=seed)
     if ensemble is not None:
         ens = ensemble.predict_prepared(prep, level=level)
@@ -132,6 +136,9 @@ def screen(
     out: str | os.PathLike | None = None,
     progress: bool = True,
     seed: int | None = 0,
+    cluster: Any = None,
+    retries: int = 2,
+    max_atoms: int = DEFAULT_MAX_ATOMS,
 ) -> pd.DataFrame:
     """Predict many inputs in chunks. ``ensemble``: None/False none, True the shipped one, or a folder.
 
@@ -139,10 +146,15 @@ def screen(
     after the last complete chunk (inputs, ``batch_size`` and ``seed`` must be the same); chunk k's
     Monte-Carlo draws use seed ``seed + k``, so a resumed screen writes exactly the rows of an
     uninterrupted one.
+
+    ``cluster``: a Dask ``distributed.Client``, a scheduler address (``'tcp://host:8786'``) or a
+    cluster object: chunks run as tasks on its workers (``model``/``ensemble`` must then be folder
+    paths or the shipped defaults, loaded once per worker), a failed chunk is rerun up to ``retries``
+    times, and the rows are the same, in the same order, as without a cluster (see ``matbalora.cluster``).
+    ``max_atoms``: larger structures are rejected (memory stays bounded by the row budget of
+    ``BandGapModel.sample_gaps`` either way; the limit only bounds the time of one structure).
     """
-    items = _items(inputs)
-    base_seed = seed
-    predictor, ens = _predictor(model), _ensemble(ensemble)
+    items = _items(inputs, max_atoms)
     chunk = batch_size or 256
     if chunk < 1:
         raise ValueError(f"batch_size={batch_size!r} must be >= 1")
@@ -151,16 +163,16 @@ def screen(
         raise ValueError(f"out={os.fspath(out)!r}: screening appends rows, use a .csv file")
     done = _completed_rows(out_path, chunk, [sid for sid, _ in items]) if out_path is not None else None
     n_done = 0 if done is None else len(done)
+    # chunk k draws with seed + k: a resumed or distributed screen reproduces the same rows
+    jobs = [(items[start : start + chunk], None if seed is None else seed + start // chunk) for start in range(n_done, len(items), chunk)]
     frames = [done] if n_done else []
     bar = tqdm(total=len(items), initial=n_done, desc="screening", unit="crystal", disable=not progress)
-    for start in range(n_done, len(items), chunk):
-        seed = None if base_seed is None else base_seed + start // chunk  # per chunk: resume reproduces draws
-        part = predict_items(items[start : start + chunk], predictor, ens, samples=samples, level=level, seed=seed)
+    options = {"samples": samples, "level": level, "max_atoms": max_atoms}
+    for part in _chunk_rows(jobs, model, ensemble, options, cluster=cluster, retries=retries):
         if out_path is not None:
-            header = start == 0
-            text = part.to_csv(index=False, header=header)
-            with open(out_path, "a" if not header else "w", encoding="utf-8") as fh:
-                fh.write(text)
+            header = not frames
+            with open(out_path, "w" if header else "a", encoding="utf-8") as fh:
+                fh.write(part.to_csv(index=False, header=header))
                 fh.flush()
                 os.fsync(fh.fileno())
         frames.append(part)
@@ -169,3 +181,23 @@ def screen(
     if not frames:
         return pd.DataFrame(columns=COLUMNS)
     return pd.concat(frames, ignore_index=True)
+
+
+def _chunk_rows(jobs: list, model, ensemble, options: dict, *, cluster: Any, retries: int) -> Iterator[pd.DataFrame]:
+    """The rows of each (items, seed) job, in job order: here, or as tasks on a Dask cluster."""
+    if cluster is None:
+        predictor, ens = _predictor(model), _ensemble(ensemble)
+        for part_items, part_seed in jobs:
+            yield predict_items(part_items, predictor, ens, seed=part_seed, **options)
+        return
+    from matbalora import cluster as dask_cluster
+
+    model_dir = dask_cluster.folder_path(model, default=SHIPPED_MODEL, name="model")
+    ens_dir = None if ensemble is None or ensemble is False else dask_cluster.folder_path(ensemble, default=SHIPPED_ENSEMBLE, name="ensemble")
+    client, opened = dask_cluster.connect(cluster)
+    try:
+        calls = (((model_dir, ens_dir, part_items), {"seed": part_seed, **options}) for part_items, part_seed in jobs)
+        yield from dask_cluster.ordered_results(client, dask_cluster.predict_chunk, calls, retries=retries)
+    finally:
+        if opened:
+            client.close()
