@@ -345,9 +345,16 @@ def write_case(case: Case, folder: Path, index: int) -> Path:
     return path
 
 
+def time_bound(path: Path, seconds: float, per_mib: float = 2.0) -> float:
+    """A case's time bound: ``seconds`` plus ``per_mib`` per MiB of input (reading is linear in
+    the file: a 10 MB JSON of 80,000 sites takes seconds to decode on a busy machine)."""
+    return seconds + per_mib * path.stat().st_size / 2**20
+
+
 def run_case(path: Path, *, predictor=None, seconds: float = 10.0) -> tuple[list[str], float]:
     """Outcome of every entry of one file: ``accepted`` (read, validated and, with a predictor,
-    predicted to a finite band gap), a rejection reason, or ``failure:<what>``; and the seconds."""
+    predicted to a finite band gap), a rejection reason, or ``failure:<what>`` (``failure:timeout``
+    past ``time_bound(path, seconds)``); and the seconds taken."""
     from matbalora.data.dataset import Rejection
     from matbalora.data.readers import read_structures
     from matbalora.data.validation import REASONS
@@ -355,7 +362,7 @@ def run_case(path: Path, *, predictor=None, seconds: float = 10.0) -> tuple[list
     start = time.perf_counter()
     outcomes: list[str] = []
     try:
-        with time_limit(seconds), warnings.catch_warnings():
+        with time_limit(time_bound(path, seconds)), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             items = read_structures(path)
             for _, obj in items:

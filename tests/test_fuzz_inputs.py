@@ -26,7 +26,7 @@ from matbalora.data import validation as V
 from matbalora.data.readers import read_structures
 from matbalora.predict import prepare
 
-CASE_SECONDS = 10.0  # per case; typical cases take 10-50 ms
+CASE_SECONDS = 10.0  # per case, plus 2 s per MiB of input; typical cases take 10-50 ms
 FUZZ = settings(
     max_examples=150,
     derandomize=True,
@@ -59,10 +59,10 @@ def predictor(workdir):
     return F.tiny_predictor(workdir)
 
 
-def assert_named(outcomes: list[str], seconds: float, what: str) -> None:
+def assert_named(outcomes: list[str], what: str) -> None:
+    """No failure (an exception, or ``failure:timeout`` past the case's time bound)."""
     failures = [o for o in outcomes if o.startswith("failure")]
     assert not failures, f"{what}: {failures}"
-    assert seconds < CASE_SECONDS, f"{what}: {seconds:.1f} s"
     assert all(o == "accepted" or o in V.REASONS for o in outcomes), outcomes
 
 
@@ -74,8 +74,8 @@ def test_mutated_files_end_in_prediction_or_named_rejection(fmt, seeds, workdir,
         case = F.make_case(rng, seeds, fmt)
         path = F.write_case(case, workdir, 0)
         with F.memory_limit(3 << 30):
-            outcomes, seconds = F.run_case(path, predictor=predictor, seconds=CASE_SECONDS)
-        assert_named(outcomes, seconds, f"{case.seed_name} {case.ops} gz={case.gz}")
+            outcomes, _ = F.run_case(path, predictor=predictor, seconds=CASE_SECONDS)
+        assert_named(outcomes, f"{case.seed_name} {case.ops} gz={case.gz}")
 
     check()
 

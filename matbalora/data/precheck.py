@@ -47,6 +47,31 @@ def _column(block, key: str) -> list:
     return value if isinstance(value, list) else [value]
 
 
+_SYMMETRY: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
+
+
+def _symmetry(parser: CifParser, block) -> tuple[np.ndarray, np.ndarray] | None:
+    """The block's symmetry operations as (rotations [k, 3, 3], translations [k, 3]), or None when
+    pymatgen cannot read them; cached by the block's symmetry entries, since pymatgen generates a
+    named space group from scratch on every call (about 0.8 s for F m -3 m)."""
+    key = repr(sorted((k, v) for k, v in block.data.items() if "symmetry" in k or "space_group" in k))
+    if key not in _SYMMETRY:
+        try:
+            ops = parser.get_symops(block)
+        except Exception:
+            ops = []
+        found = None
+        if ops:
+            found = (
+                np.array([op.rotation_matrix for op in ops], dtype=np.float64),
+                np.array([op.translation_vector for op in ops], dtype=np.float64),
+            )
+        if len(_SYMMETRY) >= 256:
+            _SYMMETRY.clear()
+        _SYMMETRY[key] = found
+    return _SYMMETRY[key]
+
+
 def _block_atoms(parser: CifParser, block, name: str, limit: int) -> int | tuple[str, str]:
     """Estimated atoms of one CIF block (stops counting above ``limit``), or ``(reason, detail)``."""
     from pymatgen.io.cif import str2float
@@ -54,19 +79,15 @@ def _block_atoms(parser: CifParser, block, name: str, limit: int) -> int | tuple
     labels = _column(block, "_atom_site_label")
     if len(labels) > limit:
         return TOO_MANY_ATOMS, f"CIF block {name!r} lists {len(labels)} atoms > {limit} (not built)"
-    try:
-        ops = parser.get_symops(block)
-    except Exception:  # pymatgen will fail on this block too, quickly
+    symmetry = _symmetry(parser, block)
+    if symmetry is None:  # pymatgen will fail on this block too, quickly
         return len(labels)
-    if len(ops) > MAX_SYMOPS:
+    rotations, translations = symmetry
+    if len(rotations) > MAX_SYMOPS:
         return (
             UNPARSABLE,
-            f"CIF block {name!r} lists {len(ops)} symmetry operations; a space group has at most {MAX_SYMOPS}",
+            f"CIF block {name!r} lists {len(rotations)} symmetry operations; a space group has at most {MAX_SYMOPS}",
         )
-    if not ops:
-        return len(labels)
-    rotations = np.array([op.rotation_matrix for op in ops], dtype=np.float64)
-    translations = np.array([op.translation_vector for op in ops], dtype=np.float64)
     columns = [_column(block, f"_atom_site_fract_{axis}") for axis in "xyz"]
     total = 0
     for row in range(len(labels)):
