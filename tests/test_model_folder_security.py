@@ -9,8 +9,10 @@ create a marker file when unpickled; the marker must never appear.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
+import stat
 
 import pytest
 import torch
@@ -68,6 +70,17 @@ def _refused(folder, *needles: str) -> str:
 def test_intact_folder_loads(folder):
     _, config = load_model_folder(folder)
     assert config["weights"][WEIGHTS] == sha256_file(folder / WEIGHTS)
+
+
+def test_saved_files_are_readable_by_colleagues(tiny_checkpoint, tmp_path):
+    """Atomic writes go through a temporary file (mode 0o600); the result must not stay private."""
+    old = os.umask(0o022)
+    try:
+        save_model(tiny_model("lora", tiny_checkpoint), tmp_path / "m")
+    finally:
+        os.umask(old)
+    for name in (WEIGHTS, CONFIG):
+        assert stat.S_IMODE((tmp_path / "m" / name).stat().st_mode) == 0o644, name
 
 
 def test_truncated_weights(folder):
