@@ -82,7 +82,7 @@ def render(res: dict) -> str:
         table(m, MAIN_COLUMNS),
         "", "**Non-metals only** (DFT gap > 0)", "", table(m, NONMETAL_COLUMNS),
         "", "**Cost**", "", table(m, COST_COLUMNS),
-        "", "**BaLoRA vs test-time samples S** (same 64 draws, first S used)", "", sweep(res, "spearman_vs_samples", "S"),
+        "", "**BaLoRA vs test-time samples S** (the first S of the same 16 draws)", "", sweep(res, "spearman_vs_samples", "S"),
         "", "**LoRA ensemble vs members K**", "", sweep(res, "spearman_vs_members", "K"),
         "", "**Where the BaLoRA noise went** (learned log a over all adapted layers)", "",
         "```", json.dumps(m.get("balora", {}).get("noise", {}), indent=None), "```",
