@@ -158,3 +158,25 @@ def test_pickle_named_as_backbone_checkpoint_is_never_unpickled(folder, tmp_path
     _edit_config(folder, backbone__checkpoint=str(evil), backbone__checkpoint_sha256=sha256_file(evil))
     _refused(folder, str(evil), "backbone checkpoint refused", "never unpickle")
     assert not marker.exists()
+
+
+def test_training_backbone_checkpoint_is_never_unpickled(tmp_path):
+    """``load_chgnet(path)`` (used by ``matbalora train --checkpoint``) refuses a pickled object."""
+    import pickle
+
+    from matbalora.backbones.chgnet import load_chgnet
+
+    marker = tmp_path / "ran"
+    bad = tmp_path / "evil.pt"
+    bad.write_bytes(pickle.dumps(_Payload(str(marker))))
+    with pytest.raises(ValueError, match="evil.pt"):
+        load_chgnet(bad)
+    assert not marker.exists()
+
+
+class _Payload:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

@@ -43,8 +43,8 @@ def chgnet_version() -> str:
 def load_chgnet(checkpoint: str | os.PathLike | None = None) -> nn.Module:
     """The pretrained CHGNet 0.3.0 shipped in the ``chgnet`` wheel, or a CHGNet checkpoint file.
 
-    CHGNet's own checkpoint files are torch pickles; only load files you trust (the default one is
-    part of the installed ``chgnet`` package).
+    A checkpoint file is read with ``torch.load(weights_only=True)`` (tensors and plain containers
+    only): a file that would need unpickling arbitrary objects is refused, never executed.
     """
     import contextlib
     import io
@@ -58,7 +58,15 @@ def load_chgnet(checkpoint: str | os.PathLike | None = None) -> nn.Module:
             path = os.fspath(checkpoint)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"CHGNet checkpoint {path!r} does not exist")
-            model = CHGNet.from_file(path)
+            import torch
+
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # UnpicklingError for anything beyond tensors and plain containers
+                raise ValueError(f"{path}: CHGNet checkpoint refused, it is not plain tensors and containers ({type(exc).__name__})") from None
+            if not isinstance(state, dict) or "model" not in state:
+                raise ValueError(f"{path}: not a CHGNet checkpoint (no 'model' entry)")
+            model = CHGNet.from_dict(state["model"])
     return model.eval()
 
 
