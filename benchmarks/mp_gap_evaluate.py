@@ -8,18 +8,20 @@ import time
 import numpy as np
 import pandas as pd
 
-from mp_gap import ENSEMBLE_SEEDS, EPOCHS, EPOCHS_OVERRIDE, LARGE_BASELINE_TRAIN, METHODS, RESULTS, RUNS, SIZES, command
+from mp_gap import ENSEMBLE_SEEDS, LARGE_BASELINE_TRAIN, METHODS, RESULTS, RESULTS_FILE, RUNS, SIZES, command, epochs_of
 from mp_gap_data import composition_rows, load_benchmark_data
 
 from matbalora.atomic import write_json
 from matbalora.calibration import ConformalIntervals, StdScaler
 from matbalora.evaluation import plot_all, score_frame
+from matbalora.finetune import with_frozen_prefix
 from matbalora.model import BandGapModel
 from matbalora.plots import save_figure
 from matbalora.predict import Predictor
 
-#: 64 draws on 1,000 crystals took over 40 CPU-minutes here (the run was stopped); the sweep stops at 16
-S_SWEEP = [1, 2, 4, 8, 16]
+S_SWEEP = [1, 2, 4, 8, 16, 32, 64]  # test-time samples of the default BaLoRA model
+S_SWEEP_ALL_BLOCKS = [1, 2, 4, 8, 16]  # adapters in every block: 64 draws on 1,000 crystals took > 40 CPU-minutes
+TIMING_CRYSTALS = 100  # prediction time is measured from CrystalGraphs (the whole backbone) on this many
 STD_FLOOR = 1e-6  # eV: draws or members that agree exactly (a saturated output) still get a positive std
 MAIN_SAMPLES = 16
 
@@ -47,10 +49,23 @@ def _card_facts(folder) -> dict:
     return {"train_seconds": tr["train_seconds"], "trainable_params": tr["parameters"]["trainable"], "trainable_share": tr["parameters"]["trainable"] / tr["parameters"]["total"], "epochs": tr["epochs_run"], "best_val_mae": tr["best_val_mae"]}
 
 
-def _timed_draws(pred: Predictor, prep, samples: int):
+def _head(prep, n: int):
+    """The first ``n`` crystals of a Prepared part."""
+    return type(prep)(**{**prep.__dict__, **{k: getattr(prep, k)[:n] for k in ("ids", "formulas", "n_atoms", "errors", "graphs")}, "graph_rows": list(range(n))})
+
+
+def _predict_ms(pred, samples: int) -> float:
+    """Milliseconds per structure of a prediction from CrystalGraphs (every block of the backbone runs,
+    as it does for a user's structures), on the first ``TIMING_CRYSTALS`` test crystals."""
+    sub = _head(_SHARED["test"], TIMING_CRYSTALS)
     t0 = time.perf_counter()
-    draws = pred.sample(prep, samples=samples, seed=0)
-    return draws, (time.perf_counter() - t0) * 1000 / max(1, len(prep.graphs))
+    pred.sample(sub, samples=samples, seed=0)
+    return (time.perf_counter() - t0) * 1000 / max(1, len(sub.graphs))
+
+
+def _test_for(model):
+    """The test part with cached frozen-prefix features where the model allows it (same numbers, less work)."""
+    return _SHARED["prefixed"].get(test_block(model), _SHARED["data"]).part("test")
 
 
 def noise_summary(model) -> dict:
@@ -65,7 +80,7 @@ def noise_summary(model) -> dict:
             "log_a_max": float(log_a.max()), "fraction_at_ceiling": float(np.mean(log_a >= ceiling - 1e-6)), "kl_total": float(sum(m.kl().detach() for m in layers))}
 
 
-NOISE_OFFSETS = [0.0, 2.0, 4.0, 6.0]  # added to every learned log a at test time
+NOISE_OFFSETS = [-6.0, -4.0, -2.0, 0.0, 2.0]  # added to every learned log a at test time (clamped at log_a_max)
 NOISE_SWEEP_CRYSTALS = 150
 
 
@@ -79,7 +94,7 @@ def noise_sweep(pred: Predictor, test, y: np.ndarray, main_draws: np.ndarray) ->
     from matbalora.metrics import mae, spearman
 
     n = min(NOISE_SWEEP_CRYSTALS, len(y))
-    sub = type(test)(**{**test.__dict__, **{k: getattr(test, k)[:n] for k in ("ids", "formulas", "n_atoms", "errors", "graphs")}, "graph_rows": list(range(n))})
+    sub = _head(test, n)
     layers = [m for m in pred.model.modules() if isinstance(m, BaLoRALinear)]
     result = {"crystals": n, "samples": MAIN_SAMPLES, "offsets": {}}
     nonmetal = y[:n] > 0
@@ -105,17 +120,19 @@ def noise_sweep(pred: Predictor, test, y: np.ndarray, main_draws: np.ndarray) ->
     return result
 
 
-def evaluate_single(name: str, test, y: np.ndarray, out: dict) -> Predictor:
+def evaluate_single(name: str, y: np.ndarray, out: dict) -> Predictor:
     pred = Predictor.load(RUNS / name)
+    test = _test_for(pred.model)
     stochastic = pred.model.is_bayesian or pred.model.has_dropout
-    n_draws = (max(S_SWEEP) if name == "balora" else MAIN_SAMPLES) if stochastic else 0
-    draws, ms = _timed_draws(pred, test, n_draws)
-    g = draws.gaps
+    sweep = {"balora": S_SWEEP, "balora_all_blocks": S_SWEEP_ALL_BLOCKS}.get(name)
+    n_draws = (max(sweep) if sweep else MAIN_SAMPLES) if stochastic else 0
+    g = pred.sample(test, samples=n_draws, seed=0).gaps
+    ms = _predict_ms(pred, MAIN_SAMPLES if stochastic else 0)
     main = g[:MAIN_SAMPLES] if stochastic else g
     std = main.std(0, ddof=1) * pred.std_scale if stochastic else np.full(g.shape[1], np.nan)
     calibration = pred.config.get("calibration") or {}
     if stochastic and "conformal" not in calibration:  # trained before stochastic non-Bayesian models were recalibrated
-        data = _SHARED["data"]
+        data = _SHARED["prefixed"].get(test_block(pred.model), _SHARED["data"])
         val = pred.sample(data.part("val"), samples=MAIN_SAMPLES, seed=0).gaps
         y_val = data.targets[data.split.val]
         val_std = np.maximum(val.std(0, ddof=1), STD_FLOOR)
@@ -125,56 +142,60 @@ def evaluate_single(name: str, test, y: np.ndarray, out: dict) -> Predictor:
         std = main.std(0, ddof=1) * pred.std_scale
     scored = score_frame(_frame(main.mean(0), std), y, std_scale=pred.std_scale, conformal=calibration.get("conformal"))
     row = _summary(scored) | _card_facts(RUNS / name)
-    row["predict_ms_per_structure"] = ms * (MAIN_SAMPLES / n_draws if n_draws > MAIN_SAMPLES else 1.0)
+    row["predict_ms_per_structure"] = ms
     row["samples"] = MAIN_SAMPLES if stochastic else 0
     row["std_scale"] = pred.std_scale if stochastic else None
     if pred.model.is_bayesian:
         row["noise"] = noise_summary(pred.model)
     out["methods"][name] = row
     out["details"][name] = scored
-    if name == "balora":
+    if sweep:
         sweep_sp, sweep_nll, sweep_mae = {}, {}, {}
         from matbalora.metrics import mae, nll, spearman
 
-        for s in S_SWEEP:
+        for s in sweep:
             m = g[:s].mean(0)
             sd = g[:s].std(0, ddof=1) * pred.std_scale if s > 1 else np.zeros_like(m)
             sweep_mae[str(s)] = mae(m, sd, y)
             sweep_sp[str(s)] = spearman(m, sd, y) if s > 1 else float("nan")
             sweep_nll[str(s)] = nll(m, sd, y) if s > 1 else float("nan")
-        out["spearman_vs_samples"], out["nll_vs_samples"], out["mae_vs_samples"] = sweep_sp, sweep_nll, sweep_mae
-        out["plots"] += [p.name for p in plot_all(_frame(main.mean(0), std), y, RESULTS / "plots", "balora")]
+        suffix = name.removeprefix("balora")
+        out["spearman_vs_samples" + suffix], out["nll_vs_samples" + suffix], out["mae_vs_samples" + suffix] = sweep_sp, sweep_nll, sweep_mae
+        out["plots"] += [p.name for p in plot_all(_frame(main.mean(0), std), y, RESULTS / "plots", name)]
     return pred
 
 
-def evaluate_ensemble(data, test, y: np.ndarray, out: dict) -> None:
+def evaluate_ensemble(prefix: str, y: np.ndarray, out: dict) -> None:
+    """The K = 5 ensemble of the runs ``{prefix}_seed{s}``, scored as ``lora_ensemble{suffix}``."""
     from matbalora.metrics import mae, nll, spearman
 
-    members = [Predictor.load(RUNS / f"lora_seed{s}") for s in ENSEMBLE_SEEDS]
-    val = data.part("val")
+    suffix = prefix.removeprefix("lora")
+    members = [Predictor.load(RUNS / f"{prefix}_seed{s}") for s in ENSEMBLE_SEEDS]
+    data = _SHARED["prefixed"].get(test_block(members[0].model), _SHARED["data"])
+    val, test = data.part("val"), data.part("test")
     y_val = data.targets[data.split.val]
     val_g = np.stack([m.sample(val, samples=0).gaps[0] for m in members])
-    t0 = time.perf_counter()
     test_g = np.stack([m.sample(test, samples=0).gaps[0] for m in members])
-    ms = (time.perf_counter() - t0) * 1000 / len(test.graphs)
+    ms = sum(_predict_ms(m, 0) for m in members)
     val_std = np.maximum(val_g.std(0, ddof=1), STD_FLOOR)
     scale = StdScaler().fit(val_g.mean(0), val_std, y_val).factor
     conformal = ConformalIntervals().fit(val_g.mean(0), val_std, y_val, 0.9).to_dict()
-    out["ensemble_calibration"] = {"std_scale": scale, "conformal": conformal, "fitted_on": "val", "samples": 0}
+    out["ensemble_calibration" + suffix] = {"std_scale": scale, "conformal": conformal, "fitted_on": "val", "samples": 0}
     mean, std = test_g.mean(0), test_g.std(0, ddof=1) * scale
     scored = score_frame(_frame(mean, std), y, std_scale=scale, conformal=conformal)
-    facts = [_card_facts(RUNS / f"lora_seed{s}") for s in ENSEMBLE_SEEDS]
+    facts = [_card_facts(RUNS / f"{prefix}_seed{s}") for s in ENSEMBLE_SEEDS]
     row = _summary(scored) | {"train_seconds": sum(f["train_seconds"] for f in facts), "trainable_params": sum(f["trainable_params"] for f in facts), "predict_ms_per_structure": ms, "members": len(members), "std_scale": scale}
-    out["methods"]["lora_ensemble"] = row
-    out["details"]["lora_ensemble"] = scored
-    out["spearman_vs_members"], out["nll_vs_members"], out["mae_vs_members"] = {}, {}, {}
+    out["methods"]["lora_ensemble" + suffix] = row
+    out["details"]["lora_ensemble" + suffix] = scored
+    sweeps = {key: {} for key in ("spearman_vs_members", "nll_vs_members", "mae_vs_members")}
     for k in range(1, len(members) + 1):
         m = test_g[:k].mean(0)
         sd = test_g[:k].std(0, ddof=1) * scale if k > 1 else np.zeros_like(m)
-        out["mae_vs_members"][str(k)] = mae(m, sd, y)
-        out["spearman_vs_members"][str(k)] = spearman(m, sd, y) if k > 1 else float("nan")
-        out["nll_vs_members"][str(k)] = nll(m, sd, y) if k > 1 else float("nan")
-    out["plots"] += [p.name for p in plot_all(_frame(mean, std), y, RESULTS / "plots", "lora_ensemble")]
+        sweeps["mae_vs_members"][str(k)] = mae(m, sd, y)
+        sweeps["spearman_vs_members"][str(k)] = spearman(m, sd, y) if k > 1 else float("nan")
+        sweeps["nll_vs_members"][str(k)] = nll(m, sd, y) if k > 1 else float("nan")
+    out.update({key + suffix: value for key, value in sweeps.items()})
+    out["plots"] += [p.name for p in plot_all(_frame(mean, std), y, RESULTS / "plots", "lora_ensemble" + suffix)]
 
 
 def evaluate_composition_baseline(data, y: np.ndarray, out: dict) -> None:
@@ -243,9 +264,18 @@ def sweep_plot(out: dict) -> None:
     out["plots"].append("spearman_vs_compute.png")
 
 
-#: the member scored alone as "lora": one trained for as many epochs as balora
-LORA_REFERENCE = next(f"lora_seed{s}" for s in ENSEMBLE_SEEDS if EPOCHS_OVERRIDE.get(f"lora_seed{s}", EPOCHS) == EPOCHS)
+#: the member scored alone as "lora" (and "lora_all_blocks"): the first trained for as many epochs as its balora
+LORA_REFERENCE = {
+    prefix: next(f"{prefix}_seed{s}" for s in ENSEMBLE_SEEDS if epochs_of(f"{prefix}_seed{s}") == epochs_of(balora))
+    for prefix, balora in (("lora", "balora"), ("lora_all_blocks", "balora_all_blocks"))
+}
 _SHARED: dict = {}  # data of the evaluation, inherited by the forked workers
+
+
+def test_block(model) -> int:
+    from matbalora.backbones.chgnet_prefix import prefix_block
+
+    return prefix_block(model.backbone, model.method)
 
 
 def _task(job: tuple[str, str]) -> dict:
@@ -254,17 +284,17 @@ def _task(job: tuple[str, str]) -> dict:
 
     torch.set_num_threads(1)
     part: dict = {"methods": {}, "details": {}, "plots": []}
-    data, test, y = _SHARED["data"], _SHARED["test"], _SHARED["y"]
+    y = _SHARED["y"]
     t0 = time.perf_counter()
     if job[0] == "noise":
         pred = Predictor.load(RUNS / "balora")
         n = min(NOISE_SWEEP_CRYSTALS, len(y))
-        sub = type(test)(**{**test.__dict__, **{k: getattr(test, k)[:n] for k in ("ids", "formulas", "n_atoms", "errors", "graphs")}, "graph_rows": list(range(n))})
+        sub = _head(_test_for(pred.model), n)
         part["noise_sweep"] = noise_sweep(pred, sub, y[:n], pred.sample(sub, samples=MAIN_SAMPLES, seed=0).gaps)
     elif job[0] == "single":
-        evaluate_single(job[1], test, y, part)
+        evaluate_single(job[1], y, part)
     else:
-        evaluate_ensemble(data, test, y, part)
+        evaluate_ensemble(job[1], y, part)
     print(f"{job[1] or job[0]}: evaluated in {time.perf_counter() - t0:.0f}s", flush=True)
     return part
 
@@ -288,10 +318,14 @@ def stage_evaluate(workers: int = 2) -> None:
         "evaluation_workers": workers,
         "methods": {}, "details": {}, "plots": [],
     }
-    names = [n for n in METHODS if not (n.startswith("lora_seed") and n != LORA_REFERENCE) and (RUNS / n / "config.json").is_file()]
-    jobs = [("single", "balora")] * ("balora" in names) + [("ensemble", "")] + [("single", n) for n in names if n != "balora"]
-    jobs += [("noise", "")] * ("balora" in names)
-    _SHARED.update(data=data, test=test, y=y)
+    members = {f"{p}_seed{s}" for p in LORA_REFERENCE for s in ENSEMBLE_SEEDS} - set(LORA_REFERENCE.values())
+    names = [n for n in METHODS if n not in members and (RUNS / n / "config.json").is_file()]
+    ensembles = [p for p in LORA_REFERENCE if all((RUNS / f"{p}_seed{s}" / "config.json").is_file() for s in ENSEMBLE_SEEDS)]
+    jobs = [("single", n) for n in names if n.startswith("balora")] + [("ensemble", p) for p in ensembles]
+    jobs += [("single", n) for n in names if not n.startswith("balora")] + [("noise", "")] * ("balora" in names)
+    last = BandGapModel.from_pretrained("lora")  # the default placement: features cached to its first adapted block
+    prefixed = with_frozen_prefix(data, last, progress=False)
+    _SHARED.update(data=data, test=test, y=y, prefixed={test_block(last): prefixed})
     with mp.get_context("fork").Pool(workers, maxtasksperchild=1) as pool:
         pending = pool.map_async(_task, jobs)
         evaluate_composition_baseline(data, y, out)  # in this process while the workers run
@@ -303,9 +337,12 @@ def stage_evaluate(workers: int = 2) -> None:
                     out["plots"] += value
                 else:
                     out[key] = value
-    out["methods"] = {n: out["methods"][n] for n in [*names, "lora_ensemble", "composition_baseline", "composition_baseline_large"]}  # a stable order
-    out["methods"]["lora"] = out["methods"].pop(LORA_REFERENCE) | {"member": LORA_REFERENCE}
-    out["details"]["lora"] = out["details"].pop(LORA_REFERENCE)
+    order = [*names, *(f"lora_ensemble{p.removeprefix('lora')}" for p in ensembles), "composition_baseline", "composition_baseline_large"]
+    out["methods"] = {n: out["methods"][n] for n in order}  # a stable order
+    for prefix, member in LORA_REFERENCE.items():
+        if member in out["methods"]:
+            out["methods"][prefix] = out["methods"].pop(member) | {"member": member}
+            out["details"][prefix] = out["details"].pop(member)
     sweep_plot(out)
-    write_json(RESULTS / "mp_gap.json", out)
+    write_json(RESULTS / RESULTS_FILE, out)
     print(json.dumps({k: {m: v.get(m) for m in ("mae", "spearman", "nll", "coverage_90")} for k, v in out["methods"].items()}, indent=1))

@@ -1,20 +1,25 @@
 """Speed of prediction and screening: a profile of the predict path, then the issue-7 ratios.
 
-    OMP_NUM_THREADS=1 python benchmarks/speed.py --n 200 [--repeats 2] [--data PATH] [--out JSON]
+    OMP_NUM_THREADS=1 python benchmarks/speed.py --n 200 [--repeats 2] [--chunk 40] [--data PATH] [--out JSON]
 
 All ratios come from one run on the same real crystals (the first ``--n`` admitted frames of the
-shared mp_gap file) with the pretrained CHGNet 0.3.0 and BaLoRA adapters on every message-passing
-linear (default targets; random B and log a = -3, so the adapters are not a no-op). Each timing is
-the minimum over ``--repeats`` interleaved runs; the load average is recorded, since the timings of
-a shared machine are noisy while ratios from one run are comparable.
+shared mp_gap file) with the pretrained CHGNet 0.3.0 and BaLoRA adapters at the default placement
+(the message-passing linears of the last block; random B and log a = -3, so the adapters are not a
+no-op), compared where stated with adapters in every block (``last_blocks=0``). Timings that
+are compared run back to back on each chunk of ``--chunk`` crystals (minimum of ``--repeats``
+rounds per chunk, summed over chunks), so that the load changes of a shared machine hit every
+variant alike; the load average is recorded too. Absolute times of a loaded 2-core machine mean
+little; the ratios are the result.
 
 1. Profile (ms per structure): parsing, validation, graph conversion (and a graph-cache hit),
    collation into batches, forward passes, DataFrame assembly.
 2. (a) 16 Monte-Carlo samples vs one deterministic pass, forward only and end to end (structures
    in, table out; graph construction is shared by the draws), with the naive loop of 16 one-draw
-   passes, and with adapters only in the last message-passing block (draws tiled after the frozen
-   prefix). (b) deterministic throughput vs CHGNet's own batched energy prediction on the same
-   graphs. (c) BaLoRA training step vs LoRA, same rank and targets. (d) peak RSS predicting a
+   passes, and with adapters in every block (draws tiled from the first block). (b) deterministic
+   throughput vs CHGNet's own batched energy prediction on the same graphs. (c) BaLoRA training
+   step vs LoRA, same rank and targets, on cached frozen-prefix features (how training runs) and on
+   CrystalGraphs; and the step with cached features vs from graphs, and with adapters in every
+   block. (d) peak RSS predicting a
    1,000-atom supercell with 16 samples, with the row budget and with every draw in one pass, each
    in a fresh subprocess. (e) crystals per second through ``matbalora.screen`` with 16 samples.
 
@@ -44,7 +49,6 @@ from matbalora.atomic import write_json
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mp_gap" / "mp_gap.extxyz.gz"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "speed.json"
-LATE_TARGETS = (r"^atom_conv_layers\.3\.(twoBody_atom|mlp_out)\b.*",)  # the last block only
 BIG_ID, BIG_SUPERCELL = "mb-mp-gap-000010", (5, 5, 4)  # ZnSiO3, 10 atoms -> 1,000 (dense: ~200 rows/atom)
 TRAIN_BATCH = 32
 MEMORY_CAP = 10 * 2**30  # address-space limit of the memory probes (bytes)
@@ -72,12 +76,12 @@ def randomize_adapters(model, seed: int = 0, b_std: float = 0.3, log_a: float = 
                 m.log_a.fill_(log_a)
 
 
-def balora_model(targets: tuple[str, ...] | None = None, method: str = "balora"):
+def balora_model(last_blocks: int | None = None, method: str = "balora"):
     from matbalora.config import AdapterConfig
     from matbalora.model import BandGapModel
 
     torch.manual_seed(0)
-    kw = {} if targets is None else {"targets": targets}
+    kw = {} if last_blocks is None else {"last_blocks": last_blocks}
     model = BandGapModel.from_pretrained(method, adapter=AdapterConfig(bayesian=method == "balora", **kw))
     randomize_adapters(model)
     return model
@@ -120,20 +124,22 @@ def profile(args, model) -> tuple[dict, list, list]:
     out = {"n_structures": len(structures), "atoms_mean": float(np.mean([len(s) for s in structures])),
            "rows_mean": float(np.mean(rows)), "rows_max": int(max(rows))}
     stages = {"parse": t_parse, "validate": t_valid, "graph_convert": t_graph, "graph_cache_hit": t_hit}
+
+    def collate(part: slice, draws: int) -> None:  # the batches sample_gaps builds for these crystals
+        for p in plan_passes(rows[part], draws=draws, max_rows=DEFAULT_MAX_ROWS, max_crystals=64):
+            BatchedGraph.from_graphs(graphs[part][p.start : p.stop], bond_basis_expansion=model.backbone.bond_basis_expansion,
+                                     angle_basis_expansion=model.backbone.angle_basis_expansion)
+
+    t = paired(len(graphs), args.chunk, {
+        "collate_S0": lambda part: collate(part, 1),
+        "all_S0": lambda part: model.sample_gaps(graphs[part], samples=0),
+        "collate_S16": lambda part: collate(part, 16),
+        "all_S16": lambda part: model.sample_gaps(graphs[part], samples=16, seed=0),
+    }, args.repeats)
     for samples in (0, 16):
-        draws = max(samples, 1)
-        passes = plan_passes(rows, draws=draws, max_rows=DEFAULT_MAX_ROWS, max_crystals=64)
-
-        def collate():
-            for p in passes:
-                BatchedGraph.from_graphs(graphs[p.start : p.stop], bond_basis_expansion=model.backbone.bond_basis_expansion,
-                                         angle_basis_expansion=model.backbone.angle_basis_expansion)
-
-        t_coll = best_of(collate, args.repeats) / len(graphs)
-        t_all = best_of(lambda: model.sample_gaps(graphs, samples=samples, seed=0), args.repeats) / len(graphs)
-        stages[f"collate_S{samples}"] = t_coll
-        stages[f"forward_S{samples}"] = t_all - t_coll
-        out[f"passes_S{samples}"] = len(passes)
+        stages[f"collate_S{samples}"] = t[f"collate_S{samples}"] / len(graphs)
+        stages[f"forward_S{samples}"] = (t[f"all_S{samples}"] - t[f"collate_S{samples}"]) / len(graphs)
+        out[f"passes_S{samples}"] = len(plan_passes(rows, draws=max(samples, 1), max_rows=DEFAULT_MAX_ROWS, max_crystals=64))
     prep = prepare(model, structures)
     draws = Predictor(model).sample(prep, samples=16)
     mean, std = draws.gaps.mean(0), draws.gaps.std(0, ddof=1)
@@ -145,25 +151,35 @@ def profile(args, model) -> tuple[dict, list, list]:
 # ----------------------------------------------------------------------------- 2. ratios
 
 
-def mc_ratio(args, model, structures, graphs, late_model) -> dict:
+def paired(n: int, chunk: int, variants: dict[str, Callable[[slice], object]], repeats: int) -> dict[str, float]:
+    """Seconds of each variant over ``n`` crystals: on each chunk of crystals the variants run back to
+    back (``repeats`` rounds, minimum kept), so a load change on a shared machine hits all of them alike."""
+    total = dict.fromkeys(variants, 0.0)
+    for start in range(0, n, chunk):
+        part = slice(start, min(start + chunk, n))
+        best = dict.fromkeys(variants, float("inf"))
+        for _ in range(repeats):
+            for key, fn in variants.items():
+                best[key] = min(best[key], best_of(lambda: fn(part), 1))
+        for key in total:
+            total[key] += best[key]
+    return total
+
+
+def mc_ratio(args, model, structures, graphs, every_model) -> dict:
     """(a) 16 draws vs one deterministic pass, forward only and end to end."""
     from matbalora.predict import Predictor
 
-    n, reps = len(graphs), args.repeats
     predictor = Predictor(model)
-    t = {"S0": [], "S16": [], "S1": [], "e2e_S0": [], "e2e_S16": [], "late_S0": [], "late_S16": []}
-    for _ in range(reps):  # interleaved, so that load changes hit every variant alike
-        for key, fn in (
-            ("S0", lambda: model.sample_gaps(graphs, samples=0)),
-            ("S16", lambda: model.sample_gaps(graphs, samples=16, seed=1)),
-            ("S1", lambda: model.sample_gaps(graphs, samples=1, seed=1)),
-            ("e2e_S0", lambda: predictor.predict(structures, samples=0)),
-            ("e2e_S16", lambda: predictor.predict(structures, samples=16)),
-            ("late_S0", lambda: late_model.sample_gaps(graphs, samples=0)),
-            ("late_S16", lambda: late_model.sample_gaps(graphs, samples=16, seed=1)),
-        ):
-            t[key].append(best_of(fn, 1))
-    b = {k: min(v) for k, v in t.items()}
+    b = paired(len(graphs), args.chunk, {
+        "S0": lambda part: model.sample_gaps(graphs[part], samples=0),
+        "S16": lambda part: model.sample_gaps(graphs[part], samples=16, seed=1),
+        "S1": lambda part: model.sample_gaps(graphs[part], samples=1, seed=1),
+        "e2e_S0": lambda part: predictor.predict(structures[part], samples=0),
+        "e2e_S16": lambda part: predictor.predict(structures[part], samples=16),
+        "every_block_S0": lambda part: every_model.sample_gaps(graphs[part], samples=0),
+        "every_block_S16": lambda part: every_model.sample_gaps(graphs[part], samples=16, seed=1),
+    }, args.repeats)
     t_e2e_s1 = b["e2e_S0"] - b["S0"] + b["S1"]  # the same prepare work, one drawn pass
     return {
         "seconds": {k: round(v, 3) for k, v in b.items()},
@@ -171,9 +187,9 @@ def mc_ratio(args, model, structures, graphs, late_model) -> dict:
         "forward_naive16_over_S0 (16 x the one-draw pass)": 16 * b["S1"] / b["S0"],
         "end_to_end_S16_over_S0": b["e2e_S16"] / b["e2e_S0"],
         "end_to_end_naive16_over_S0 (derived: 16 x (prepare + one drawn pass))": 16 * t_e2e_s1 / b["e2e_S0"],
-        "late_placement_forward_S16_over_S0": b["late_S16"] / b["late_S0"],
-        "late_placement_targets": list(LATE_TARGETS),
-        "ms_per_structure": {k: round(1e3 * v / n, 3) for k, v in b.items()},
+        "every_block_forward_S16_over_S0": b["every_block_S16"] / b["every_block_S0"],
+        "every_block_S0_over_default_S0": b["every_block_S0"] / b["S0"],
+        "ms_per_structure": {k: round(1e3 * v / len(graphs), 3) for k, v in b.items()},
     }
 
 
@@ -182,50 +198,65 @@ def chgnet_ratio(args, model, graphs) -> dict:
     from matbalora.backbones.chgnet import load_chgnet
 
     chgnet = load_chgnet()
-    ours, theirs = [], {16: [], 64: []}
-    for _ in range(args.repeats):
-        ours.append(best_of(lambda: model.sample_gaps(graphs, samples=0), 1))
-        for bs in theirs:
-            theirs[bs].append(best_of(lambda: chgnet.predict_graph(graphs, task="e", batch_size=bs), 1))
-    best_bs = min(theirs, key=lambda k: min(theirs[k]))
+    sizes = sorted({16, args.chunk})
+    b = paired(len(graphs), args.chunk, {
+        "ours": lambda part: model.sample_gaps(graphs[part], samples=0),
+        **{f"chgnet_batch_size={bs}": lambda part, bs=bs: chgnet.predict_graph(graphs[part], task="e", batch_size=bs) for bs in sizes},
+    }, args.repeats)
     n = len(graphs)
+    best = min(v for k, v in b.items() if k != "ours")
     return {
-        "ours_crystals_per_s": n / min(ours),
-        "chgnet_crystals_per_s": {f"batch_size={k}": n / min(v) for k, v in theirs.items()},
-        "throughput_ratio_vs_best_chgnet": min(theirs[best_bs]) / min(ours),
+        "ours_crystals_per_s": n / b["ours"],
+        "chgnet_crystals_per_s": {k.removeprefix("chgnet_"): n / v for k, v in b.items() if k != "ours"},
+        "throughput_ratio_vs_best_chgnet": best / b["ours"],
     }
 
 
 def train_ratio(args, graphs) -> dict:
-    """(c) one optimiser step (forward with one draw, ELBO, backward, AdamW) on 32 crystals."""
+    """(c) one optimiser step (forward with one draw, ELBO, backward, AdamW) on 32 crystals: BaLoRA vs
+    LoRA on cached frozen-prefix features (how ``fit`` trains the default placement) and on graphs;
+    cached features vs graphs; adapters in every block vs the default."""
+    from matbalora.backbones.chgnet_prefix import compute_prefixes, prefix_block
+
     models = {m: balora_model(method=m) for m in ("lora", "balora")}
+    models["lora_every_block"] = balora_model(last_blocks=0, method="lora")
     batch = graphs[:TRAIN_BATCH]
+    block = prefix_block(models["lora"].backbone, "lora")
+    cached = compute_prefixes(models["lora"].backbone, batch, block, progress=False)
     y = torch.rand(len(batch))
     opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for k, m in models.items()}
     gen = torch.Generator().manual_seed(0)
+    variants = {"lora_cached": ("lora", cached), "balora_cached": ("balora", cached), "lora_graphs": ("lora", batch),
+                "balora_graphs": ("balora", batch), "lora_every_block_graphs": ("lora_every_block", batch)}
 
     def step(key):
-        model, opt = models[key], opts[key]
+        name, inputs = variants[key]
+        model, opt = models[name], opts[name]
         model.train()
         with model.context.sampling("sample" if model.is_bayesian else "mean", generator=gen):
-            out = {k: v[0] for k, v in model(batch, samples=1).items()}
+            out = {k: v[0] for k, v in model(inputs, samples=1).items()}
             loss = model.head.loss(out, y) + model.kl() / 10_000
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    times = {k: [] for k in models}
-    for key in models:
+    times = {k: [] for k in variants}
+    for key in variants:
         step(key)  # warm-up
-    for _ in range(max(3, 2 * args.repeats)):
-        for key in models:
+    for i in range(max(6, 4 * args.repeats)):  # alternate the order, so no variant always runs first
+        for key in (list(variants) if i % 2 == 0 else list(variants)[::-1]):
             times[key].append(best_of(lambda: step(key), 1))
-    med = {k: float(np.median(v)) for k, v in times.items()}
+
+    def ratio(num: str, den: str) -> float:
+        return float(np.median([b / a for a, b in zip(times[den], times[num])]))
+
     return {
-        "seconds_per_step_median": med,
-        "seconds_per_step_min": {k: min(v) for k, v in times.items()},
-        "balora_over_lora_median": med["balora"] / med["lora"],
-        "balora_over_lora_min": min(times["balora"]) / min(times["lora"]),
+        "seconds_per_step_median": {k: float(np.median(v)) for k, v in times.items()},
+        "balora_over_lora_cached_median_of_pairs": ratio("balora_cached", "lora_cached"),
+        "balora_over_lora_graphs_median_of_pairs": ratio("balora_graphs", "lora_graphs"),
+        "graphs_over_cached_lora_median_of_pairs": ratio("lora_graphs", "lora_cached"),
+        "every_block_over_default_lora_graphs_median_of_pairs": ratio("lora_every_block_graphs", "lora_graphs"),
+        "cached_block": block,
         "batch_crystals": len(batch),
         "trainable_parameters": {k: m.parameter_counts()["trainable"] for k, m in models.items()},
     }
@@ -321,9 +352,12 @@ def table(result: dict) -> str:
               f"    naive loop of 16 one-draw passes         {a['forward_naive16_over_S0 (16 x the one-draw pass)']:8.2f}x",
               f"    16 samples / deterministic, end to end  {a['end_to_end_S16_over_S0']:8.2f}x   <= 8x",
               f"    naive loop end to end (derived)          {a['end_to_end_naive16_over_S0 (derived: 16 x (prepare + one drawn pass))']:8.2f}x",
-              f"    adapters in last block only, forward     {a['late_placement_forward_S16_over_S0']:8.2f}x",
+              f"    adapters in every block, forward         {a['every_block_forward_S16_over_S0']:8.2f}x",
               f"(b) deterministic / CHGNet energy throughput {b['throughput_ratio_vs_best_chgnet']:7.2f}x   >= 1x",
-              f"(c) BaLoRA / LoRA training step (median)    {c['balora_over_lora_median']:8.2f}x   <= 1.15x",
+              f"(c) BaLoRA / LoRA training step (median)    {c['balora_over_lora_cached_median_of_pairs']:8.2f}x   <= 1.15x",
+              f"    the same from graphs                     {c['balora_over_lora_graphs_median_of_pairs']:8.2f}x",
+              f"    LoRA step from graphs / cached features  {c['graphs_over_cached_lora_median_of_pairs']:8.2f}x",
+              f"    LoRA step, every block / default         {c['every_block_over_default_lora_graphs_median_of_pairs']:8.2f}x",
               f"(d) peak RSS, 1,000 atoms, 16 samples        {budget.get('peak_rss_mb', float('nan')):7.0f} MB  < 8192 MB",
               f"    all 16 draws in one pass (no row budget) {one.get('peak_rss_mb', one.get('skipped') or one.get('failed'))} MB",
               f"(e) screening, 16 samples                    {e['crystals_per_s']['samples=16']:7.2f} crystals/s"
@@ -334,7 +368,8 @@ def table(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200, help="real crystals to time")
-    parser.add_argument("--repeats", type=int, default=2, help="timings per variant (the minimum is kept)")
+    parser.add_argument("--repeats", type=int, default=2, help="timings per variant and chunk (the minimum is kept)")
+    parser.add_argument("--chunk", type=int, default=40, help="crystals per chunk on which the variants alternate")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--no-tune-allocator", action="store_true", help="keep glibc's default mmap thresholds")
@@ -355,13 +390,12 @@ def main() -> None:
     result["memory_1000_atoms"] = memory_probe(args)  # first: fresh processes while this one is small
     model = balora_model()
     result["profile"], structures, graphs = profile(args, model)
-    late = balora_model(LATE_TARGETS)
-    result["mc_samples"] = mc_ratio(args, model, structures, graphs, late)
-    del late
+    every = balora_model(last_blocks=0)
+    result["mc_samples"] = mc_ratio(args, model, structures, graphs, every)
+    del every
     result["vs_chgnet"] = chgnet_ratio(args, model, graphs)
     result["training_step"] = train_ratio(args, graphs)
     result["screening"] = screen_rate(args, model, structures)
-    result["peak_rss_mb_this_process"] = round(_peak_rss_mb())
     result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     write_json(args.out, result)

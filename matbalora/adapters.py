@@ -202,7 +202,7 @@ class BaLoRALinear(LoRALinear):
             mean = x @ self.lora_A.T
             var = ((x * x) @ (self.lora_A * self.lora_A).T) * a
             eps = torch.randn(mean.shape, generator=gen, dtype=mean.dtype, device=mean.device)
-            return mean + var.clamp_min(0).sqrt() * eps
+            return mean + var.clamp_min(1e-20).sqrt() * eps  # not 0: sqrt'(0) = inf gave NaN gradients
         segments = self.context.segments.get(self.row_kind) if self.row_kind else None
         if segments is not None:  # one matmul per crystal with its sampled A (no separate mean pass)
             tiles, n_crystals = self.context.tiles, len(segments)
@@ -292,12 +292,27 @@ def select_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
         for p in available
         if any(r.fullmatch(p) for r in patterns) and not any(r.fullmatch(p) for r in excludes)
     ]
+    if chosen and config.last_blocks:
+        chosen = _in_last_blocks(chosen, config.last_blocks)
     if not chosen:
         raise ValueError(
             f"adapter targets {list(config.targets)} (excluding {list(config.exclude)}) match no linear layer; "
             f"available linear layers: {available}"
         )
     return chosen
+
+
+def block_index(path: str) -> int | None:
+    """The block a module path belongs to: its first integer component (``atom_conv_layers.3.mlp_out`` -> 3)."""
+    return next((int(part) for part in path.split(".") if part.isdigit()), None)
+
+
+def _in_last_blocks(paths: list[str], n: int) -> list[str]:
+    """Paths whose block index is among the last ``n`` indices that occur in ``paths`` (paths without
+    an index are not in a block and are kept)."""
+    blocks = sorted({b for p in paths if (b := block_index(p)) is not None})
+    keep = set(blocks[-n:]) | {None}
+    return [p for p in paths if block_index(p) in keep]
 
 
 def inject_adapters(

@@ -149,7 +149,8 @@ def load_model_folder(folder: str | os.PathLike) -> tuple[BandGapModel, dict]:
             f"but the available backbone is {found!r}; use the matching checkpoint"
         )
     try:
-        adapter = from_dict(AdapterConfig, config["adapter"]) if config.get("adapter") else None
+        # folders written before ``last_blocks`` existed adapted every matched block
+        adapter = from_dict(AdapterConfig, {"last_blocks": 0, **config["adapter"]}) if config.get("adapter") else None
         head = from_dict(HeadConfig, config["head"])
         model = BandGapModel(backbone, method=config["method"], adapter=adapter, head=head, backbone_checkpoint=bb.get("checkpoint"))
     except (KeyError, TypeError, ValueError) as exc:

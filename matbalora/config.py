@@ -44,6 +44,10 @@ class AdapterConfig:
         metadata={"help": "regexes on module paths (re.fullmatch) selecting nn.Linear layers"},
     )
     exclude: tuple[str, ...] = field(default=(), metadata={"help": "regexes of paths to skip"})
+    last_blocks: int = field(
+        default=1,
+        metadata={"help": "adapt only the matched layers of the last N blocks (block = first index in the path); 0 = all"},
+    )
     bayesian: bool = field(default=False, metadata={"help": "BaLoRA (True) or LoRA (False)"})
     noise: NoiseMode = field(
         default="per_crystal",
@@ -59,6 +63,8 @@ class AdapterConfig:
             raise ValueError(f"rank={self.rank!r} must be a positive integer")
         _positive("alpha", self.alpha)
         _choice("noise", self.noise, NoiseMode)
+        if not isinstance(self.last_blocks, int) or self.last_blocks < 0:
+            raise ValueError(f"last_blocks={self.last_blocks!r} must be an integer >= 0 (0 = every block)")
         if not self.targets:
             raise ValueError("targets=() selects nothing; give at least one regex")
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -106,6 +112,7 @@ class TrainConfig:
     batch_size: int = field(default=32, metadata={"help": "crystals per optimiser step"})
     lr: float = field(default=2e-3, metadata={"help": "peak AdamW learning rate"})
     backbone_lr: float = field(default=2e-4, metadata={"help": "learning rate of backbone weights (full)"})
+    noise_lr: float = field(default=5e-2, metadata={"help": "learning rate of BaLoRA's log noise ratios (log a)"})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay (not on log a)"})
     warmup_steps: int = field(default=20, metadata={"help": "linear warm-up steps before cosine decay"})
     beta: float = field(default=1.0, metadata={"help": "KL weight in the ELBO (0: noise without prior)"})
@@ -121,6 +128,7 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
         _positive("lr", self.lr)
         _positive("backbone_lr", self.backbone_lr)
+        _positive("noise_lr", self.noise_lr)
         _positive("weight_decay", self.weight_decay, allow_zero=True)
         _positive("beta", self.beta, allow_zero=True)
         _positive("grad_clip", self.grad_clip)

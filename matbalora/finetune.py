@@ -12,7 +12,7 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +67,8 @@ class PreparedData:
     graphs: list
     split: Split
     provenance: dict
+    #: (block, backbone checkpoint) -> graphs with frozen-prefix features in place of the split's graphs
+    prefix_cache: dict = field(default_factory=dict, repr=False)
 
     def part(self, name: str) -> Prepared:
         idx = getattr(self.split, name).tolist()
@@ -110,6 +112,26 @@ def prepare_data(spec: DataSpec, model: BandGapModel, *, split_file: Path | None
     )
 
 
+def with_frozen_prefix(data: PreparedData, model: BandGapModel, *, progress: bool = True) -> PreparedData:
+    """``data`` with each split crystal's graph replaced by its cached frozen-prefix features, when the
+    model's backbone is frozen before its first adapted block (see :mod:`~matbalora.backbones.chgnet_prefix`);
+    otherwise ``data`` itself. Computed once per block and shared by every model trained on ``data``."""
+    from matbalora.backbones.chgnet_prefix import compute_prefixes, prefix_block
+
+    block = prefix_block(model.backbone, model.method)
+    if block == 0:
+        return data
+    key = (block, model.backbone_checkpoint)
+    if key not in data.prefix_cache:
+        idx = sorted({int(i) for part in (data.split.train, data.split.val, data.split.test) for i in part})
+        prefixes = compute_prefixes(model.backbone, [data.graphs[i] for i in idx], block, progress=progress)
+        graphs = list(data.graphs)
+        for i, p in zip(idx, prefixes):
+            graphs[i] = p
+        data.prefix_cache[key] = graphs
+    return replace(data, graphs=data.prefix_cache[key])
+
+
 def _metrics(frame, y_true: np.ndarray) -> dict:
     pred, std = frame["band_gap"].to_numpy(), frame["std"].to_numpy()
     if not np.all(np.isfinite(std)):
@@ -139,6 +161,12 @@ def calibrate_and_score(predictor, data: PreparedData, *, samples: int) -> tuple
         metrics["test"] = _metrics(scaled.assign(lower=lower, upper=upper), y_test)
     predictor.std_scale = calibration["std_scale"]
     return calibration, metrics
+
+
+def prefix_block_of(data: PreparedData) -> int:
+    """The block the training graphs enter at (0: full CrystalGraphs)."""
+    first = data.graphs[int(data.split.train[0])] if len(data.split.train) else None
+    return int(getattr(first, "block", 0))
 
 
 def _command() -> str:
@@ -174,6 +202,8 @@ def train_model(
     elif not (out / SPLIT_FILE).is_file():
         data.split.save(out / SPLIT_FILE)
     t0 = time.perf_counter()
+    data = with_frozen_prefix(data, model, progress=progress)
+    prefix_seconds = time.perf_counter() - t0
     history = fit(
         model,
         ([data.graphs[i] for i in data.split.train], data.targets[data.split.train]),
@@ -196,6 +226,7 @@ def train_model(
             "history": history["history"],
             "train_seconds": sum(e["train_seconds"] for e in history["history"]),
             "wall_seconds_this_run": time.perf_counter() - t0,
+            "frozen_prefix": {"block": prefix_block_of(data), "seconds": prefix_seconds},
             "device": "cpu",
             "torch_threads": torch.get_num_threads(),
             "parameters": model.parameter_counts(),

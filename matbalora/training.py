@@ -49,7 +49,7 @@ def _param_groups(model: BandGapModel, cfg: TrainConfig) -> list[dict]:
             decay.append(p)
     groups = [
         {"params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
-        {"params": no_decay, "lr": cfg.lr, "weight_decay": 0.0, "base_lr": cfg.lr},
+        {"params": no_decay, "lr": cfg.noise_lr, "weight_decay": 0.0, "base_lr": cfg.noise_lr},
         {"params": backbone, "lr": cfg.backbone_lr, "weight_decay": cfg.weight_decay, "base_lr": cfg.backbone_lr},
     ]
     return [g for g in groups if g["params"]]

@@ -163,3 +163,32 @@ def test_config_errors_name_the_field():
         AdapterConfig(rank=0)
     with pytest.raises(ValueError, match="noise='sometimes'"):
         AdapterConfig(noise="sometimes")
+
+
+def test_per_row_noise_has_finite_gradients_on_zero_input_rows():
+    """Local reparameterisation takes sqrt of the variance: a zero input row (variance 0) must not
+    give NaN gradients (it did, and the per-row benchmark run diverged at step 2)."""
+    cfg = AdapterConfig(rank=3, bayesian=True, noise="per_row", log_a_init=-2.0)
+    ctx = NoiseContext()
+    layer = BaLoRALinear(_linear(d_in=6), cfg, ctx)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(4, 6)
+    x[1] = 0.0
+    with ctx.sampling("sample", torch.Generator().manual_seed(0)):
+        layer(x).sum().backward()
+    for p in (layer.lora_A, layer.lora_B, layer.log_a):
+        assert torch.isfinite(p.grad).all()
+
+
+def test_last_blocks_keeps_the_highest_block_indices():
+    model = nn.ModuleDict({
+        "conv": nn.ModuleList([nn.ModuleDict({"lin": nn.Linear(4, 4)}) for _ in range(4)]),
+        "bond": nn.ModuleList([nn.ModuleDict({"lin": nn.Linear(4, 4)}) for _ in range(3)]),
+        "head": nn.Linear(4, 1),
+    })
+    every = select_targets(model, AdapterConfig(targets=(r"(conv|bond)\..*", r"head"), last_blocks=0))
+    assert len(every) == 8
+    assert select_targets(model, AdapterConfig(targets=(r"(conv|bond)\..*", r"head"), last_blocks=1)) == ["conv.3.lin", "head"]
+    assert select_targets(model, AdapterConfig(targets=(r"(conv|bond)\..*",), last_blocks=2)) == ["conv.2.lin", "conv.3.lin", "bond.2.lin"]
+    with pytest.raises(ValueError, match="last_blocks"):
+        AdapterConfig(last_blocks=-1)

@@ -78,6 +78,9 @@ def test_not_a_model_folder(tmp_path):
 
 @pytest.mark.pretrained
 def test_pretrained_chgnet_with_adapters_equals_pretrained(crystals):
+    from matbalora.adapters import select_targets
+    from matbalora.backbones.chgnet import load_chgnet
+    from matbalora.config import AdapterConfig
     from matbalora.model import BandGapModel
 
     plain = BandGapModel.from_pretrained("head")
@@ -89,6 +92,24 @@ def test_pretrained_chgnet_with_adapters_equals_pretrained(crystals):
         with adapted.context.sampling("sample", torch.Generator().manual_seed(0)):
             out = adapted(g, samples=2)["gap"]
         assert torch.allclose(out, plain(g)["gap"].expand_as(out), atol=1e-6)
-        # default targets: every message-passing linear, nothing else
+        # default targets: the message-passing linears of the last block (41 in every block with last_blocks=0)
         paths = [n for n, m in adapted.backbone.named_modules() if hasattr(m, "lora_A")]
-        assert len(paths) == 41 and all(p.split(".")[0] in ("atom_conv_layers", "bond_conv_layers", "angle_layers") for p in paths)
+        assert len(paths) == 5 and all(p.startswith("atom_conv_layers.3.") for p in paths)
+    every = select_targets(load_chgnet(), AdapterConfig(last_blocks=0))
+    assert len(every) == 41 and all(p.split(".")[0] in ("atom_conv_layers", "bond_conv_layers", "angle_layers") for p in every)
+
+
+def test_folder_without_last_blocks_loads_adapters_in_every_block(tiny_checkpoint, tmp_path, crystals):
+    """Model folders written before ``last_blocks`` existed adapted every matched block."""
+    model = tiny_model("lora", tiny_checkpoint, last_blocks=0)
+    with torch.no_grad():
+        for m in adapters_of(model.backbone):
+            m.lora_B.normal_(0, 0.1)
+    save_model(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["adapter"]["last_blocks"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded, _card = load_model_folder(tmp_path)
+    assert {n for n, _ in loaded.backbone.named_modules() if hasattr(_, "lora_A")} == {n for n, _ in model.backbone.named_modules() if hasattr(_, "lora_A")}
+    g = [model.structure_to_graph(s) for s in crystals]
+    np.testing.assert_array_equal(loaded.sample_gaps(g, samples=0).gaps, model.sample_gaps(g, samples=0).gaps)

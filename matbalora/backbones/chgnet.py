@@ -86,11 +86,15 @@ def assign_row_kinds(backbone: nn.Module) -> None:
 
 
 def graph_rows(graph) -> int:
-    """Feature rows one CrystalGraph puts through message passing: atoms + directed bonds + angles.
+    """Feature rows one CrystalGraph puts through message passing: atoms + directed bonds + angles
+    (for a cached prefix, the rows its remaining blocks process).
 
     Activation memory and compute of a forward grow with this count (per Monte-Carlo sample), not
     with the number of crystals: a 1,000-atom framework has ~100x the rows of a 10-atom cell.
     """
+    rows = getattr(graph, "rows", None)
+    if rows is not None:
+        return int(rows)
     return int(graph.atomic_number.shape[0] + graph.atom_graph.shape[0] + graph.bond_graph.shape[0])
 
 
@@ -171,14 +175,8 @@ class _State:
         return out
 
 
-def crystal_features(
-    backbone: nn.Module, graphs: Sequence, *, samples: int = 1, context: NoiseContext | None = None
-) -> Tensor:
-    """Mean-pooled, normalised final atom features  [samples, n_crystals, atom_fea_dim].
-
-    ``samples`` > 1 tiles the batch before the first adapted block; each (sample, crystal) pair is
-    its own group, so BaLoRA draws one adapter weight set per crystal per sample.
-    """
+def _embed(backbone: nn.Module, graphs: Sequence) -> _State:
+    """Embeddings and basis expansions of a batch of CrystalGraphs: the state entering block 0."""
     from chgnet.model.model import BatchedGraph
 
     for graph in graphs:  # CHGNet's converter marks coordinates for force/stress gradients: not needed
@@ -191,7 +189,7 @@ def crystal_features(
         angle_basis_expansion=backbone.angle_basis_expansion,
     )
     has_angles = len(g.angle_bases) != 0
-    state = _State(
+    return _State(
         atom=backbone.atom_embedding(g.atomic_numbers - 1),
         bond=backbone.bond_embedding(g.bond_bases_ag),
         angle=backbone.angle_embedding(g.angle_bases) if has_angles else None,
@@ -203,15 +201,23 @@ def crystal_features(
         atom_owners=g.atom_owners.long(),
         n_groups=len(graphs),
     )
-    tile_at = min(first_adapted_block(backbone), backbone.n_conv - 1) if samples > 1 else 0
+
+
+def _run_blocks(
+    backbone: nn.Module, state: _State, *, start: int, stop: int, samples: int = 1, context: NoiseContext | None = None
+) -> _State:
+    """Message-passing blocks ``start:stop``; with ``context``, the batch is tiled ``samples`` times
+    before the first adapted block and every adapter is told which group owns each of its rows."""
     n_conv = backbone.n_conv
-    for idx in range(n_conv):
-        if idx == tile_at:
-            segments = state.segments() if context is not None else {}
+    tile_at = max(start, min(first_adapted_block(backbone), n_conv - 1)) if samples > 1 else start
+    for idx in range(start, stop):
+        if idx == tile_at and context is not None:
+            segments = state.segments()
             state = state.tile(samples)
-            if context is not None:
-                context.owners, context.n_groups = state.owners(), state.n_groups
-                context.segments, context.tiles = segments, samples
+            context.owners, context.n_groups = state.owners(), state.n_groups
+            context.segments, context.tiles = segments, samples
+        elif idx == tile_at:
+            state = state.tile(samples)
         state.atom = backbone.atom_conv_layers[idx](
             atom_feas=state.atom,
             bond_feas=state.bond,
@@ -219,7 +225,7 @@ def crystal_features(
             atom_graph=state.atom_graph,
             directed2undirected=state.d2u,
         )
-        if idx == n_conv - 1 or not has_angles:
+        if idx == n_conv - 1 or state.angle is None:
             continue
         bond_layer, angle_layer = backbone.bond_conv_layers[idx], backbone.angle_layers[idx]
         if bond_layer is not None:
@@ -234,6 +240,27 @@ def crystal_features(
                 state.angle = angle_layer(
                     atom_feas=state.atom, bond_feas=state.bond, angle_feas=state.angle, bond_graph=state.bond_graph
                 )
+    return state
+
+
+def crystal_features(
+    backbone: nn.Module, graphs: Sequence, *, samples: int = 1, context: NoiseContext | None = None
+) -> Tensor:
+    """Mean-pooled, normalised final atom features  [samples, n_crystals, atom_fea_dim].
+
+    ``graphs``: CHGNet CrystalGraphs, or :class:`~matbalora.backbones.chgnet_prefix.PrefixGraph`
+    objects (features cached at the entry of a later block: only the remaining blocks run).
+    ``samples`` > 1 tiles the batch before the first adapted block; each (sample, crystal) pair is
+    its own group, so BaLoRA draws one adapter weight set per crystal per sample.
+    """
+    from matbalora.backbones.chgnet_prefix import PrefixGraph, collate_prefixes
+
+    if graphs and isinstance(graphs[0], PrefixGraph):
+        start = graphs[0].block
+        state = collate_prefixes(backbone, graphs)
+    else:
+        start, state = 0, _embed(backbone, graphs)
+    state = _run_blocks(backbone, state, start=start, stop=backbone.n_conv, samples=samples, context=context)
     if context is not None:
         context.clear_rows()
     atom = backbone.readout_norm(state.atom) if backbone.readout_norm is not None else state.atom
