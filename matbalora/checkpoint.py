@@ -5,7 +5,8 @@ rebuilt from its own checkpoint, and loading refuses a folder whose backbone ver
 the one available, a weight file whose SHA-256 differs from the one recorded, or missing/extra
 tensors. Nothing is ever unpickled from a model folder: weights are safetensors, and a custom
 backbone checkpoint named in the config (CHGNet's own format is a torch pickle) is read with
-``torch.load(weights_only=True)``, which admits tensors and plain containers only.
+``torch.load(weights_only=True)``, which admits tensors and plain containers only (for SevenNet
+checkpoints also numeric numpy arrays, see :func:`matbalora.backbones.sevennet.read_checkpoint`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from matbalora.atomic import atomic_write, sha256_file, write_json
 from matbalora.backbones import chgnet as chgnet_backbone
 from matbalora.config import AdapterConfig, HeadConfig, from_dict, to_dict
-from matbalora.model import BandGapModel
+from matbalora.model import BACKBONES, BandGapModel, backbone_family
 
 FORMAT = "matbalora-model"
 FORMAT_VERSION = 1
@@ -45,9 +46,9 @@ def model_config(model: BandGapModel) -> dict[str, Any]:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "backbone": {
-            "name": chgnet_backbone.BACKBONE_NAME,
+            "name": model.backbone_name,
             "version": model.backbone_version,
-            "package_version": chgnet_backbone.chgnet_version(),
+            "package_version": chgnet_backbone.chgnet_version() if model.backbone_name == "chgnet" else model.family.sevenn_version(),
             "checkpoint": model.backbone_checkpoint,
             "checkpoint_sha256": sha256_file(model.backbone_checkpoint) if model.backbone_checkpoint else None,
         },
@@ -110,12 +111,18 @@ def load_backbone(folder: str | os.PathLike, backbone: dict[str, Any]) -> torch.
     checkpoint file, checked against its recorded SHA-256 and loaded without unpickling objects."""
     config_path = Path(folder) / CONFIG
     ckpt = backbone.get("checkpoint")
+    name = backbone.get("name")
     if ckpt is None:
-        return chgnet_backbone.load_chgnet(None)
+        return chgnet_backbone.load_chgnet(None) if name == "chgnet" else backbone_family(name).load_sevennet(None)
     if not isinstance(ckpt, str) or not os.path.isfile(ckpt):
         raise ModelFolderError(f"{ckpt}: backbone checkpoint named in {config_path} does not exist")
     if backbone.get("checkpoint_sha256") and sha256_file(ckpt) != backbone["checkpoint_sha256"]:
         raise ModelFolderError(f"{ckpt}: backbone checkpoint differs from the one the model was trained on")
+    if name != "chgnet":
+        try:
+            return backbone_family(name).load_sevennet(ckpt)
+        except ValueError as exc:
+            raise ModelFolderError(f"{exc}; model folders never unpickle objects") from None
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for any object beyond tensors and plain containers
@@ -138,11 +145,11 @@ def load_model_folder(folder: str | os.PathLike) -> tuple[BandGapModel, dict]:
     config = read_config(folder)
     weights = verify_weights(folder, config)
     bb = config.get("backbone")
-    if not isinstance(bb, dict) or bb.get("name") != chgnet_backbone.BACKBONE_NAME:
+    if not isinstance(bb, dict) or bb.get("name") not in BACKBONES:
         name = bb.get("name") if isinstance(bb, dict) else bb
         raise ModelFolderError(f"{Path(folder) / CONFIG}: backbone {name!r} is not supported")
     backbone = load_backbone(folder, bb)
-    found = chgnet_backbone.backbone_version(backbone)
+    found = backbone_family(bb["name"]).backbone_version(backbone)
     if found != bb.get("version"):
         raise ModelFolderError(
             f"{Path(folder) / CONFIG}: trained on backbone {bb.get('name')} {bb.get('version')!r}, "
@@ -152,7 +159,9 @@ def load_model_folder(folder: str | os.PathLike) -> tuple[BandGapModel, dict]:
         # folders written before ``last_blocks`` existed adapted every matched block
         adapter = from_dict(AdapterConfig, {"last_blocks": 0, **config["adapter"]}) if config.get("adapter") else None
         head = from_dict(HeadConfig, config["head"])
-        model = BandGapModel(backbone, method=config["method"], adapter=adapter, head=head, backbone_checkpoint=bb.get("checkpoint"))
+        model = BandGapModel(
+            backbone, method=config["method"], adapter=adapter, head=head, backbone_checkpoint=bb.get("checkpoint"), backbone_name=bb["name"]
+        )
     except (KeyError, TypeError, ValueError) as exc:
         what = f"{type(exc).__name__}: {exc}"
         raise ModelFolderError(f"{Path(folder) / CONFIG}: method/adapter/head do not describe a model ({what})") from None

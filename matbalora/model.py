@@ -22,6 +22,20 @@ from matbalora.backbones import chgnet as chgnet_backbone
 from matbalora.config import AdapterConfig, HeadConfig, Method
 from matbalora.head import BandGapHead
 
+#: Backbone families by name: the module that loads, converts and runs each one.
+BACKBONES = ("chgnet", "sevennet")
+
+
+def backbone_family(name: str):
+    """The module implementing backbone ``name`` (``load_*``, ``crystal_features``, ``graph_rows``...)."""
+    if name == "chgnet":
+        return chgnet_backbone
+    if name == "sevennet":
+        from matbalora.backbones import sevennet
+
+        return sevennet
+    raise ValueError(f"backbone={name!r} is not known; choose one of {list(BACKBONES)}")
+
 
 #: Default budget of feature rows (atoms + directed bonds + angles, times draws) per forward pass.
 #: ~0.6 GB of activations on CPU: see ``benchmarks/speed.py`` for the measured peak memory.
@@ -90,8 +104,10 @@ class BandGapModel(nn.Module):
         adapter: AdapterConfig | None,
         head: HeadConfig,
         backbone_checkpoint: str | None = None,
+        backbone_name: str = "chgnet",
     ) -> None:
         super().__init__()
+        family = backbone_family(backbone_name)
         if method in ("lora", "balora") and adapter is None:
             raise ValueError(f"method={method!r} needs an AdapterConfig")
         if method in ("head", "full") and adapter is not None:
@@ -102,13 +118,17 @@ class BandGapModel(nn.Module):
         self.adapter_config = adapter
         self.head_config = head
         self.backbone_checkpoint = backbone_checkpoint
-        self.backbone_version = chgnet_backbone.backbone_version(backbone)
+        self.backbone_name = backbone_name
+        self.backbone_version = family.backbone_version(backbone)
         self.context = NoiseContext()
         self.backbone = backbone
-        if adapter is not None:
+        if adapter is not None and backbone_name == "chgnet":
             inject_adapters(backbone, adapter, self.context)
             chgnet_backbone.assign_row_kinds(backbone)
-        self.head = BandGapHead(backbone.atom_fea_dim, head)
+        elif adapter is not None:
+            family.inject(backbone, adapter, self.context)  # irreps-aware adapters
+        feature_dim = backbone.atom_fea_dim if backbone_name == "chgnet" else family.feature_dim(backbone)
+        self.head = BandGapHead(feature_dim, head)
         self._mark_trainable()
         self.train(False)
 
@@ -120,13 +140,17 @@ class BandGapModel(nn.Module):
         adapter: AdapterConfig | None = None,
         head: HeadConfig | None = None,
         checkpoint: str | os.PathLike | None = None,
+        backbone: str = "chgnet",
     ) -> BandGapModel:
-        """Wrap the pretrained CHGNet (wheel 0.3.0 by default, or a checkpoint file)."""
+        """Wrap a pretrained backbone: ``chgnet`` (wheel 0.3.0 by default) or ``sevennet`` (SevenNet-0
+        from the sevenn wheel by default), or that family's checkpoint file."""
+        family = backbone_family(backbone)
         if adapter is None and method in ("lora", "balora"):
-            adapter = AdapterConfig(bayesian=method == "balora")
-        backbone = chgnet_backbone.load_chgnet(checkpoint)
+            targets = {} if backbone == "chgnet" else {"targets": family.DEFAULT_TARGETS}
+            adapter = AdapterConfig(bayesian=method == "balora", **targets)
+        net = chgnet_backbone.load_chgnet(checkpoint) if backbone == "chgnet" else family.load_sevennet(checkpoint)
         ckpt = None if checkpoint is None else os.fspath(checkpoint)
-        return cls(backbone, method=method, adapter=adapter, head=head or HeadConfig(), backbone_checkpoint=ckpt)
+        return cls(net, method=method, adapter=adapter, head=head or HeadConfig(), backbone_checkpoint=ckpt, backbone_name=backbone)
 
     # ----------------------------------------------------------------------------- training state
 
@@ -164,6 +188,11 @@ class BandGapModel(nn.Module):
                     d.train(active)
 
     @property
+    def family(self):
+        """The module implementing this model's backbone family (see :func:`backbone_family`)."""
+        return backbone_family(self.backbone_name)
+
+    @property
     def is_bayesian(self) -> bool:
         return any(isinstance(m, BaLoRALinear) for m in self.backbone.modules())
 
@@ -186,13 +215,16 @@ class BandGapModel(nn.Module):
     # ----------------------------------------------------------------------------- forward
 
     def forward(self, graphs: Sequence, *, samples: int = 1) -> dict[str, Tensor]:
-        """graphs: CHGNet CrystalGraphs -> head outputs, each [samples, n_crystals]."""
-        feats = chgnet_backbone.crystal_features(self.backbone, graphs, samples=samples, context=self.context)
+        """graphs: the backbone's graphs (CHGNet CrystalGraphs, SevenNetGraphs, or cached prefixes)
+        -> head outputs, each [samples, n_crystals]."""
+        feats = self.family.crystal_features(self.backbone, graphs, samples=samples, context=self.context)
         return self.head(feats)
 
     def structure_to_graph(self, structure, graph_id: str | None = None):
-        """pymatgen Structure -> CHGNet CrystalGraph (the backbone's own converter)."""
-        return self.backbone.graph_converter(structure, graph_id=graph_id)
+        """pymatgen Structure -> the backbone's graph (its own converter and cutoff)."""
+        if self.backbone_name == "chgnet":
+            return self.backbone.graph_converter(structure, graph_id=graph_id)
+        return self.family.structure_to_graph(self.backbone, structure, graph_id=graph_id)
 
     @torch.no_grad()
     def sample_gaps(
@@ -222,7 +254,7 @@ class BandGapModel(nn.Module):
         if stochastic and self.has_dropout and seed is not None:
             torch.manual_seed(seed)
         mode = "sample" if stochastic and self.is_bayesian else "mean"
-        rows = [chgnet_backbone.graph_rows(g) for g in graphs]
+        rows = [self.family.graph_rows(g) for g in graphs]
         passes = plan_passes(rows, draws=n_draws, max_rows=max_rows, max_crystals=batch_size)
         outputs: dict[tuple[int, int], list[dict[str, Tensor]]] = {}  # crystals -> their passes, draws in order
         self.set_dropout(stochastic and self.has_dropout)

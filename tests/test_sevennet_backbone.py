@@ -1,0 +1,317 @@
+"""SevenNet (equivariant) backbone: checkpoint loading without pickles, irreps-aware adapters,
+rotation invariance of the gap (deterministic and with a BaLoRA draw), model folders, and a short
+real fine-tune of SevenNet-0 on mp_gap crystals."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from pymatgen.core import Lattice, Structure
+
+from conftest import MP_GAP, perovskite, silicon
+
+if importlib.util.find_spec("sevenn") is None:
+    if os.environ.get("MATBALORA_REQUIRE_SEVENNET"):  # CI installs the extra: a skip would hide a broken setup
+        raise RuntimeError("MATBALORA_REQUIRE_SEVENNET is set but sevenn is not installed (pip install -e '.[sevennet]')")
+    pytest.skip("the sevennet extra is not installed", allow_module_level=True)
+
+pytestmark = pytest.mark.sevennet
+
+from matbalora.adapters import adapters_of  # noqa: E402
+from matbalora.backbones import sevennet  # noqa: E402
+from matbalora.backbones.sevennet_adapters import IrrepsLoRA  # noqa: E402
+from matbalora.config import AdapterConfig, HeadConfig  # noqa: E402
+from matbalora.model import BandGapModel  # noqa: E402
+
+SPECIES = ["H", "Li", "C", "O", "Na", "Si", "Cl", "Ti", "Sr"]
+
+
+def tiny_sevennet_state(seed: int = 0) -> dict:
+    """A 2-block SevenNet (8 channels, l <= 2, random weights) as a checkpoint dict; the config
+    holds numpy arrays, as real SevenNet checkpoints do."""
+    import sevenn
+    import sevenn._const as C
+    import sevenn._keys as KEY
+    from ase.data import atomic_numbers
+    from sevenn.checkpoint import _config_cp_routine
+    from sevenn.model_build import build_E3_equivariant_model
+
+    config = {
+        **copy.deepcopy(C.DEFAULT_E3_EQUIVARIANT_MODEL_CONFIG),
+        "version": sevenn.__version__,
+        KEY.CUTOFF: 4.0,
+        KEY.NODE_FEATURE_MULTIPLICITY: 8,
+        KEY.LMAX: 2,
+        KEY.IS_PARITY: False,
+        KEY.NUM_CONVOLUTION: 2,
+        KEY.CONVOLUTION_WEIGHT_NN_HIDDEN_NEURONS: [8],
+        KEY.CONV_DENOMINATOR: [10.0, 10.0],
+        KEY.SELF_CONNECTION_TYPE: "linear",
+        KEY.CHEMICAL_SPECIES: SPECIES,
+        KEY.NUM_SPECIES: len(SPECIES),
+        KEY.TYPE_MAP: {atomic_numbers[s]: i for i, s in enumerate(SPECIES)},
+        KEY.SHIFT: np.zeros(len(SPECIES), dtype=np.float32),
+        KEY.SCALE: np.ones(len(SPECIES), dtype=np.float32),
+        KEY.RADIAL_BASIS: {KEY.RADIAL_BASIS_NAME: "bessel", KEY.BESSEL_BASIS_NUM: 4},
+        KEY.CUTOFF_FUNCTION: {KEY.CUTOFF_FUNCTION_NAME: "XPLOR", "cutoff_on": 3.5},
+    }
+    torch.manual_seed(seed)
+    model = build_E3_equivariant_model(_config_cp_routine(copy.deepcopy(config)))
+    return {"config": config, "model_state_dict": model.state_dict()}
+
+
+@pytest.fixture(scope="module")
+def tiny_sevennet(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sevennet") / "tiny_sevennet.pth"
+    torch.save(tiny_sevennet_state(), path)
+    return path
+
+
+def make(method: str, checkpoint, *, seed: int = 0, **adapter_kw) -> BandGapModel:
+    torch.manual_seed(seed)
+    adapter = None
+    if method in ("lora", "balora"):
+        adapter = AdapterConfig(rank=2, bayesian=method == "balora", targets=sevennet.DEFAULT_TARGETS, **adapter_kw)
+    return BandGapModel.from_pretrained(method, adapter=adapter, head=HeadConfig(hidden=8), checkpoint=checkpoint, backbone="sevennet")
+
+
+def randomize(model: BandGapModel, *, log_a: float | None = None, seed: int = 1) -> BandGapModel:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in adapters_of(model.backbone):
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=gen) * 0.5)
+            if log_a is not None and hasattr(m, "log_a"):
+                m.log_a.fill_(log_a)
+    return model
+
+
+def rotated(structure: Structure, seed: int = 3, shift=(0.3, -1.2, 0.7)) -> Structure:
+    """The same crystal rotated and translated in space (Cartesian frame changes, the crystal does not)."""
+    from scipy.spatial.transform import Rotation
+
+    rot = Rotation.random(random_state=seed).as_matrix()
+    lattice = Lattice(structure.lattice.matrix @ rot.T)
+    coords = structure.cart_coords @ rot.T + np.asarray(shift)
+    return Structure(lattice, structure.species, coords, coords_are_cartesian=True)
+
+
+def distorted() -> Structure:
+    """A low-symmetry cell, so that l > 0 features do not cancel by symmetry."""
+    return Structure(Lattice.from_parameters(4.1, 4.4, 5.2, 81, 94, 101), ["Si", "O", "Na", "Cl"],
+                     [[0, 0, 0], [0.26, 0.21, 0.33], [0.5, 0.47, 0.12], [0.71, 0.83, 0.64]])
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def test_loads_tiny_checkpoint_through_public_api(tiny_sevennet):
+    model = make("balora", tiny_sevennet)
+    assert model.backbone_name == "sevennet" and model.backbone_version == "custom"
+    graphs = [model.structure_to_graph(s) for s in (silicon(), distorted())]
+    out = model.sample_gaps(graphs, samples=3, seed=0)
+    assert out.gaps.shape == (3, 2) and np.isfinite(out.gaps).all() and (out.gaps >= 0).all()
+
+
+def test_object_pickles_are_refused(tmp_path):
+    state = tiny_sevennet_state()
+    state["config"]["callback"] = copy.deepcopy  # a function: would be executed-on-load material
+    bad = tmp_path / "evil.pth"
+    torch.save(state, bad)
+    with pytest.raises(ValueError, match="refused"):
+        BandGapModel.from_pretrained("head", backbone="sevennet", checkpoint=bad)
+    objects = tiny_sevennet_state()
+    objects["config"]["shift"] = np.array([object()] * len(SPECIES), dtype=object)
+    torch.save(objects, tmp_path / "object_array.pth")
+    with pytest.raises(ValueError, match="refused"):
+        sevennet.read_checkpoint(tmp_path / "object_array.pth")
+    torch.save({"model": {}}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="not a SevenNet checkpoint"):
+        sevennet.read_checkpoint(tmp_path / "other.pth")
+
+
+def test_unknown_backbone_and_element_are_named(tiny_sevennet):
+    with pytest.raises(ValueError, match="backbone='mace'"):
+        BandGapModel.from_pretrained("head", backbone="mace")
+    model = make("head", tiny_sevennet)
+    copper = Structure(Lattice.cubic(3.6), ["Cu"], [[0, 0, 0]])
+    with pytest.raises(ValueError, match=r"site 0 is Cu"):
+        model.structure_to_graph(copper)
+
+
+def test_chgnet_targets_on_sevennet_list_the_o3_linears(tiny_sevennet):
+    with pytest.raises(ValueError, match="1_self_interaction_1.linear"):
+        BandGapModel.from_pretrained("lora", adapter=AdapterConfig(), checkpoint=tiny_sevennet, backbone="sevennet")
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+def test_trainable_parameters_are_adapters_and_head(tiny_sevennet):
+    model = make("balora", tiny_sevennet, last_blocks=0)
+    names = model.trainable_parameter_names()
+    assert names and all(n.startswith("head.") or n.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "log_a") for n in names)
+    wrapped = [n for n, m in model.backbone.named_modules() if isinstance(m, IrrepsLoRA)]
+    assert {"0_self_interaction_1.linear", "1_self_interaction_1.linear", "1_self_interaction_2.linear"} <= set(wrapped)
+    assert all(n.startswith("1_") for n, m in make("lora", tiny_sevennet).backbone.named_modules() if isinstance(m, IrrepsLoRA))
+
+
+def test_fresh_adapters_equal_the_pretrained_model(tiny_sevennet):
+    plain = sevennet.load_sevennet(tiny_sevennet)
+    model = make("lora", tiny_sevennet, last_blocks=0)
+    graphs = [sevennet.structure_to_graph(plain, s) for s in (distorted(), perovskite())]
+    with torch.no_grad():
+        ref = sevennet.crystal_features(plain, graphs)
+        with torch.enable_grad():  # activation-space path
+            got = sevennet.crystal_features(model.backbone, graphs)
+        folded = sevennet.crystal_features(model.backbone, graphs)  # no-grad folded path
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(folded, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_irreps_lora_equals_the_merged_o3_linear(tiny_sevennet):
+    """With random A and B, the wrapper computes e3nn's Linear with each path block W_p replaced by
+    W_p + s (B A)^T / path_weight: an update inside the irreps, nothing across them."""
+    model = randomize(make("lora", tiny_sevennet, last_blocks=0))
+    wrapper = model.backbone.get_submodule("1_self_interaction_1.linear")
+    base = wrapper.base
+    weight = base.weight.detach().clone()
+    for k, (ins, adapter) in enumerate(zip(base.instructions, wrapper.adapters)):
+        base.weight_view_for_instruction(k, weight).add_((adapter.delta_weight().T / ins.path_weight).detach())
+    x = torch.randn(5, base.irreps_in.dim)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper(x), base(x, weight), atol=1e-5, rtol=1e-4)
+        before = wrapper(x)
+        for m in wrapper.adapters:
+            m.merge()
+        torch.testing.assert_close(wrapper(x), before, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(before, base(x)), "random adapters should change the layer"
+
+
+@pytest.mark.parametrize("bayesian", [False, True])
+def test_adapted_layer_is_equivariant(tiny_sevennet, bayesian):
+    from e3nn import o3
+
+    model = randomize(make("balora" if bayesian else "lora", tiny_sevennet, last_blocks=0), log_a=-0.5)
+    wrapper = model.backbone.get_submodule("1_self_interaction_1.linear")
+    assert any(dim > 1 for *_, dim in wrapper.layout), "the test needs l > 0 paths"
+    torch.manual_seed(0)
+    rot = o3.rand_matrix()
+    d_in, d_out = wrapper.irreps_in.D_from_matrix(rot), wrapper.irreps_out.D_from_matrix(rot)
+    x = torch.randn(6, wrapper.irreps_in.dim)
+    ctx = model.context
+    for mode in ("mean", "sample"):
+        outs = []
+        for inp in (x, x @ d_in.T):
+            ctx.owners = {f"node_{d}": torch.zeros(6 * d, dtype=torch.long) for d in (1, 3, 5)}
+            ctx.n_groups = 1
+            with torch.no_grad(), ctx.sampling(mode, generator=torch.Generator().manual_seed(5)):
+                outs.append(wrapper(inp))
+            ctx.clear_rows()
+        torch.testing.assert_close(outs[1], outs[0] @ d_out.T, atol=1e-4, rtol=1e-4)
+
+
+def test_per_row_noise_and_dropout_on_vectors_are_refused(tiny_sevennet):
+    with pytest.raises(ValueError, match="equivariance"):
+        make("balora", tiny_sevennet, noise="per_row")
+    with pytest.raises(ValueError, match="equivariance"):
+        make("lora", tiny_sevennet, dropout=0.1)
+
+
+# ----------------------------------------------------------------------------- invariance
+
+
+@pytest.mark.parametrize("last_blocks", [1, 0])
+def test_gap_is_rotation_invariant_also_per_draw(tiny_sevennet, last_blocks):
+    model = randomize(make("balora", tiny_sevennet, last_blocks=last_blocks), log_a=-0.5)
+    a, b = distorted(), rotated(distorted())
+    ga, gb = model.structure_to_graph(a), model.structure_to_graph(b)
+    mean_a, mean_b = (model.sample_gaps([g], samples=0).gaps for g in (ga, gb))
+    np.testing.assert_allclose(mean_a, mean_b, atol=1e-5)
+    draws_a, draws_b = (model.sample_gaps([g], samples=6, seed=11).gaps for g in (ga, gb))
+    assert np.std(draws_a) > 1e-4, "draws should differ from each other"
+    np.testing.assert_allclose(draws_a, draws_b, atol=1e-5)
+    other_seed = model.sample_gaps([ga], samples=6, seed=12).gaps
+    assert not np.allclose(draws_a, other_seed)
+
+
+def test_one_draw_per_crystal_makes_supercells_agree(tiny_sevennet):
+    """All atoms of a crystal share its draw, so a 2x1x1 supercell (same crystal, twice the atoms)
+    gets the same sampled gap as the cell for the same seed."""
+    model = randomize(make("balora", tiny_sevennet, last_blocks=0), log_a=-0.5)
+    cell = distorted()
+    g1, g2 = model.structure_to_graph(cell), model.structure_to_graph(cell * (2, 1, 1))
+    np.testing.assert_allclose(model.sample_gaps([g1], samples=4, seed=3).gaps, model.sample_gaps([g2], samples=4, seed=3).gaps, atol=1e-5)
+
+
+def test_prefix_cache_gives_the_same_features(tiny_sevennet):
+    from matbalora.backbones.sevennet_prefix import compute_prefixes, prefix_block
+
+    model = randomize(make("balora", tiny_sevennet), log_a=-0.5)
+    graphs = [model.structure_to_graph(s) for s in (distorted(), silicon(), perovskite())]
+    block = prefix_block(model.backbone, model.method)
+    assert block == 1
+    prefixes = compute_prefixes(model.backbone, graphs, block)
+    for samples, seed in ((0, 0), (4, 9)):
+        np.testing.assert_allclose(model.sample_gaps(prefixes, samples=samples, seed=seed).gaps,
+                                   model.sample_gaps(graphs, samples=samples, seed=seed).gaps, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- model folders
+
+
+def test_model_folder_round_trip(tiny_sevennet, tmp_path):
+    import matbalora
+    from matbalora.checkpoint import ModelFolderError, load_model_folder, save_model
+
+    model = randomize(make("balora", tiny_sevennet), log_a=-1.0)
+    save_model(model, tmp_path / "m")
+    card = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert card["backbone"]["name"] == "sevennet" and card["backbone"]["version"] == "custom"
+    assert card["backbone"]["package_version"] == sevennet.sevenn_version()
+    pred = matbalora.load_model(tmp_path / "m")
+    assert pred.model.backbone_name == "sevennet"
+    graphs = [model.structure_to_graph(s) for s in (distorted(), silicon())]
+    np.testing.assert_allclose(pred.model.sample_gaps(graphs, samples=4, seed=2).gaps,
+                               model.sample_gaps(graphs, samples=4, seed=2).gaps, atol=1e-6)
+    df = pred.predict([distorted(), silicon()], samples=4)
+    assert (df["band_gap"] >= 0).all() and (df["std"] > 0).all()
+    state = tiny_sevennet_state(seed=5)  # a different backbone under the recorded path
+    torch.save(state, tiny_sevennet.parent / "swapped.pth")
+    card["backbone"]["checkpoint"] = str(tiny_sevennet.parent / "swapped.pth")
+    (tmp_path / "m" / "config.json").write_text(json.dumps(card))
+    with pytest.raises(ModelFolderError, match="differs from the one the model was trained on"):
+        load_model_folder(tmp_path / "m")
+
+
+# ----------------------------------------------------------------------------- pretrained + real data
+
+
+@pytest.mark.realdata
+def test_short_sevennet0_finetune_on_mp_gap():
+    if not MP_GAP.is_file():
+        pytest.skip(f"{MP_GAP} not present")
+    from matbalora.config import TrainConfig
+    from matbalora.data.readers import load_dataset
+    from matbalora.training import fit
+
+    t0 = time.perf_counter()
+    ds = load_dataset(MP_GAP, max_structures=60)
+    small = [i for i, s in enumerate(ds.structures) if len(s) <= 24][:36]
+    torch.manual_seed(0)
+    model = BandGapModel.from_pretrained("balora", backbone="sevennet", head=HeadConfig(hidden=16))
+    assert model.backbone_version == "7net-0"
+    graphs = [model.structure_to_graph(ds.structures[i]) for i in small]
+    y = np.asarray(ds.targets)[small]
+    history = fit(model, (graphs[:28], y[:28]), (graphs[28:], y[28:]), TrainConfig(method="balora", epochs=1, batch_size=7, warmup_steps=1), progress=False)
+    assert history["epoch"] == 1 and np.isfinite(history["history"][0]["val_mae"])
+    assert any(float(m.lora_B.abs().sum()) > 0 for m in adapters_of(model.backbone)), "adapters were not trained"
+    out = model.sample_gaps(graphs[28:], samples=4, seed=0)
+    assert (out.gaps >= 0).all() and out.gaps.std(axis=0).max() > 0
+    assert time.perf_counter() - t0 < 60
