@@ -157,7 +157,7 @@ def main() -> None:
     elif args.stage == "report":
         from mp_gap_report import stage_report
 
-        stage_report(RESULTS / "mp_gap.json", RUNS / "BENCHMARKS.md" if SMOKE else REPO / "BENCHMARKS.md")
+        stage_report(RESULTS / RESULTS_FILE, RUNS / "BENCHMARKS.md" if SMOKE else REPO / "BENCHMARKS.md", "mp_gap_shipped" if SHIPPED else "mp_gap")
     else:
         stage_ship()
 

@@ -8,10 +8,12 @@ import json
 import math
 from pathlib import Path
 
-START, END = "<!-- mp_gap:tables -->", "<!-- /mp_gap:tables -->"
+ORDER = ["head", "head_gated", "lora", "lora_gated", "balora", "balora_per_row", "balora_beta0", "mc_dropout", "lora_ensemble",
+         "lora_all_blocks", "balora_all_blocks", "lora_ensemble_all_blocks", "full", "composition_baseline", "composition_baseline_large"]
 
-ORDER = ["head", "head_gated", "lora", "lora_gated", "balora", "balora_per_row", "balora_beta0", "full",
-         "mc_dropout", "lora_ensemble", "composition_baseline", "composition_baseline_large"]
+
+def markers(section: str) -> tuple[str, str]:
+    return f"<!-- {section}:tables -->", f"<!-- /{section}:tables -->"
 MAIN_COLUMNS = [("mae", "MAE", 3), ("rmse", "RMSE", 3), ("r2", "R²", 3), ("spearman", "Spearman", 3), ("nll", "NLL", 2),
                 ("miscalibration_area", "miscal. area", 3), ("ence", "ENCE", 3), ("coverage_90_uncalibrated", "cov90 raw", 2),
                 ("coverage_90", "cov90 scaled", 2), ("coverage_90_conformal", "cov90 conformal", 2),
@@ -82,8 +84,13 @@ def render(res: dict) -> str:
         table(m, MAIN_COLUMNS),
         "", "**Non-metals only** (DFT gap > 0)", "", table(m, NONMETAL_COLUMNS),
         "", "**Cost**", "", table(m, COST_COLUMNS),
-        "", "**BaLoRA vs test-time samples S** (the first S of the same 16 draws)", "", sweep(res, "spearman_vs_samples", "S"),
+        "", "**BaLoRA vs test-time samples S** (the first S of the same draws)", "", sweep(res, "spearman_vs_samples", "S"),
         "", "**LoRA ensemble vs members K**", "", sweep(res, "spearman_vs_members", "K"),
+    ]
+    if "spearman_vs_samples_all_blocks" in res:
+        parts += ["", "**Adapters in every block: BaLoRA vs S, ensemble vs K**", "", sweep(res, "spearman_vs_samples_all_blocks", "S"),
+                  "", sweep(res, "spearman_vs_members_all_blocks", "K")]
+    parts += [
         "", "**Where the BaLoRA noise went** (learned log a over all adapted layers)", "",
         "```", json.dumps(m.get("balora", {}).get("noise", {}), indent=None), "```",
         "", "**Diagnostic: the trained BaLoRA model with its noise raised at test time**", "", noise_table(res),
@@ -91,7 +98,8 @@ def render(res: dict) -> str:
     return "\n".join(parts)
 
 
-def stage_report(results: Path, doc: Path) -> None:
+def stage_report(results: Path, doc: Path, section: str = "mp_gap") -> None:
+    START, END = markers(section)
     res = json.loads(results.read_text())
     text = doc.read_text()
     if START not in text or END not in text:
