@@ -112,18 +112,19 @@ def prepare_data(spec: DataSpec, model: BandGapModel, *, split_file: Path | None
     )
 
 
-def with_frozen_prefix(data: PreparedData, model: BandGapModel, *, progress: bool = True) -> PreparedData:
-    """``data`` with each split crystal's graph replaced by its cached frozen-prefix features, when the
-    model's backbone is frozen before its first adapted block (see :mod:`~matbalora.backbones.chgnet_prefix`);
-    otherwise ``data`` itself. Computed once per block and shared by every model trained on ``data``."""
+def with_frozen_prefix(data: PreparedData, model: BandGapModel, *, parts: tuple[str, ...] = ("train", "val", "test"), progress: bool = True) -> PreparedData:
+    """``data`` with the graphs of the split ``parts`` replaced by their cached frozen-prefix features,
+    when the model's backbone is frozen before its first adapted block (see
+    :mod:`~matbalora.backbones.chgnet_prefix`); otherwise ``data`` itself. Computed once per block and
+    shared by every model trained on ``data``."""
     from matbalora.backbones.chgnet_prefix import compute_prefixes, prefix_block
 
     block = prefix_block(model.backbone, model.method)
     if block == 0:
         return data
-    key = (block, model.backbone_checkpoint)
+    key = (block, model.backbone_checkpoint, tuple(parts))
     if key not in data.prefix_cache:
-        idx = sorted({int(i) for part in (data.split.train, data.split.val, data.split.test) for i in part})
+        idx = sorted({int(i) for part in parts for i in getattr(data.split, part)})
         prefixes = compute_prefixes(model.backbone, [data.graphs[i] for i in idx], block, progress=progress)
         graphs = list(data.graphs)
         for i, p in zip(idx, prefixes):
