@@ -11,8 +11,6 @@ checkpoints also numeric numpy arrays, see :func:`matbalora.backbones.sevennet.r
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 from pathlib import Path
@@ -22,7 +20,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from matbalora.atomic import atomic_write, sha256_file, write_json
-from matbalora.backbones import chgnet as chgnet_backbone
 from matbalora.config import AdapterConfig, HeadConfig, from_dict, to_dict
 from matbalora.model import BACKBONES, BandGapModel, backbone_family
 
@@ -48,7 +45,7 @@ def model_config(model: BandGapModel) -> dict[str, Any]:
         "backbone": {
             "name": model.backbone_name,
             "version": model.backbone_version,
-            "package_version": chgnet_backbone.chgnet_version() if model.backbone_name == "chgnet" else model.family.sevenn_version(),
+            "package_version": model.family.package_version(),
             "checkpoint": model.backbone_checkpoint,
             "checkpoint_sha256": sha256_file(model.backbone_checkpoint) if model.backbone_checkpoint else None,
         },
@@ -111,33 +108,17 @@ def load_backbone(folder: str | os.PathLike, backbone: dict[str, Any]) -> torch.
     checkpoint file, checked against its recorded SHA-256 and loaded without unpickling objects."""
     config_path = Path(folder) / CONFIG
     ckpt = backbone.get("checkpoint")
-    name = backbone.get("name")
+    family = backbone_family(backbone.get("name"))
     if ckpt is None:
-        return chgnet_backbone.load_chgnet(None) if name == "chgnet" else backbone_family(name).load_sevennet(None)
+        return family.load(None)
     if not isinstance(ckpt, str) or not os.path.isfile(ckpt):
         raise ModelFolderError(f"{ckpt}: backbone checkpoint named in {config_path} does not exist")
     if backbone.get("checkpoint_sha256") and sha256_file(ckpt) != backbone["checkpoint_sha256"]:
         raise ModelFolderError(f"{ckpt}: backbone checkpoint differs from the one the model was trained on")
-    if name != "chgnet":
-        try:
-            return backbone_family(name).load_sevennet(ckpt)
-        except ValueError as exc:
-            raise ModelFolderError(f"{exc}; model folders never unpickle objects") from None
     try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError for any object beyond tensors and plain containers
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        raise ModelFolderError(
-            f"{ckpt}: backbone checkpoint refused, it is not plain tensors and containers "
-            f"({type(exc).__name__}: {first}); model folders never unpickle objects"
-        ) from None
-    from chgnet.model import CHGNet
-
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # CHGNet prints on construction
-            return CHGNet.from_dict(state["model"]).eval()
-    except Exception as exc:
-        raise ModelFolderError(f"{ckpt}: not a CHGNet checkpoint ({type(exc).__name__}: {exc})") from None
+        return family.load(ckpt)  # tensors and plain containers only (numeric numpy arrays for SevenNet)
+    except ValueError as exc:
+        raise ModelFolderError(f"{exc}; model folders never unpickle objects") from None
 
 
 def load_model_folder(folder: str | os.PathLike) -> tuple[BandGapModel, dict]:

@@ -117,17 +117,16 @@ def with_frozen_prefix(data: PreparedData, model: BandGapModel, *, parts: tuple[
     when the model's backbone is frozen before its first adapted block (see
     :mod:`~matbalora.backbones.chgnet_prefix`); otherwise ``data`` itself. Computed once per block and
     shared by every model trained on ``data``."""
-    from matbalora.backbones.chgnet_prefix import compute_prefixes, prefix_block
-
-    block = prefix_block(model.backbone, model.method)
+    prefixes = model.family.prefix_module()
+    block = prefixes.prefix_block(model.backbone, model.method)
     if block == 0:
         return data
     key = (block, model.backbone_checkpoint, tuple(parts))
     if key not in data.prefix_cache:
         idx = sorted({int(i) for part in parts for i in getattr(data.split, part)})
-        prefixes = compute_prefixes(model.backbone, [data.graphs[i] for i in idx], block, progress=progress)
+        cached = prefixes.compute_prefixes(model.backbone, [data.graphs[i] for i in idx], block, progress=progress)
         graphs = list(data.graphs)
-        for i, p in zip(idx, prefixes):
+        for i, p in zip(idx, cached):
             graphs[i] = p
         data.prefix_cache[key] = graphs
     return replace(data, graphs=data.prefix_cache[key])

@@ -14,7 +14,6 @@ from matbalora.adapters import (
     BaLoRALinear,
     NoiseContext,
     adapters_of,
-    inject_adapters,
     mark_only_adapters_trainable,
     total_kl,
 )
@@ -122,13 +121,9 @@ class BandGapModel(nn.Module):
         self.backbone_version = family.backbone_version(backbone)
         self.context = NoiseContext()
         self.backbone = backbone
-        if adapter is not None and backbone_name == "chgnet":
-            inject_adapters(backbone, adapter, self.context)
-            chgnet_backbone.assign_row_kinds(backbone)
-        elif adapter is not None:
-            family.inject(backbone, adapter, self.context)  # irreps-aware adapters
-        feature_dim = backbone.atom_fea_dim if backbone_name == "chgnet" else family.feature_dim(backbone)
-        self.head = BandGapHead(feature_dim, head)
+        if adapter is not None:
+            family.inject(backbone, adapter, self.context)
+        self.head = BandGapHead(family.feature_dim(backbone), head)
         self._mark_trainable()
         self.train(False)
 
@@ -146,9 +141,8 @@ class BandGapModel(nn.Module):
         from the sevenn wheel by default), or that family's checkpoint file."""
         family = backbone_family(backbone)
         if adapter is None and method in ("lora", "balora"):
-            targets = {} if backbone == "chgnet" else {"targets": family.DEFAULT_TARGETS}
-            adapter = AdapterConfig(bayesian=method == "balora", **targets)
-        net = chgnet_backbone.load_chgnet(checkpoint) if backbone == "chgnet" else family.load_sevennet(checkpoint)
+            adapter = AdapterConfig(bayesian=method == "balora", targets=family.DEFAULT_TARGETS)
+        net = family.load(checkpoint)
         ckpt = None if checkpoint is None else os.fspath(checkpoint)
         return cls(net, method=method, adapter=adapter, head=head or HeadConfig(), backbone_checkpoint=ckpt, backbone_name=backbone)
 
@@ -222,8 +216,6 @@ class BandGapModel(nn.Module):
 
     def structure_to_graph(self, structure, graph_id: str | None = None):
         """pymatgen Structure -> the backbone's graph (its own converter and cutoff)."""
-        if self.backbone_name == "chgnet":
-            return self.backbone.graph_converter(structure, graph_id=graph_id)
         return self.family.structure_to_graph(self.backbone, structure, graph_id=graph_id)
 
     @torch.no_grad()

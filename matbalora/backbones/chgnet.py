@@ -17,12 +17,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from matbalora.adapters import LoRALinear, NoiseContext
+from matbalora.adapters import LoRALinear, NoiseContext, inject_adapters
+from matbalora.config import CHGNET_MESSAGE_PASSING
 
 log = logging.getLogger(__name__)
 
 BACKBONE_NAME = "chgnet"
 PRETRAINED_VERSION = "0.3.0"
+#: adapter targets of this family (``AdapterConfig.last_blocks`` then keeps the last block by default)
+DEFAULT_TARGETS = CHGNET_MESSAGE_PASSING
 
 #: Which rows each CHGNet linear sees (regex on the module path -> row kind).
 ROW_KINDS: tuple[tuple[str, str], ...] = (
@@ -63,11 +66,49 @@ def load_chgnet(checkpoint: str | os.PathLike | None = None) -> nn.Module:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as exc:  # UnpicklingError for anything beyond tensors and plain containers
-                raise ValueError(f"{path}: CHGNet checkpoint refused, it is not plain tensors and containers ({type(exc).__name__})") from None
+                first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+                raise ValueError(
+                    f"{path}: backbone checkpoint refused, it is not plain tensors and containers ({type(exc).__name__}: {first})"
+                ) from None
             if not isinstance(state, dict) or "model" not in state:
                 raise ValueError(f"{path}: not a CHGNet checkpoint (no 'model' entry)")
-            model = CHGNet.from_dict(state["model"])
+            try:
+                model = CHGNet.from_dict(state["model"])
+            except Exception as exc:
+                raise ValueError(f"{path}: not a CHGNet checkpoint ({type(exc).__name__}: {exc})") from None
     return model.eval()
+
+
+# The backbone-family interface (see ``matbalora.model.backbone_family``): every family module offers
+# load, package_version, backbone_version, inject, feature_dim, structure_to_graph, graph_rows,
+# crystal_features, prefix_module and DEFAULT_TARGETS.
+load = load_chgnet
+
+
+def package_version() -> str:
+    return chgnet_version()
+
+
+def inject(backbone: nn.Module, config, context: NoiseContext) -> None:
+    """Wrap the selected nn.Linear layers with LoRA/BaLoRA and tell each which rows it sees."""
+    inject_adapters(backbone, config, context)
+    assign_row_kinds(backbone)
+
+
+def feature_dim(backbone: nn.Module) -> int:
+    return int(backbone.atom_fea_dim)
+
+
+def structure_to_graph(backbone: nn.Module, structure, graph_id: str | None = None):
+    """pymatgen Structure -> CHGNet CrystalGraph (the backbone's own converter and cutoffs)."""
+    return backbone.graph_converter(structure, graph_id=graph_id)
+
+
+def prefix_module():
+    """The module that caches this family's frozen-prefix features."""
+    from matbalora.backbones import chgnet_prefix
+
+    return chgnet_prefix
 
 
 def backbone_version(model: nn.Module) -> str:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from matbalora.backbones import prefix_batch_block
 from matbalora.backbones.chgnet import _embed, _run_blocks, _State, first_adapted_block
 
 
@@ -113,11 +114,7 @@ def _split(state: _State, graphs: Sequence, block: int, last: bool) -> list[Pref
 
 def collate_prefixes(backbone: nn.Module, items: Sequence[PrefixGraph]) -> _State:
     """Batch prefixes into the state the remaining blocks take (indices shifted per crystal)."""
-    block = items[0].block
-    if any(p.block != block for p in items):
-        raise ValueError("a batch mixes prefixes cached at different blocks")
-    if first_adapted_block(backbone) < block:
-        raise ValueError(f"features were cached up to block {block}, but this model adapts block {first_adapted_block(backbone)}")
+    prefix_batch_block(items, first_adapted_block(backbone))
     n_atoms = [p.atom.shape[0] for p in items]
     n_und = [p.bond.shape[0] for p in items]
     atom_off = torch.tensor([0] + n_atoms[:-1]).cumsum(0).tolist()

@@ -321,6 +321,21 @@ def crystal_features(
     return (sums / counts[:, None]).reshape(samples, len(graphs), -1)
 
 
+# The backbone-family interface (see ``matbalora.model.backbone_family`` and ``chgnet.py``).
+load = load_sevennet
+
+
+def package_version() -> str:
+    return sevenn_version()
+
+
+def prefix_module():
+    """The module that caches this family's frozen-prefix features."""
+    from matbalora.backbones import sevennet_prefix
+
+    return sevennet_prefix
+
+
 def inject(backbone: nn.Module, config, context: NoiseContext) -> None:
     """Wrap the selected o3.Linear layers with per-irrep LoRA/BaLoRA blocks (see ``sevennet_adapters``)."""
     inject_irreps_adapters(backbone, config, context)

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+from matbalora.backbones import prefix_batch_block
 from matbalora.backbones.sevennet import _embed, _State, block_names, first_adapted_block, run_blocks
 
 
@@ -36,7 +38,7 @@ def prefix_block(backbone: nn.Module, method: str) -> int:
 
 
 @torch.no_grad()
-def compute_prefixes(backbone: nn.Module, graphs: Sequence, block: int, *, batch_size: int = 32) -> list[SevenNetPrefix]:
+def compute_prefixes(backbone: nn.Module, graphs: Sequence, block: int, *, batch_size: int = 32, progress: bool = False) -> list[SevenNetPrefix]:
     """Features of each crystal entering ``block`` (0 < block < n_blocks), computed in batches."""
     _, blocks = block_names(backbone)
     if not 0 < block < len(blocks):
@@ -44,7 +46,8 @@ def compute_prefixes(backbone: nn.Module, graphs: Sequence, block: int, *, batch
     if first_adapted_block(backbone) < block:
         raise ValueError(f"block={block} lies after the first adapted block {first_adapted_block(backbone)}: those features are not frozen")
     out: list[SevenNetPrefix] = []
-    for s in range(0, len(graphs), batch_size):
+    starts = range(0, len(graphs), batch_size)
+    for s in tqdm(starts, desc=f"frozen features to block {block}", unit="batch", disable=not progress):
         part = graphs[s : s + batch_size]
         state = run_blocks(backbone, _embed(backbone, part), start=0, stop=block)
         counts = state.counts()
@@ -61,11 +64,7 @@ def compute_prefixes(backbone: nn.Module, graphs: Sequence, block: int, *, batch
 
 def collate_prefixes(backbone: nn.Module, items: Sequence[SevenNetPrefix]) -> _State:
     """Batch prefixes into the state the remaining blocks take (edge indices shifted per crystal)."""
-    block = items[0].block
-    if any(p.block != block for p in items):
-        raise ValueError("a batch mixes prefixes cached at different blocks")
-    if first_adapted_block(backbone) < block:
-        raise ValueError(f"features were cached up to block {block}, but this model adapts block {first_adapted_block(backbone)}")
+    prefix_batch_block(items, first_adapted_block(backbone))
     n_atoms = [p.data["x"].shape[0] for p in items]
     offsets = torch.tensor([0] + n_atoms[:-1], dtype=torch.long).cumsum(0).tolist()
     data = {k: torch.cat([p.data[k] for p in items]) for k in items[0].data if k != "edge_index"}
