@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import logging
 import sys
-from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from matbalora.config import AdapterConfig, HeadConfig, TrainConfig
