@@ -2,6 +2,7 @@
 
     python benchmarks/mp_gap.py train      [--only NAME,...]   # resumable; skips finished models
     python benchmarks/mp_gap.py evaluate                       # benchmarks/results/mp_gap.json + plots
+    python benchmarks/mp_gap.py recalibrate [--only NAME,...]  # refit std scale + floor on validation, rewrite cards
     python benchmarks/mp_gap.py ship                           # copy balora + lora ensemble to models/
     python benchmarks/mp_gap.py report                         # tables of BENCHMARKS.md from the results
 
@@ -73,8 +74,10 @@ METHODS: dict[str, tuple] = {
 }
 
 
-#: the models ``ship`` copies to models/ (trained by the shipped profile)
+#: the models the shipped profile trains; ``ship`` copies the ensemble members and, of the BaLoRA
+#: variants in ``SHIPPED_BALORA_CANDIDATES`` that were trained, the one with the lowest validation MAE
 SHIPPED_METHODS = ["balora", *(f"lora_seed{s}" for s in ENSEMBLE_SEEDS)]
+SHIPPED_BALORA_CANDIDATES = ["balora", "balora_beta0"]
 
 
 def epochs_of(name: str) -> int:
@@ -113,6 +116,45 @@ def stage_train(only: list[str] | None, workers: int) -> None:
         print(f"{name}: trained in {time.perf_counter() - t0:.0f}s, test MAE {card['metrics']['test']['mae']:.3f}", flush=True)
 
 
+def stage_recalibrate(only: list[str] | None) -> None:
+    """Refit the recalibration (std scale and floor, conformal quantile) of trained stochastic models
+    on the validation split and rewrite their cards' ``calibration`` and ``metrics``; weights are not
+    touched. For models trained before the floor existed. Models that need the whole backbone per
+    draw (adapters in every block) are skipped unless named in ``only``."""
+    from mp_gap_evaluate import test_block
+
+    from matbalora.finetune import calibrate_and_score, with_frozen_prefix
+    from matbalora.predict import Predictor
+
+    last = BandGapModel.from_pretrained("lora")
+    data = load_benchmark_data(SIZES, last, progress=False)
+    prefixed = with_frozen_prefix(data, last, parts=("val", "test"), progress=False)
+    for name in only or [n for n in METHODS if (RUNS / n / "config.json").is_file()]:
+        pred = Predictor.load(RUNS / name)
+        if not (pred.model.is_bayesian or pred.model.has_dropout):
+            continue
+        cached = test_block(pred.model) == test_block(last)
+        if not cached and not only:
+            print(f"{name}: skipped (its draws cannot start from the cached features; name it with --only)", flush=True)
+            continue
+        t0 = time.perf_counter()
+        calibration, metrics = calibrate_and_score(pred, prefixed if cached else data, samples=16)
+        card = json.loads((RUNS / name / "config.json").read_text())
+        card["calibration"], card["metrics"] = calibration, metrics
+        card["recalibrated_by"] = command("recalibrate", f" --only {name}")
+        write_json(RUNS / name / "config.json", card)
+        print(f"{name}: std scale {calibration['std_scale']:.3g}, floor {calibration['std_floor']:.3f} eV, "
+              f"test cov90 {metrics['test'].get('coverage_90', float('nan')):.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+
+
+def shipped_balora() -> str:
+    """The BaLoRA variant ``ship`` copies: the trained candidate with the lowest validation MAE."""
+    trained = [n for n in SHIPPED_BALORA_CANDIDATES if (RUNS / n / "config.json").is_file()]
+    if not trained:
+        raise SystemExit(f"no trained BaLoRA model in {RUNS} (run the train stage first)")
+    return min(trained, key=lambda n: json.loads((RUNS / n / "config.json").read_text())["training"]["best_val_mae"])
+
+
 def stage_ship() -> None:
     from matbalora.predict import ENSEMBLE_FILE
 
@@ -120,7 +162,9 @@ def stage_ship() -> None:
     target = models / "balora"
     if target.exists():
         shutil.rmtree(target)
-    shutil.copytree(RUNS / "balora", target, ignore=shutil.ignore_patterns("checkpoint"))
+    chosen = shipped_balora()
+    shutil.copytree(RUNS / chosen, target, ignore=shutil.ignore_patterns("checkpoint"))
+    print(f"BaLoRA: {chosen} (lowest validation MAE of {SHIPPED_BALORA_CANDIDATES})")
     ens = models / "lora_ensemble"
     if ens.exists():
         shutil.rmtree(ens)
@@ -141,8 +185,8 @@ def stage_ship() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["train", "evaluate", "ship", "report"])
-    ap.add_argument("--only", default=None, help="comma-separated method names (train stage)")
+    ap.add_argument("stage", choices=["train", "evaluate", "recalibrate", "ship", "report"])
+    ap.add_argument("--only", default=None, help="comma-separated method names (train and recalibrate stages)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest when other work shares the cores)")
     args = ap.parse_args()
@@ -153,6 +197,8 @@ def main() -> None:
         from mp_gap_evaluate import stage_evaluate
 
         stage_evaluate()
+    elif args.stage == "recalibrate":
+        stage_recalibrate(args.only.split(",") if args.only else None)
     elif args.stage == "report":
         from mp_gap_report import stage_report
 

@@ -12,7 +12,7 @@ from mp_gap import ENSEMBLE_SEEDS, LARGE_BASELINE_TRAIN, METHODS, RESULTS, RESUL
 from mp_gap_data import composition_rows, load_benchmark_data
 
 from matbalora.atomic import write_json
-from matbalora.calibration import ConformalIntervals, StdScaler
+from matbalora.calibration import StdScaler, fit_recalibration
 from matbalora.evaluation import plot_all, score_frame
 from matbalora.finetune import with_frozen_prefix
 from matbalora.model import BandGapModel
@@ -131,22 +131,20 @@ def evaluate_single(name: str, y: np.ndarray, out: dict) -> Predictor:
     g = pred.sample(test, samples=n_draws, seed=0).gaps
     ms = _predict_ms(pred, MAIN_SAMPLES if stochastic else 0)
     main = g[:MAIN_SAMPLES] if stochastic else g
-    std = main.std(0, ddof=1) * pred.std_scale if stochastic else np.full(g.shape[1], np.nan)
+    raw = main.std(0, ddof=1) if stochastic else np.full(g.shape[1], np.nan)
     calibration = pred.config.get("calibration") or {}
     if stochastic and "conformal" not in calibration:  # trained before stochastic non-Bayesian models were recalibrated
         data = _SHARED["prefixed"].get(test_block(pred.model), _SHARED["data"])
         val = pred.sample(data.part("val"), samples=MAIN_SAMPLES, seed=0).gaps
-        y_val = data.targets[data.split.val]
-        val_std = np.maximum(val.std(0, ddof=1), STD_FLOOR)
-        calibration = {"std_scale": StdScaler().fit(val.mean(0), val_std, y_val).factor,
-                       "conformal": ConformalIntervals().fit(val.mean(0), val_std, y_val, 0.9).to_dict(), "fitted_on": "val (at evaluation)"}
-        pred.std_scale = calibration["std_scale"]
-        std = main.std(0, ddof=1) * pred.std_scale
-    scored = score_frame(_frame(main.mean(0), std), y, std_scale=pred.std_scale, conformal=calibration.get("conformal"))
+        calibration = fit_recalibration(val.mean(0), np.maximum(val.std(0, ddof=1), STD_FLOOR), data.targets[data.split.val]) | {"fitted_on": "val (at evaluation)"}
+        pred.scaler = StdScaler.from_calibration(calibration)
+    std = pred.scaler.transform(raw)
+    scored = score_frame(_frame(main.mean(0), std), y, raw_std=raw, conformal=calibration.get("conformal"))
     row = _summary(scored) | _card_facts(RUNS / name)
     row["predict_ms_per_structure"] = ms
     row["samples"] = MAIN_SAMPLES if stochastic else 0
-    row["std_scale"] = pred.std_scale if stochastic else None
+    row["std_scale"] = pred.scaler.factor if stochastic else None
+    row["std_floor"] = pred.scaler.floor if stochastic else None
     if pred.model.is_bayesian:
         row["noise"] = noise_summary(pred.model)
     out["methods"][name] = row
@@ -157,7 +155,7 @@ def evaluate_single(name: str, y: np.ndarray, out: dict) -> Predictor:
 
         for s in sweep:
             m = g[:s].mean(0)
-            sd = g[:s].std(0, ddof=1) * pred.std_scale if s > 1 else np.zeros_like(m)
+            sd = pred.scaler.transform(g[:s].std(0, ddof=1)) if s > 1 else np.zeros_like(m)
             sweep_mae[str(s)] = mae(m, sd, y)
             sweep_sp[str(s)] = spearman(m, sd, y) if s > 1 else float("nan")
             sweep_nll[str(s)] = nll(m, sd, y) if s > 1 else float("nan")
@@ -179,20 +177,20 @@ def evaluate_ensemble(prefix: str, y: np.ndarray, out: dict) -> None:
     val_g = np.stack([m.sample(val, samples=0).gaps[0] for m in members])
     test_g = np.stack([m.sample(test, samples=0).gaps[0] for m in members])
     ms = sum(_predict_ms(m, 0) for m in members)
-    val_std = np.maximum(val_g.std(0, ddof=1), STD_FLOOR)
-    scale = StdScaler().fit(val_g.mean(0), val_std, y_val).factor
-    conformal = ConformalIntervals().fit(val_g.mean(0), val_std, y_val, 0.9).to_dict()
-    out["ensemble_calibration" + suffix] = {"std_scale": scale, "conformal": conformal, "fitted_on": "val", "samples": 0}
-    mean, std = test_g.mean(0), test_g.std(0, ddof=1) * scale
-    scored = score_frame(_frame(mean, std), y, std_scale=scale, conformal=conformal)
+    calibration = fit_recalibration(val_g.mean(0), np.maximum(val_g.std(0, ddof=1), STD_FLOOR), y_val)
+    out["ensemble_calibration" + suffix] = calibration | {"fitted_on": "val", "samples": 0}
+    scaler = StdScaler.from_calibration(calibration)
+    mean, raw = test_g.mean(0), test_g.std(0, ddof=1)
+    std = scaler.transform(raw)
+    scored = score_frame(_frame(mean, std), y, raw_std=raw, conformal=calibration["conformal"])
     facts = [_card_facts(RUNS / f"{prefix}_seed{s}") for s in ENSEMBLE_SEEDS]
-    row = _summary(scored) | {"train_seconds": sum(f["train_seconds"] for f in facts), "trainable_params": sum(f["trainable_params"] for f in facts), "predict_ms_per_structure": ms, "members": len(members), "std_scale": scale}
+    row = _summary(scored) | {"train_seconds": sum(f["train_seconds"] for f in facts), "trainable_params": sum(f["trainable_params"] for f in facts), "predict_ms_per_structure": ms, "members": len(members), "std_scale": scaler.factor, "std_floor": scaler.floor}
     out["methods"]["lora_ensemble" + suffix] = row
     out["details"]["lora_ensemble" + suffix] = scored
     sweeps = {key: {} for key in ("spearman_vs_members", "nll_vs_members", "mae_vs_members")}
     for k in range(1, len(members) + 1):
         m = test_g[:k].mean(0)
-        sd = test_g[:k].std(0, ddof=1) * scale if k > 1 else np.zeros_like(m)
+        sd = scaler.transform(test_g[:k].std(0, ddof=1)) if k > 1 else np.zeros_like(m)
         sweeps["mae_vs_members"][str(k)] = mae(m, sd, y)
         sweeps["spearman_vs_members"][str(k)] = spearman(m, sd, y) if k > 1 else float("nan")
         sweeps["nll_vs_members"][str(k)] = nll(m, sd, y) if k > 1 else float("nan")
@@ -234,12 +232,11 @@ def evaluate_composition_baseline(data, y: np.ndarray, out: dict) -> None:
             return trees.mean(0), np.maximum(trees.std(0, ddof=1), 1e-6)
 
         vm, vs = predict(X_val)
-        scale = StdScaler().fit(vm, vs, y_val).factor
-        conformal = ConformalIntervals().fit(vm, vs, y_val, 0.9).to_dict()
+        calibration = fit_recalibration(vm, vs, y_val)
         t0 = time.perf_counter()
-        mean, std = predict(X_te)
+        mean, raw = predict(X_te)
         ms = (time.perf_counter() - t0) * 1000 / len(y)
-        scored = score_frame(_frame(mean, std * scale), y, std_scale=scale, conformal=conformal)
+        scored = score_frame(_frame(mean, StdScaler.from_calibration(calibration).transform(raw)), y, raw_std=raw, conformal=calibration["conformal"])
         out["methods"][name] = _summary(scored) | {
             "train_seconds": train_s, "predict_ms_per_structure": ms, "trainable_params": None,
             "n_train": len(targets), "model": "matminer Magpie + RandomForest(100 trees), std = spread of the trees",

@@ -23,7 +23,7 @@ NONMETAL_COLUMNS = [("nonmetal_mae", "MAE", 3), ("nonmetal_spearman", "Spearman"
 COST_COLUMNS = [("trainable_params", "trainable params", 0), ("trainable_share", "share", 4), ("epochs", "epochs", 0),
                 ("train_seconds", "train s", 0), ("seconds_per_epoch", "s/epoch", 0), ("ms_per_structure_step", "train ms/crystal", 0),
                 ("best_val_mae", "val MAE", 3), ("predict_ms_per_structure", "predict ms/crystal", 1), ("samples", "S", 0),
-                ("n_train", "n_train", 0), ("std_scale", "std scale", 3)]
+                ("n_train", "n_train", 0), ("std_scale", "std scale", 3), ("std_floor", "std floor (eV)", 3)]
 
 
 def noise_table(res: dict) -> str:

@@ -27,6 +27,7 @@ __all__ = [
     "StdScaler",
     "IsotonicRecalibrator",
     "ConformalIntervals",
+    "fit_recalibration",
 ]
 
 
@@ -109,45 +110,95 @@ def _require_fitted(obj: Any, attr: str) -> None:
 
 
 class StdScaler:
-    """Multiply every predicted std by one factor ``k`` fitted on a validation split.
+    """Recalibrate predicted stds, fitted on a validation split: ``std' = sqrt((k s)^2 + c^2)``.
 
-    The Gaussian NLL ``mean(log(k s) + err^2 / (2 k^2 s^2))`` is minimised in closed form
-    by ``k^2 = mean((err / s)^2)``. ``k > 1`` means the model was over-confident.
+    ``k`` scales the model's own (epistemic) spread; the optional floor ``c`` (eV) is a
+    homoscedastic error term every prediction shares (BALORA.md's "total variance = epistemic +
+    aleatoric", with the aleatoric part fitted after training instead of learned). Without a
+    floor, the Gaussian NLL ``mean(log(k s) + err^2 / (2 k^2 s^2))`` is minimised in closed form by
+    ``k^2 = mean((err / s)^2)``; that single factor is driven by the crystals whose spread is
+    near zero but whose error is not, and so widens every interval. With ``floor=True`` both
+    ``k`` and ``c`` minimise the validation NLL (L-BFGS on their logarithms). ``k > 1`` means the
+    spread was over-confident. Scaling ``s`` by one factor keeps its ranking; a floor does not
+    change the ranking either (``std'`` is increasing in ``s``).
     """
 
-    def __init__(self, factor: float | None = None) -> None:
+    def __init__(self, factor: float | None = None, floor: float = 0.0) -> None:
         if factor is not None and not (math.isfinite(factor) and factor > 0):
             raise ValueError(f"factor must be finite and > 0, got {factor}")
+        if not (math.isfinite(floor) and floor >= 0):
+            raise ValueError(f"floor must be finite and >= 0 eV, got {floor}")
         self.factor = None if factor is None else float(factor)
+        self.floor = float(floor)
 
-    def fit(self, y_pred: Any, y_std: Any, y_true: Any) -> StdScaler:
-        """Fit ``k`` on validation arrays (eV); every ``y_std`` must be > 0."""
+    def fit(self, y_pred: Any, y_std: Any, y_true: Any, *, floor: bool = False) -> StdScaler:
+        """Fit ``k`` (and, with ``floor=True``, ``c``) on validation arrays (eV).
+
+        Without a floor every ``y_std`` must be > 0; with one, zeros are allowed (``c`` covers them).
+        """
         y_pred, y_std, y_true = check_arrays(y_pred, y_std, y_true)
-        if np.any(y_std == 0):
-            raise ValueError("y_std must be > 0 everywhere to fit StdScaler (found 0)")
-        k = float(np.sqrt(np.mean(((y_pred - y_true) / y_std) ** 2)))
-        if k == 0:
+        err2 = (y_pred - y_true) ** 2
+        if not np.any(err2 > 0):
             raise ValueError("y_pred equals y_true everywhere; the scale factor would be 0")
-        self.factor = k
+        if not floor:
+            if np.any(y_std == 0):
+                raise ValueError("y_std must be > 0 everywhere to fit StdScaler without a floor (found 0)")
+            self.factor, self.floor = float(np.sqrt(np.mean(err2 / y_std**2))), 0.0
+            return self
+        self.factor, self.floor = _fit_scale_and_floor(y_std, err2)
         return self
 
     def transform(self, y_std: Any) -> np.ndarray:
-        """Return ``k * y_std`` (eV), same shape as ``y_std``."""
+        """Return ``sqrt((k y_std)^2 + c^2)`` (eV), same shape as ``y_std``; NaN stays NaN."""
         _require_fitted(self, "factor")
-        return self.factor * np.asarray(y_std, dtype=np.float64)
+        return np.hypot(self.factor * np.asarray(y_std, dtype=np.float64), self.floor)
 
     def to_dict(self) -> dict[str, Any]:
         _require_fitted(self, "factor")
-        return {"kind": "StdScaler", "factor": self.factor}
+        return {"kind": "StdScaler", "factor": self.factor, "floor": self.floor}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StdScaler:
         if d.get("kind") != "StdScaler" or "factor" not in d:
             raise ValueError(f"not a StdScaler dict (need kind='StdScaler' and factor): {d!r}")
-        return cls(factor=float(d["factor"]))
+        return cls(factor=float(d["factor"]), floor=float(d.get("floor", 0.0)))
+
+    @classmethod
+    def from_calibration(cls, calibration: dict[str, Any] | None) -> StdScaler:
+        """The scaler stored in a model card's ``calibration`` (``std_scale``, ``std_floor``);
+        identity for a card without one. Cards written before the floor existed load with ``c = 0``."""
+        calibration = calibration or {}
+        return cls(factor=float(calibration.get("std_scale", 1.0)), floor=float(calibration.get("std_floor", 0.0)))
 
     def __repr__(self) -> str:
-        return f"StdScaler(factor={self.factor})"
+        return f"StdScaler(factor={self.factor}, floor={self.floor})"
+
+
+def _fit_scale_and_floor(y_std: np.ndarray, err2: np.ndarray) -> tuple[float, float]:
+    """Minimise the mean Gaussian NLL of ``err`` under variance ``k^2 s^2 + c^2`` over (log k, log c)."""
+    from scipy.optimize import minimize
+
+    rms = float(np.sqrt(np.mean(err2)))
+    s2 = y_std**2
+
+    def nll(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        k2, c2 = np.exp(2 * theta)
+        var = k2 * s2 + c2
+        ratio = err2 / var
+        value = 0.5 * np.mean(np.log(var) + ratio)
+        dvar = 0.5 * (1.0 - ratio) / var  # d nll_i / d var_i
+        return float(value), np.array([np.mean(dvar * 2 * k2 * s2), np.mean(dvar * 2 * c2)])
+
+    positive = y_std > 0
+    k0 = float(np.sqrt(np.mean(err2[positive] / s2[positive]))) if positive.any() else 1.0
+    best = None
+    for start in ([math.log(max(k0, 1e-6)), math.log(rms * 1e-3)], [0.0, math.log(rms / 2)]):
+        res = minimize(nll, np.array(start), jac=True, method="L-BFGS-B",
+                       bounds=[(math.log(1e-6), math.log(1e8)), (math.log(rms * 1e-6), math.log(rms * 10))])
+        if best is None or res.fun < best.fun:
+            best = res
+    k, c = np.exp(best.x)
+    return float(k), float(c)
 
 
 def _needed_level(y_pred: np.ndarray, y_std: np.ndarray, y_true: np.ndarray) -> np.ndarray:
@@ -245,3 +296,15 @@ class ConformalIntervals:
         obj.q = float(d["q"])
         obj.level = check_level(d["level"])
         return obj
+
+
+def fit_recalibration(y_pred: Any, y_std: Any, y_true: Any, *, level: float = 0.9) -> dict[str, Any]:
+    """The ``calibration`` block of a model card, fitted on validation arrays (eV).
+
+    ``std_scale`` and ``std_floor`` are the :class:`StdScaler` fitted with a floor (prediction time
+    reads them back with :meth:`StdScaler.from_calibration`); ``conformal`` is the split-conformal
+    quantile at ``level`` of the errors normalised by the *recalibrated* std.
+    """
+    scaler = StdScaler().fit(y_pred, y_std, y_true, floor=True)
+    conformal = ConformalIntervals().fit(y_pred, scaler.transform(y_std), y_true, level)
+    return {"std_scale": scaler.factor, "std_floor": scaler.floor, "conformal": conformal.to_dict() | {"std": "recalibrated"}}

@@ -25,21 +25,30 @@ def _coverage(lower: np.ndarray, upper: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean((y >= lower) & (y <= upper)))
 
 
-def score_frame(frame: pd.DataFrame, y_true: np.ndarray, *, std_scale: float, conformal: dict | None) -> dict:
-    """Metrics of one prediction frame (std already scaled by ``std_scale``), raw and recalibrated."""
+def frame_raw_std(frame: pd.DataFrame) -> np.ndarray:
+    """The spread of a prediction frame before recalibration: epistemic and aleatoric combined."""
+    epi, alea = frame["std_epistemic"].to_numpy(float), frame["std_aleatoric"].to_numpy(float)
+    total = np.hypot(np.nan_to_num(epi), np.nan_to_num(alea))
+    total[np.isnan(epi) & np.isnan(alea)] = np.nan
+    return total
+
+
+def score_frame(frame: pd.DataFrame, y_true: np.ndarray, *, raw_std: np.ndarray, conformal: dict | None) -> dict:
+    """Metrics of one prediction frame (``std`` recalibrated) and of its ``raw_std`` (the model's own
+    spread, before recalibration); conformal coverage where the model card holds a quantile."""
     pred, std = frame["band_gap"].to_numpy(float), frame["std"].to_numpy(float)
     ok = np.isfinite(pred)
-    pred, std, y = pred[ok], std[ok], y_true[ok]
+    pred, std, y, raw = pred[ok], std[ok], y_true[ok], np.asarray(raw_std, dtype=float)[ok]
     result: dict = {"n": int(ok.sum())}
     if not np.all(np.isfinite(std)) or np.all(std == 0):
         result["calibrated"] = {k: v for k, v in evaluate(pred, np.zeros_like(pred), y).items() if k.endswith(("mae", "rmse", "r2", "n"))}
         return result
-    raw_std = std / std_scale
-    result["uncalibrated"] = evaluate(pred, raw_std, y)
+    result["uncalibrated"] = evaluate(pred, raw, y)
     result["calibrated"] = evaluate(pred, std, y)
     if conformal:
         ci = ConformalIntervals.from_dict(conformal)
-        lo, hi = ci.interval(pred, raw_std)
+        # quantiles fitted before recalibration had a floor were fitted on the raw spread
+        lo, hi = ci.interval(pred, std if conformal.get("std") == "recalibrated" else raw)
         nonmetal = y > 0
         result["conformal"] = {
             "level": ci.level,
@@ -87,7 +96,7 @@ def evaluate_on_data(
     table = frames["model"][["id", "formula", "n_atoms"]].assign(band_gap_true=y)
     for name, frame in frames.items():
         cal = sources[name].config.get("calibration") or {}
-        report[name] = score_frame(frame, y, std_scale=sources[name].std_scale, conformal=cal.get("conformal"))
+        report[name] = score_frame(frame, y, raw_std=frame_raw_std(frame), conformal=cal.get("conformal"))
         for col in ("band_gap", "std", "lower", "upper"):
             table[f"{name}_{col}"] = frame[col].to_numpy()
         if plots:

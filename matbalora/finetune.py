@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from matbalora.atomic import write_json
-from matbalora.calibration import ConformalIntervals, StdScaler, gaussian_interval
+from matbalora.calibration import StdScaler, fit_recalibration, gaussian_interval
 from matbalora.checkpoint import save_model
 from matbalora.config import AdapterConfig, HeadConfig, TrainConfig, to_dict
 from matbalora.data.graph_cache import GraphCache
@@ -142,24 +142,26 @@ def _metrics(frame, y_true: np.ndarray) -> dict:
 
 
 def calibrate_and_score(predictor, data: PreparedData, *, samples: int) -> tuple[dict, dict]:
-    """Fit std scaling and 90% conformal intervals on the validation split; metrics on validation
-    and test (test reported before and after std scaling; one prediction pass per split)."""
-    predictor.std_scale = 1.0
+    """Fit the std recalibration (scale and floor, :class:`StdScaler` with ``floor=True``) and 90%
+    conformal intervals on the recalibrated std, on the validation split; metrics on validation and
+    test (test reported before and after recalibration; one prediction pass per split)."""
+    predictor.scaler = StdScaler(1.0)
     val = predictor.predict_prepared(data.part("val"), samples=samples)
-    calibration: dict = {"std_scale": 1.0, "fitted_on": "val", "samples": samples}
-    if np.all(np.isfinite(val["std"])) and np.all(val["std"] > 0):
+    calibration: dict = {"std_scale": 1.0, "std_floor": 0.0, "fitted_on": "val", "samples": samples}
+    scaler = predictor.scaler
+    if np.all(np.isfinite(val["std"])):
         y_val = data.targets[data.split.val]
-        calibration["std_scale"] = StdScaler().fit(val["band_gap"], val["std"], y_val).factor
-        calibration["conformal"] = ConformalIntervals().fit(val["band_gap"], val["std"], y_val, 0.9).to_dict()
+        calibration.update(fit_recalibration(val["band_gap"], val["std"], y_val, level=0.9))
+        scaler = StdScaler.from_calibration(calibration)
     metrics = {"val": _metrics(val, data.targets[data.split.val])}
     if len(data.split.test):
         raw = predictor.predict_prepared(data.part("test"), samples=samples)
         y_test = data.targets[data.split.test]
         metrics["test_uncalibrated"] = _metrics(raw, y_test)
-        scaled = raw.assign(std=raw["std"] * calibration["std_scale"])
+        scaled = raw.assign(std=scaler.transform(raw["std"]))
         lower, upper = gaussian_interval(scaled["band_gap"], scaled["std"], 0.9)
         metrics["test"] = _metrics(scaled.assign(lower=lower, upper=upper), y_test)
-    predictor.std_scale = calibration["std_scale"]
+    predictor.scaler = scaler
     return calibration, metrics
 
 

@@ -2,8 +2,9 @@
 
 Columns (eV): ``id, formula, n_atoms, band_gap, std, lower, upper, std_epistemic, std_aleatoric, error``.
 ``std`` is the total standard deviation (epistemic from the Monte-Carlo draws or ensemble members,
-plus aleatoric where the head learned one), multiplied by the std-scaling factor fitted on the
-validation split when the model folder records one. ``lower``/``upper`` is the central Gaussian
+plus aleatoric where the head learned one), recalibrated as ``sqrt((k std)^2 + c^2)`` with the scale
+``k`` and floor ``c`` fitted on the validation split when the model folder records them
+(:class:`matbalora.calibration.StdScaler`; ``std_epistemic``/``std_aleatoric`` stay raw). ``lower``/``upper`` is the central Gaussian
 interval at ``level``, clipped at 0 eV. Inputs that fail validation keep their row, with NaN numbers
 and the reason in ``error``.
 """
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from matbalora.calibration import gaussian_interval
+from matbalora.calibration import StdScaler, gaussian_interval
 from matbalora.checkpoint import load_model_folder
 from matbalora.data.validation import DEFAULT_MAX_ATOMS, check_structure
 from matbalora.model import BandGapModel
@@ -87,7 +88,7 @@ def prepare(model: BandGapModel, structures: Iterable, ids: Sequence[str] | None
     return prep
 
 
-def _frame(prep: Prepared, mean: np.ndarray, epi: np.ndarray, alea: np.ndarray, std_scale: float, level: float) -> pd.DataFrame:
+def _frame(prep: Prepared, mean: np.ndarray, epi: np.ndarray, alea: np.ndarray, scaler: StdScaler, level: float) -> pd.DataFrame:
     n = len(prep.ids)
     cols = {k: np.full(n, np.nan) for k in ("band_gap", "std_epistemic", "std_aleatoric")}
     rows = np.asarray(prep.graph_rows, dtype=int)
@@ -96,7 +97,7 @@ def _frame(prep: Prepared, mean: np.ndarray, epi: np.ndarray, alea: np.ndarray, 
     cols["std_aleatoric"][rows] = alea
     total = np.sqrt(np.nan_to_num(cols["std_epistemic"]) ** 2 + np.nan_to_num(cols["std_aleatoric"]) ** 2)
     total[np.isnan(cols["std_epistemic"]) & np.isnan(cols["std_aleatoric"])] = np.nan
-    std = total * std_scale
+    std = scaler.transform(total)  # recalibrated on validation: sqrt((k total)^2 + floor^2)
     lower, upper = gaussian_interval(cols["band_gap"], std, level)
     return pd.DataFrame(
         {
@@ -126,7 +127,7 @@ class Predictor:
     def __init__(self, model: BandGapModel, config: dict | None = None) -> None:
         self.model = model
         self.config = config or {}
-        self.std_scale = float((self.config.get("calibration") or {}).get("std_scale", 1.0))
+        self.scaler = StdScaler.from_calibration(self.config.get("calibration"))
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> Predictor:
@@ -153,7 +154,7 @@ class Predictor:
         mean = draws.gaps.mean(0)
         epi = draws.gaps.std(0, ddof=1) if draws.gaps.shape[0] > 1 else np.full(mean.shape, np.nan)
         alea = np.sqrt(draws.aleatoric_var) if draws.aleatoric_var is not None else np.full(mean.shape, np.nan)
-        return _frame(prep, mean, epi, alea, self.std_scale, level)
+        return _frame(prep, mean, epi, alea, self.scaler, level)
 
 
 class EnsemblePredictor:
@@ -164,7 +165,7 @@ class EnsemblePredictor:
             raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
         self.members = list(members)
         self.config = config or {}
-        self.std_scale = float((self.config.get("calibration") or {}).get("std_scale", 1.0))
+        self.scaler = StdScaler.from_calibration(self.config.get("calibration"))
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> EnsemblePredictor:
@@ -191,4 +192,4 @@ class EnsemblePredictor:
 
     def predict_prepared(self, prep: Prepared, *, samples: int = 16, level: float = 0.9, seed: int | None = 0) -> pd.DataFrame:
         gaps = self.member_gaps(prep)
-        return _frame(prep, gaps.mean(0), gaps.std(0, ddof=1), np.full(gaps.shape[1], np.nan), self.std_scale, level)
+        return _frame(prep, gaps.mean(0), gaps.std(0, ddof=1), np.full(gaps.shape[1], np.nan), self.scaler, level)

@@ -97,6 +97,53 @@ def test_std_scaler_round_trip_and_errors():
         StdScaler(factor=-1.0)
 
 
+def _floored_split(seed: int):
+    """Errors with variance (2 s)^2 + 0.3^2: a spread that is right in shape but too small, and a
+    shared error term the spread knows nothing about (a quarter of the crystals have s ~ 0)."""
+    rng = np.random.default_rng(seed)
+    s = np.where(rng.random(N) < 0.25, 1e-4, rng.uniform(0.05, 0.5, N))
+    y_pred = rng.uniform(2.0, 6.0, N)
+    y_true = y_pred + np.sqrt((2 * s) ** 2 + 0.3**2) * rng.normal(size=N)
+    return y_pred, s, y_true
+
+
+def test_std_scaler_floor_recovers_scale_and_floor():
+    scaler = StdScaler().fit(*_floored_split(1), floor=True)
+    assert scaler.factor == pytest.approx(2.0, rel=0.05)
+    assert scaler.floor == pytest.approx(0.3, rel=0.05)
+
+
+def test_std_scaler_floor_beats_single_factor_on_held_out_split():
+    fit_split, (yp, ys, yt) = _floored_split(1), _floored_split(2)
+    floored, single = StdScaler().fit(*fit_split, floor=True), StdScaler().fit(*fit_split)
+    assert single.factor > 100  # driven by the near-zero spreads: every interval becomes huge
+
+    def nll(std):
+        return np.mean(np.log(std) + (yt - yp) ** 2 / (2 * std**2))
+
+    assert nll(floored.transform(ys)) < nll(single.transform(ys)) - 1.0
+    lo, hi = gaussian_interval(yp, floored.transform(ys), 0.9)
+    assert _coverage(lo, hi, yt) == pytest.approx(0.9, abs=_tol(0.9))
+    assert np.median(hi - lo) < 0.1 * np.median(np.diff(gaussian_interval(yp, single.transform(ys), 0.9), axis=0))
+
+
+def test_std_scaler_floor_allows_zero_spread_and_keeps_ranking():
+    scaler = StdScaler().fit([1.0, 2.0, 3.0], [0.0, 0.5, 1.0], [1.5, 2.0, 1.0], floor=True)
+    out = scaler.transform([0.0, 0.1, 1.0])
+    assert out[0] == pytest.approx(scaler.floor) and out[0] < out[1] < out[2]
+
+
+def test_std_scaler_reads_cards_written_before_the_floor():
+    old = StdScaler.from_dict({"kind": "StdScaler", "factor": 3.0})
+    assert old.floor == 0.0 and old.transform([2.0])[0] == pytest.approx(6.0)
+    assert StdScaler.from_calibration({"std_scale": 2.0}).transform([1.0])[0] == pytest.approx(2.0)
+    assert StdScaler.from_calibration(None).transform([0.7])[0] == pytest.approx(0.7)
+    card = StdScaler.from_calibration({"std_scale": 2.0, "std_floor": 1.5})
+    assert card.transform([2.0])[0] == pytest.approx(math.hypot(4.0, 1.5))
+    with pytest.raises(ValueError, match="floor"):
+        StdScaler(factor=1.0, floor=-0.1)
+
+
 @pytest.mark.parametrize("scale", [0.5, 2.0])
 def test_isotonic_recalibration_restores_coverage(scale):
     yp, ys, yt = _split(4, scale)

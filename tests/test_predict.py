@@ -38,6 +38,22 @@ def test_ensemble_predicts_spread(shipped_like):
     assert list(df.columns[:7]) == BASE_COLUMNS and (df["std"] > 0).all()
 
 
+def test_std_is_the_cards_recalibration_of_the_raw_spread(shipped_like):
+    """std = sqrt((k raw)^2 + c^2) with k, c from the card; the raw spread stays in std_epistemic."""
+    from matbalora.calibration import StdScaler
+
+    model = matbalora.load_model()
+    structs = [silicon(), copper()]
+    raw = model.predict(structs, samples=8)["std_epistemic"].to_numpy()
+    assert model.scaler.floor == 0.0  # the fixture's card predates the floor: it loads as 0
+    np.testing.assert_allclose(model.predict(structs, samples=8)["std"], 1.5 * raw)
+    model.scaler = StdScaler.from_calibration({"std_scale": 1.5, "std_floor": 0.4})
+    df = model.predict(structs, samples=8)
+    np.testing.assert_allclose(df["std"], np.hypot(1.5 * raw, 0.4))
+    np.testing.assert_allclose(df["std_epistemic"], raw)
+    assert (df["upper"] - df["band_gap"] >= 1.64 * 0.4).all()
+
+
 def test_invalid_structure_keeps_its_row(shipped_like):
     from pymatgen.core import Lattice, Structure
 

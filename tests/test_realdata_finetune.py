@@ -43,7 +43,11 @@ def test_short_balora_finetune_on_mp_gap(tmp_path, monkeypatch):
     baseline = float(np.mean(np.abs(ds.targets[split["val"]] - train_mean)))
     assert val["mae"] < baseline, f"val MAE {val['mae']:.3f} eV vs mean-predictor {baseline:.3f} eV"
 
+    calibration = card["calibration"]  # fitted on validation: scale and floor, conformal on the recalibrated std
+    assert calibration["std_scale"] > 0 and calibration["std_floor"] > 0 and calibration["conformal"]["std"] == "recalibrated"
     model = matbalora.load_model(out)
+    assert (model.scaler.factor, model.scaler.floor) == (calibration["std_scale"], calibration["std_floor"])
     df = model.predict(ds.structures[:5], samples=4)
+    assert (df["std"] >= calibration["std_floor"]).all()
     assert {"band_gap", "std", "lower", "upper"} <= set(df.columns)
     assert (df["lower"] >= 0).all() and (df["std"] > 0).all() and len(df) == 5

@@ -12,11 +12,14 @@ for title, card in sup.model_cards().items():
         continue
     member = card.get("member card", card)
     backbone = member.get("backbone") or {}
-    cols = st.columns(3)
+    calibration = card.get("calibration") or {}
+    cols = st.columns(4)
     cols[0].metric("method", str(member.get("method", "?")))
     cols[1].metric("backbone", f"{backbone.get('name', '?')} {backbone.get('version', '')}")
-    cols[2].metric("members" if "members" in card else "std scale",
-                   len(card["members"]) if "members" in card else f"{(card.get('calibration') or {}).get('std_scale', 1.0):.3g}")
+    cols[2].metric("std scale k", f"{calibration.get('std_scale', 1.0):.3g}")
+    cols[3].metric("std floor c (eV)", f"{calibration.get('std_floor', 0.0):.3g}")
+    if "members" in card:
+        st.caption(f"{len(card['members'])} members")
     if member.get("metrics"):
         st.write("**Metrics**")
         st.json(member["metrics"], expanded=True)
