@@ -75,12 +75,19 @@ def sweep(res: dict, key: str, label: str) -> str:
     return "\n".join(lines)
 
 
+def recalibration_note(methods: dict) -> str:
+    """How the "scaled" stds of the tables were recalibrated (results written before the floor have none)."""
+    if any(row.get("std_floor") is not None for row in methods.values()):
+        return "stds recalibrated on validation as sqrt((k std)² + c²), scale k and floor c in the cost table; conformal on the recalibrated std"
+    return "stds after std scaling (one factor) fitted on validation"
+
+
 def render(res: dict) -> str:
     m = with_derived(res["methods"], res["n_train"])
     parts = [
         f"Test: {res['n_test']} crystals (metal fraction {res['test_metal_fraction']:.2f}); train {res['n_train']}, "
         f"validation {res['n_val']}. Produced by `{res['command']}`.",
-        "", "**All test crystals** (eV; stds after std scaling fitted on validation; cov90 = coverage of the 90% interval)", "",
+        "", f"**All test crystals** (eV; {recalibration_note(m)}; cov90 = coverage of the 90% interval)", "",
         table(m, MAIN_COLUMNS),
         "", "**Non-metals only** (DFT gap > 0)", "", table(m, NONMETAL_COLUMNS),
         "", "**Cost**", "", table(m, COST_COLUMNS),
@@ -90,9 +97,10 @@ def render(res: dict) -> str:
     if "spearman_vs_samples_all_blocks" in res:
         parts += ["", "**Adapters in every block: BaLoRA vs S, ensemble vs K**", "", sweep(res, "spearman_vs_samples_all_blocks", "S"),
                   "", sweep(res, "spearman_vs_members_all_blocks", "K")]
+    parts += ["", "**Where the BaLoRA noise went** (learned log a over all adapted layers)", ""]
+    for name in [n for n in ORDER if m.get(n, {}).get("noise")]:
+        parts += [f"{name}:", "```", json.dumps(m[name]["noise"], indent=None), "```"]
     parts += [
-        "", "**Where the BaLoRA noise went** (learned log a over all adapted layers)", "",
-        "```", json.dumps(m.get("balora", {}).get("noise", {}), indent=None), "```",
         "", "**Diagnostic: the trained BaLoRA model with its noise raised at test time**", "", noise_table(res),
     ]
     return "\n".join(parts)
