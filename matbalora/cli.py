@@ -55,7 +55,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--samples", type=int, default=16, help="Monte-Carlo samples for calibration and test metrics")
     p.add_argument("--cache", default=None, help="graph cache folder (default: $MATBALORA_CACHE or ~/.cache/matbalora)")
     p.add_argument("--workers", type=int, default=1, help="processes for graph conversion")
-    p.add_argument("--backbone-checkpoint", default=None, help="a CHGNet checkpoint file (default: CHGNet 0.3.0 from the chgnet wheel)")
+    p.add_argument("--backbone", choices=["chgnet", "sevennet"], default="chgnet", help="pretrained backbone family (default: chgnet)")
+    p.add_argument("--backbone-checkpoint", default=None, help="a checkpoint file of that family (default: CHGNet 0.3.0 from the chgnet wheel, SevenNet-0 from the sevenn wheel)")
     _add_dataclass_options(p, TrainConfig)
     _add_dataclass_options(p, AdapterConfig, skip=("bayesian",), rename={"dropout": "adapter_dropout"})
     _add_dataclass_options(p, HeadConfig, prefix="head_", rename={"loss": "loss"})
@@ -65,10 +66,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from matbalora.finetune import DataSpec, train_ensemble, train_model
 
     train = _collect(args, TrainConfig)
-    adapter = _collect(args, AdapterConfig, bayesian=train.method == "balora") if train.method in ("lora", "balora") else None
+    adapter = None
+    if train.method in ("lora", "balora"):
+        adapter = _collect(args, AdapterConfig, bayesian=train.method == "balora")
+        if args.backbone != "chgnet" and adapter.targets == AdapterConfig().targets:  # --targets not given: the family's own
+            from matbalora.model import backbone_family
+
+            adapter = dataclasses.replace(adapter, targets=tuple(backbone_family(args.backbone).DEFAULT_TARGETS))
     head = _collect(args, HeadConfig)
     spec = DataSpec(args.data, args.max_structures, args.split, args.val_fraction, args.test_fraction, args.split_seed)
-    common = dict(train=train, adapter=adapter, head=head, resume=args.resume, cache_dir=args.cache, samples=args.samples, workers=args.workers, backbone_checkpoint=args.backbone_checkpoint)
+    common = dict(train=train, adapter=adapter, head=head, resume=args.resume, cache_dir=args.cache, samples=args.samples, workers=args.workers, backbone=args.backbone, backbone_checkpoint=args.backbone_checkpoint)
     if args.members > 1:
         out = train_ensemble(spec, args.out, members=args.members, **common)
     else:

@@ -98,8 +98,7 @@ def prepare_data(spec: DataSpec, model: BandGapModel, *, split_file: Path | None
         split = grouped_split([s.composition.reduced_formula for s in ds.structures], fractions=fractions, seed=spec.split_seed)
     if split_file is not None and not split_file.is_file():
         split.save(split_file)
-    cache = GraphCache(cache_dir, converter=model.backbone.graph_converter, backbone_version=model.backbone_version)
-    graphs = cache.graphs(ds.structures, ids=ds.ids, workers=workers, progress=progress)
+    graphs = structure_graphs(model, ds.structures, ds.ids, cache_dir=cache_dir, workers=workers, progress=progress)
     provenance = dict(ds.provenance, rejected=ds.rejection_counts(), n_loaded=len(ds))
     return PreparedData(
         ids=list(ds.ids),
@@ -110,6 +109,17 @@ def prepare_data(spec: DataSpec, model: BandGapModel, *, split_file: Path | None
         split=split,
         provenance=provenance,
     )
+
+
+def structure_graphs(model: BandGapModel, structures: list, ids: list[str], *, cache_dir: Path | None, workers: int = 1, progress: bool = True) -> list:
+    """The model's input graphs of ``structures``: CHGNet graphs through the on-disk cache (reused
+    across runs), other backbones converted in this process (SevenNet's conversion is not cached)."""
+    if model.backbone_name == "chgnet":
+        cache = GraphCache(cache_dir, converter=model.backbone.graph_converter, backbone_version=model.backbone_version)
+        return cache.graphs(structures, ids=ids, workers=workers, progress=progress)
+    from tqdm.auto import tqdm
+
+    return [model.structure_to_graph(s, graph_id=i) for s, i in tqdm(list(zip(structures, ids)), desc=f"{model.backbone_name} graphs", disable=not progress)]
 
 
 def with_frozen_prefix(data: PreparedData, model: BandGapModel, *, parts: tuple[str, ...] = ("train", "val", "test"), progress: bool = True) -> PreparedData:
@@ -188,15 +198,18 @@ def train_model(
     workers: int = 1,
     progress: bool = True,
     data: PreparedData | None = None,
+    backbone: str = "chgnet",
     backbone_checkpoint: str | None = None,
 ) -> Path:
-    """Fine-tune one model and write its folder (weights, config with model card, split)."""
+    """Fine-tune one model and write its folder (weights, config with model card, split).
+
+    ``backbone`` names the family (``chgnet`` or ``sevennet``), ``backbone_checkpoint`` a checkpoint
+    file of it (default: the one inside its wheel). Without an ``adapter``, LoRA/BaLoRA adapters go on
+    that family's default targets."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if adapter is None and train.method in ("lora", "balora"):
-        adapter = AdapterConfig(bayesian=train.method == "balora")
     torch.manual_seed(train.seed)
-    model = BandGapModel.from_pretrained(train.method, adapter=adapter, head=head or HeadConfig(), checkpoint=backbone_checkpoint)
+    model = BandGapModel.from_pretrained(train.method, adapter=adapter, head=head or HeadConfig(), checkpoint=backbone_checkpoint, backbone=backbone)
     if data is None:
         if spec is None:
             raise ValueError("train_model needs a DataSpec or prepared data")

@@ -290,6 +290,35 @@ def test_model_folder_round_trip(tiny_sevennet, tmp_path):
         load_model_folder(tmp_path / "m")
 
 
+def test_cli_trains_a_sevennet_model_from_a_checkpoint_file(tiny_sevennet, tmp_path, capsys):
+    """`matbalora train --backbone sevennet --backbone-checkpoint FILE`: adapters on SevenNet's own
+    targets, a model folder that `load_model` rebuilds, recalibration in the card."""
+    from ase.io import write
+
+    import matbalora
+    from matbalora.cli import main
+
+    rng = np.random.default_rng(0)
+    frames = []
+    for k in range(24):
+        s = distorted().copy()
+        s.perturb(0.05 + 0.01 * (k % 5))
+        atoms = s.to_ase_atoms() if hasattr(s, "to_ase_atoms") else s.to_ase()
+        atoms.info.update(band_gap=float(rng.uniform(0.0, 3.0)), material_id=f"tiny-{k}")
+        frames.append(atoms)
+    write(tmp_path / "tiny.extxyz", frames, format="extxyz")
+    out = tmp_path / "model"
+    code = main(["train", "--data", str(tmp_path / "tiny.extxyz"), "--out", str(out), "--method", "balora", "--epochs", "1",
+                 "--batch-size", "8", "--rank", "2", "--samples", "4", "--backbone", "sevennet", "--backbone-checkpoint", str(tiny_sevennet)])
+    assert code == 0, capsys.readouterr().err
+    card = json.loads((out / "config.json").read_text())
+    assert card["backbone"]["name"] == "sevennet" and tuple(card["adapter"]["targets"]) == tuple(sevennet.DEFAULT_TARGETS)
+    assert card["calibration"]["std_floor"] > 0
+    df = matbalora.load_model(out).predict([distorted(), rotated(distorted())], samples=4)
+    assert df["error"].eq("").all() and (df["std"] > 0).all()
+    np.testing.assert_allclose(df["band_gap"][0], df["band_gap"][1], atol=1e-4)  # rotation-invariant through the CLI-built model
+
+
 # ----------------------------------------------------------------------------- pretrained + real data
 
 
