@@ -334,7 +334,8 @@ def interval_figure(pred: Prediction) -> go.Figure:
 
 
 def samples_figure(pred: Prediction) -> go.Figure:
-    """Histogram of the BaLoRA Monte-Carlo draws with the mean and the interval marked."""
+    """Histogram of the BaLoRA Monte-Carlo draws with the mean and the interval marked. The interval
+    is wider than the draws: it comes from their spread recalibrated on validation (scale and floor)."""
     import plotly.graph_objects as go
 
     fig = go.Figure(go.Histogram(x=pred.draws, nbinsx=max(5, min(40, len(pred.draws) // 2)),
@@ -342,7 +343,8 @@ def samples_figure(pred: Prediction) -> go.Figure:
     b = pred.balora
     for x, dash, text in ((b["band_gap"], "solid", "mean"), (b["lower"], "dash", "lower"), (b["upper"], "dash", "upper")):
         fig.add_vline(x=x, line_dash=dash, line_color="black", annotation_text=text)
-    fig.update_layout(title=f"{len(pred.draws)} BaLoRA Monte-Carlo samples", xaxis_title="band gap (eV)",
+    fig.update_layout(title=f"{len(pred.draws)} BaLoRA Monte-Carlo samples (raw spread; the interval is recalibrated on validation)",
+                      xaxis_title="band gap (eV)",
                       yaxis_title="count", showlegend=False, height=300, margin={"l": 10, "r": 10, "t": 40, "b": 40},
                       bargap=0.05)
     return fig
