@@ -93,6 +93,7 @@ class HeadConfig:
     )
     loss: TaskLoss = field(default="l1", metadata={"help": "task loss on the gap"})
     dropout: float = field(default=0.0, metadata={"help": "dropout inside the head"})
+    standardize: bool = field(default=False, metadata={"help": "z-score the pooled features with training-set statistics of the pretrained backbone (set once before training; for features that vary little across crystals, e.g. MOFs)"})
 
     def __post_init__(self) -> None:
         _choice("output", self.output, HeadOutput)

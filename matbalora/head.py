@@ -21,6 +21,9 @@ class BandGapHead(nn.Module):
     def __init__(self, in_dim: int, config: HeadConfig) -> None:
         super().__init__()
         self.config = config
+        if config.standardize:  # feats -> (feats - mean) / std, set by set_input_statistics (trainable after that)
+            self.input_shift = nn.Parameter(torch.zeros(in_dim))
+            self.input_scale = nn.Parameter(torch.ones(in_dim))
         layers: list[nn.Module] = []
         width = in_dim
         for _ in range(config.layers):
@@ -35,9 +38,19 @@ class BandGapHead(nn.Module):
             self.out.bias.zero_()
             self.out.bias[0] = 0.7
 
+    @torch.no_grad()
+    def set_input_statistics(self, mean: Tensor, std: Tensor) -> None:
+        """Standardise inputs with these per-feature statistics (of the training crystals)."""
+        if not self.config.standardize:
+            raise ValueError("this head was built without standardize=True")
+        self.input_shift.copy_(-mean)
+        self.input_scale.copy_(1.0 / std.clamp_min(1e-8))
+
     def forward(self, feats: Tensor) -> dict[str, Tensor]:
         """feats [..., in_dim] -> dict of tensors [...]: ``gap`` (eV) and optional
         ``metal_logit`` and ``log_var`` (eV^2)."""
+        if self.config.standardize:
+            feats = (feats + self.input_shift) * self.input_scale
         z = self.out(self.body(feats))
         out: dict[str, Tensor] = {}
         col = 1

@@ -103,6 +103,19 @@ def validation_mae(model: BandGapModel, graphs: Sequence, targets: np.ndarray, b
     return float(np.mean(np.abs(pred - targets)))
 
 
+@torch.no_grad()
+def set_head_statistics(model: BandGapModel, graphs: Sequence, *, batch: int = 64) -> None:
+    """Standardise the head's input with the mean and std over ``graphs`` (the training crystals) of
+    the pooled features, computed deterministically (posterior mean, no dropout) before training."""
+    was_training = model.training
+    model.eval()
+    with model.context.sampling("mean"):
+        feats = torch.cat([model.family.crystal_features(model.backbone, graphs[i : i + batch], samples=1, context=model.context)[0]
+                           for i in range(0, len(graphs), batch)])
+    model.train(was_training)
+    model.head.set_input_statistics(feats.mean(0), feats.std(0))
+
+
 def fit(
     model: BandGapModel,
     train: tuple[Sequence, np.ndarray],
@@ -139,6 +152,8 @@ def fit(
             log.info("resumed from %s at epoch %d", folder, meta["epoch"])
         elif (folder / STATE_JSON).is_file() and not resume:
             raise FileExistsError(f"{folder} already holds a training checkpoint; pass resume=True or use a new folder")
+    if model.head_config.standardize and meta["epoch"] == 0:  # a resumed run restores them from its checkpoint
+        set_head_statistics(model, train_graphs)
     targets = torch.as_tensor(np.asarray(train_y, dtype=np.float32))
     bayes_mode = "sample" if model.is_bayesian else "mean"
     while meta["epoch"] < config.epochs and meta["bad_epochs"] < config.patience:

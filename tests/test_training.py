@@ -73,3 +73,28 @@ def test_method_mismatch_is_an_error(tiny_checkpoint):
     train, val = _data(model)
     with pytest.raises(ValueError, match="method"):
         fit(model, train, val, TrainConfig(method="balora", epochs=1), progress=False)
+
+
+def test_standardized_head_input_is_set_from_training_features_and_saved(tiny_checkpoint, tmp_path):
+    """HeadConfig(standardize=True): before the first step the head z-scores the pooled features with
+    the training crystals' statistics; they travel with the model folder."""
+    import matbalora
+    from matbalora.checkpoint import save_model
+    from matbalora.config import AdapterConfig, HeadConfig
+    from matbalora.model import BandGapModel
+
+    torch.manual_seed(0)
+    model = BandGapModel.from_pretrained("balora", adapter=AdapterConfig(rank=2, bayesian=True), head=HeadConfig(hidden=8, standardize=True),
+                                         checkpoint=tiny_checkpoint)
+    train, val = _data(model)
+    training.set_head_statistics(model, train[0])
+    with torch.no_grad(), model.context.sampling("mean"):
+        feats = model.family.crystal_features(model.backbone, train[0], context=model.context)[0]
+        z = (feats + model.head.input_shift) * model.head.input_scale
+    np.testing.assert_allclose(z.mean(0).numpy(), 0.0, atol=1e-4)
+    np.testing.assert_allclose(z.std(0).numpy()[feats.std(0).numpy() > 1e-6], 1.0, atol=1e-3)
+    fit(model, train, val, TrainConfig(method="balora", epochs=1, batch_size=4, warmup_steps=1, patience=1), progress=False)
+    save_model(model, tmp_path / "m")
+    loaded = matbalora.load_model(tmp_path / "m")
+    np.testing.assert_allclose(loaded.model.head.input_scale.detach().numpy(), model.head.input_scale.detach().numpy())
+    np.testing.assert_allclose(loaded.model.sample_gaps(val[0], samples=0).gaps, model.sample_gaps(val[0], samples=0).gaps, atol=1e-6)
