@@ -117,9 +117,21 @@ def composition_baseline(data: PreparedData) -> dict:
         return trees.mean(0), np.maximum(trees.std(0, ddof=1), 1e-6)
 
     vm, vs = predict("val")
-    k = StdScaler().fit(vm, vs, data.targets[data.split.val]).factor
+    scaler = StdScaler().fit(vm, vs, data.targets[data.split.val], floor=True)
     tm, ts = predict("test")
-    return evaluate(tm, ts * k, data.targets[data.split.test])
+    return evaluate(tm, scaler.transform(ts), data.targets[data.split.test])
+
+
+def recalibrate_if_old(folder: Path, data: PreparedData) -> None:
+    """Refit a stochastic model's recalibration (scale + floor) on validation when its card predates the floor."""
+    card = json.loads((folder / "config.json").read_text())
+    if "std_floor" in (card.get("calibration") or {}):
+        return
+    pred = Predictor.load(folder)
+    if not (pred.model.is_bayesian or pred.model.has_dropout):
+        return
+    card["calibration"], card["metrics"] = calibrate_and_score(pred, data, samples=16)
+    write_json(folder / "config.json", card)
 
 
 def main() -> None:
@@ -150,6 +162,7 @@ def main() -> None:
         if not (folder / "config.json").is_file():
             cfg = TrainConfig(method=method, epochs=args.epochs, seed=seed, patience=args.epochs)
             train_model(None, folder, train=cfg, adapter=adapter, head=head, data=data, resume=(folder / "checkpoint").is_dir(), progress=False)
+        recalibrate_if_old(folder, data)
         out["methods"][name] = summary(folder)
         print(name, out["methods"][name], flush=True)
     ensemble = EnsemblePredictor([Predictor.load(runs / f"lora_seed{s}") for s in SEEDS])
