@@ -45,8 +45,7 @@ def linear_probe(data, model: BandGapModel) -> dict:
     """Ridge regression on the frozen pretrained pooled features (the head's raw input)."""
     from sklearn.linear_model import RidgeCV
 
-    with torch.no_grad():
-        X = torch.cat([model.family.crystal_features(model.backbone, data.graphs[i : i + 32])[0] for i in range(0, len(data.graphs), 32)]).numpy()
+    X = model.pooled_features(data.graphs).numpy()
     tr, te = data.split.train, data.split.test
     ridge = RidgeCV(alphas=np.logspace(-6, 3, 19)).fit(X[tr], data.targets[tr])
     return {"test_mae": float(np.mean(np.abs(ridge.predict(X[te]) - data.targets[te]))), "alpha": float(ridge.alpha_),

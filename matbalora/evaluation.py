@@ -18,19 +18,11 @@ from matbalora.calibration import ConformalIntervals
 from matbalora.data.readers import load_dataset
 from matbalora.metrics import evaluate
 from matbalora.plots import calibration_curve, error_vs_std, parity, save_figure, sparsification_curve
-from matbalora.predict import EnsemblePredictor, Predictor, prepare
+from matbalora.predict import EnsemblePredictor, Predictor, prepare, raw_total_std
 
 
 def _coverage(lower: np.ndarray, upper: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean((y >= lower) & (y <= upper)))
-
-
-def frame_raw_std(frame: pd.DataFrame) -> np.ndarray:
-    """The spread of a prediction frame before recalibration: epistemic and aleatoric combined."""
-    epi, alea = frame["std_epistemic"].to_numpy(float), frame["std_aleatoric"].to_numpy(float)
-    total = np.hypot(np.nan_to_num(epi), np.nan_to_num(alea))
-    total[np.isnan(epi) & np.isnan(alea)] = np.nan
-    return total
 
 
 def score_frame(frame: pd.DataFrame, y_true: np.ndarray, *, raw_std: np.ndarray, conformal: dict | None) -> dict:
@@ -96,7 +88,7 @@ def evaluate_on_data(
     table = frames["model"][["id", "formula", "n_atoms"]].assign(band_gap_true=y)
     for name, frame in frames.items():
         cal = sources[name].config.get("calibration") or {}
-        report[name] = score_frame(frame, y, raw_std=frame_raw_std(frame), conformal=cal.get("conformal"))
+        report[name] = score_frame(frame, y, raw_std=raw_total_std(frame["std_epistemic"].to_numpy(float), frame["std_aleatoric"].to_numpy(float)), conformal=cal.get("conformal"))
         for col in ("band_gap", "std", "lower", "upper"):
             table[f"{name}_{col}"] = frame[col].to_numpy()
         if plots:

@@ -214,6 +214,18 @@ class BandGapModel(nn.Module):
         feats = self.family.crystal_features(self.backbone, graphs, samples=samples, context=self.context)
         return self.head(feats)
 
+    @torch.no_grad()
+    def pooled_features(self, graphs: Sequence, *, batch: int = 64) -> Tensor:
+        """The head's input for ``graphs`` [n, feature_dim], deterministic (posterior mean, no dropout), in batches."""
+        was_training = self.training
+        self.train(False)
+        try:
+            with self.context.sampling("mean"):
+                return torch.cat([self.family.crystal_features(self.backbone, graphs[i : i + batch], samples=1, context=self.context)[0]
+                                  for i in range(0, len(graphs), batch)])
+        finally:
+            self.train(was_training)
+
     def structure_to_graph(self, structure, graph_id: str | None = None):
         """pymatgen Structure -> the backbone's graph (its own converter and cutoff)."""
         return self.family.structure_to_graph(self.backbone, structure, graph_id=graph_id)

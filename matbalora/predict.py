@@ -88,6 +88,13 @@ def prepare(model: BandGapModel, structures: Iterable, ids: Sequence[str] | None
     return prep
 
 
+def raw_total_std(epistemic: np.ndarray, aleatoric: np.ndarray) -> np.ndarray:
+    """Epistemic and aleatoric std combined, before recalibration; NaN where both are NaN (eV)."""
+    total = np.hypot(np.nan_to_num(epistemic), np.nan_to_num(aleatoric))
+    total[np.isnan(epistemic) & np.isnan(aleatoric)] = np.nan
+    return total
+
+
 def _frame(prep: Prepared, mean: np.ndarray, epi: np.ndarray, alea: np.ndarray, scaler: StdScaler, level: float) -> pd.DataFrame:
     n = len(prep.ids)
     cols = {k: np.full(n, np.nan) for k in ("band_gap", "std_epistemic", "std_aleatoric")}
@@ -95,9 +102,7 @@ def _frame(prep: Prepared, mean: np.ndarray, epi: np.ndarray, alea: np.ndarray, 
     cols["band_gap"][rows] = mean
     cols["std_epistemic"][rows] = epi
     cols["std_aleatoric"][rows] = alea
-    total = np.sqrt(np.nan_to_num(cols["std_epistemic"]) ** 2 + np.nan_to_num(cols["std_aleatoric"]) ** 2)
-    total[np.isnan(cols["std_epistemic"]) & np.isnan(cols["std_aleatoric"])] = np.nan
-    std = scaler.transform(total)  # recalibrated on validation: sqrt((k total)^2 + floor^2)
+    std = scaler.transform(raw_total_std(cols["std_epistemic"], cols["std_aleatoric"]))  # recalibrated on validation: sqrt((k total)^2 + floor^2)
     lower, upper = gaussian_interval(cols["band_gap"], std, level)
     return pd.DataFrame(
         {

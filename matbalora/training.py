@@ -103,16 +103,10 @@ def validation_mae(model: BandGapModel, graphs: Sequence, targets: np.ndarray, b
     return float(np.mean(np.abs(pred - targets)))
 
 
-@torch.no_grad()
-def set_head_statistics(model: BandGapModel, graphs: Sequence, *, batch: int = 64) -> None:
+def set_head_statistics(model: BandGapModel, graphs: Sequence) -> None:
     """Standardise the head's input with the mean and std over ``graphs`` (the training crystals) of
     the pooled features, computed deterministically (posterior mean, no dropout) before training."""
-    was_training = model.training
-    model.eval()
-    with model.context.sampling("mean"):
-        feats = torch.cat([model.family.crystal_features(model.backbone, graphs[i : i + batch], samples=1, context=model.context)[0]
-                           for i in range(0, len(graphs), batch)])
-    model.train(was_training)
+    feats = model.pooled_features(graphs)
     model.head.set_input_statistics(feats.mean(0), feats.std(0))
 
 

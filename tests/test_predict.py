@@ -126,3 +126,25 @@ def test_screen_resumes_without_loss_or_duplicates(shipped_like, tmp_path):
     assert len(resumed) == len(inputs)
     with pytest.raises(ValueError, match="other inputs"):
         matbalora.screen(inputs[::-1], samples=2, out=partial, progress=False)
+
+
+def test_cli_evaluate_scores_raw_and_recalibrated_spread(shipped_like, tmp_path):
+    """`matbalora evaluate`: metrics before recalibration use the raw spread, after it the card's
+    (here k = 1.5, no floor); predictions.csv holds both models' columns."""
+    import json
+
+    from ase.io import write
+
+    frames = []
+    for k, atoms in enumerate([silicon().to_ase_atoms(), rocksalt_nacl().to_ase_atoms(), bulk("Cu", "fcc", a=3.6)] * 2):
+        atoms = atoms.copy()
+        atoms.info.update(band_gap=[0.6, 5.0, 0.0][k % 3], material_id=f"e{k}")
+        frames.append(atoms)
+    write(tmp_path / "labelled.extxyz", frames, format="extxyz")
+    assert main(["evaluate", "--data", str(tmp_path / "labelled.extxyz"), "--ensemble", "--samples", "4", "--out", str(tmp_path / "ev")]) == 0
+    report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert report["n"] == 6 and {"calibrated", "uncalibrated"} <= set(report["model"]) and "ensemble" in report
+    table = pd.read_csv(tmp_path / "ev" / "predictions.csv")
+    assert {"model_std", "ensemble_std", "band_gap_true"} <= set(table.columns)
+    raw = matbalora.load_model().predict(frames, samples=4)["std_epistemic"].to_numpy()  # same crystals, same draws
+    np.testing.assert_allclose(table["model_std"], 1.5 * raw, rtol=1e-5)
