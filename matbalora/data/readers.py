@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from matbalora.data.dataset import BandGapDataset, Rejection
+from matbalora.data.doubtful import WARNING, order_entry, parser_warnings, warning_text
 from matbalora.data.entries import Checks, Entry, admit_structures, build_dataset
 from matbalora.data.formats import (
     FORMATS,
@@ -163,13 +164,16 @@ def read_structures(
     min_distance: float = DEFAULT_MIN_DISTANCE,
     cutoff: float = DEFAULT_CUTOFF,
     id_key: str = "material_id",
+    order: bool = False,
 ) -> list[tuple[str, Any]]:
     """Prediction inputs: ``(id, Structure | Rejection)`` for every structure found, in order.
 
     ``paths``: one or more files or folders (not recursed) of CIF, POSCAR/CONTCAR/``.vasp``,
     extended XYZ or pymatgen JSON. Single-structure files are named by their file name without
     extension, frames and records by their ``id_key``/``id`` or ``<file>#<position>``. Structures
-    failing validation come back as a Rejection instead of a Structure, never dropped.
+    failing validation come back as a Rejection instead of a Structure, never dropped. ``order``:
+    a disordered structure becomes an ordered approximant; pymatgen's warnings about a file are in
+    its structure's ``properties["warning"]`` (``matbalora.data.doubtful``).
     """
     checks = Checks(max_atoms=max_atoms, min_distance=min_distance, cutoff=cutoff)
     if isinstance(paths, str | os.PathLike):
@@ -177,9 +181,14 @@ def read_structures(
 
     def entries() -> Iterator[Entry]:
         for path in _input_files(paths):
-            yield from file_entries(path, id_key=id_key, target_key="", limit=None, max_atoms=max_atoms)
+            for entry in file_entries(path, id_key=id_key, target_key="", limit=None, max_atoms=max_atoms):
+                said = warning_text(warned.pop(os.fspath(path), []))
+                if said and entry.structure is not None:
+                    entry.structure.properties = {**(entry.structure.properties or {}), WARNING: said}
+                yield order_entry(entry, max_atoms=max_atoms) if order else entry
 
-    return admit_structures(entries(), checks=checks)
+    with parser_warnings() as warned:
+        return admit_structures(entries(), checks=checks)
 
 
 __all__ = ["Rejection", "file_id", "load_dataset", "read_structures"]

@@ -194,6 +194,13 @@ def _crowded_site(centers: np.ndarray, distances: np.ndarray, n_atoms: int, cuto
     return None
 
 
+def site_name(structure: Structure, index: int) -> str:
+    """The site's CIF label (``Fe1``) when it has one, else ``#index``."""
+    site = structure[index]
+    label = getattr(site, "label", None)
+    return label if label and label != site.species_string else f"#{index}"
+
+
 def check_structure(
     structure: Structure,
     *,
@@ -210,7 +217,10 @@ def check_structure(
         return cheap
     if not structure.is_ordered:
         bad = next(i for i, site in enumerate(structure) if not site.is_ordered)
-        return DISORDERED, f"site {bad} has partial occupancy {structure[bad].species}"
+        return DISORDERED, (
+            f"site {site_name(structure, bad)} has partial occupancy {structure[bad].species}; supply an ordered "
+            "supercell, or predict an ordered approximant with --order (order=True: pymatgen's OrderDisorderedStructureTransformation)"
+        )
     unsupported = _unsupported_element(structure)
     if unsupported is not None:
         return unsupported
