@@ -2,28 +2,39 @@
 
 ``screen`` processes inputs in chunks with a progress bar and appends each finished chunk to
 ``out`` (CSV) in one write, so an interrupted screen loses nothing: run it again with the same
-inputs and ``out`` and it continues after the last complete row (a torn last line is discarded).
+inputs, settings and ``out`` and it continues after the last complete row (a torn last record is
+discarded); the file's settings record and lock are in ``matbalora.screen_output``.
 """
 
 from __future__ import annotations
 
-import io
+import hashlib
+import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from tqdm.auto import tqdm
 
-from matbalora.api import SHIPPED_ENSEMBLE, SHIPPED_MODEL, load_ensemble, load_model
+from matbalora.api import SHIPPED_ENSEMBLE, SHIPPED_MODEL, _resolve, load_ensemble, load_model
 from matbalora.atomic import write_text
+from matbalora.calibration import StdScaler
+from matbalora.checkpoint import read_config, trained_state
 from matbalora.data.dataset import Rejection
+from matbalora.data.doubtful import NOTE, WARNING, ordered_item
 from matbalora.data.readers import read_structures
 from matbalora.data.validation import DEFAULT_MAX_ATOMS
-from matbalora.predict import COLUMNS, EnsemblePredictor, Predictor, prepare
+from matbalora.predict import COLUMNS, ENSEMBLE_FILE, EnsemblePredictor, Predictor, prepare
+from matbalora.screen_output import TEXT_COLUMNS, append_rows, check_settings, exclusive, of_other_inputs, read_rows, record_settings, to_csv_text
 
 ENSEMBLE_COLUMNS = {"band_gap": "ens_band_gap", "std": "ens_std", "lower": "ens_lower", "upper": "ens_upper"}
+#: Columns of ``predict_items`` (and of ``screen``'s and ``matbalora predict``'s files), before the ensemble's.
+FILE_COLUMNS = [*COLUMNS, "note", "warning"]
+#: How rows are drawn; recorded with a screen's settings so that a resume under another recipe is refused.
+ROW_RECIPE = "chunk k draws with seed + k"
 
 
 def _predictor(model: Predictor | str | os.PathLike | None) -> Predictor:
@@ -38,28 +49,40 @@ def _ensemble(ensemble: EnsemblePredictor | str | os.PathLike | bool | None) -> 
     return load_ensemble(None if ensemble is True else ensemble)
 
 
-def _items(inputs: Any, max_atoms: int = DEFAULT_MAX_ATOMS) -> list[tuple[str, Any]]:
-    """(id, Structure | Atoms | Rejection) for paths, structures, or a mix, in order."""
+def _items(inputs: Any, max_atoms: int = DEFAULT_MAX_ATOMS, *, order: bool = False) -> list[tuple[str, Any]]:
+    """(id, Structure | Atoms | Rejection) for paths, structures, or a mix, in order. ``order``:
+    disordered structures become ordered approximants (``matbalora.data.doubtful``)."""
     if isinstance(inputs, (str, os.PathLike)) or hasattr(inputs, "lattice") or hasattr(inputs, "cell"):
         inputs = [inputs]
     items: list[tuple[str, Any]] = []
     for pos, obj in enumerate(inputs):
         if isinstance(obj, (str, os.PathLike)):
             try:
-                items.extend(read_structures(obj, max_atoms=max_atoms))
-            except (ValueError, FileNotFoundError) as exc:
+                items.extend(read_structures(obj, max_atoms=max_atoms, order=order))
+            except FileNotFoundError:
+                items.append((os.fspath(obj), Rejection(os.fspath(obj), "unreadable", "no such file or folder")))
+            except ValueError as exc:
                 items.append((os.fspath(obj), Rejection(os.fspath(obj), "unreadable", str(exc))))
         else:
             props = getattr(obj, "properties", None) or getattr(obj, "info", None) or {}
-            items.append((str(props.get("id", props.get("material_id", pos))), obj))
+            sid = str(props.get("id", props.get("material_id", pos)))
+            items.append((sid, ordered_item(sid, obj, max_atoms=max_atoms) if order else obj))
     return items
+
+
+def _text(obj: Any, key: str) -> str:
+    props = getattr(obj, "properties", None)
+    value = props.get(key) if isinstance(props, dict) else None
+    return "" if value is None else str(value)
 
 
 def predict_items(
     items: Sequence[tuple[str, Any]], model: Predictor, ensemble: EnsemblePredictor | None, *, samples: int, level: float,
     seed: int | None = 0, max_atoms: int = DEFAULT_MAX_ATOMS,
 ) -> pd.DataFrame:
-    """One row per item; rejected items keep their row with NaNs and the reason in ``error``."""
+    """One row per item (``FILE_COLUMNS``, then the ensemble's); rejected items keep their row with
+    NaNs and the reason in ``error``; ``note`` says what was done to an input (an ordered
+    approximant), ``warning`` what its parser warned about."""
     good = [(i, sid, obj) for i, (sid, obj) in enumerate(items) if not isinstance(obj, Rejection)]
     prep = prepare(model.model, [obj for _, _, obj in good], [sid for _, sid, _ in good], max_atoms=max_atoms)
     frame = model.predict_prepared(prep, samples=samples, level=level, seed=seed)
@@ -73,18 +96,24 @@ def predict_items(
         if isinstance(obj, Rejection):
             full.loc[i, "id"] = sid
             full.loc[i, "error"] = f"{obj.reason}: {obj.detail}" if obj.detail else obj.reason
-    full["error"] = full["error"].fillna("")
-    numeric = [c for c in full.columns if c not in ("id", "formula", "error")]
+    for col in ("formula", "error"):
+        full[col] = full[col].fillna("")
+    full.insert(full.columns.get_loc("error") + 1, "note", [_text(obj, NOTE) for _, obj in items])
+    full.insert(full.columns.get_loc("note") + 1, "warning", [_text(obj, WARNING) for _, obj in items])
+    numeric = [c for c in full.columns if c not in TEXT_COLUMNS]
     full[numeric] = full[numeric].apply(pd.to_numeric, errors="coerce")
+    full["n_atoms"] = full["n_atoms"].astype("Int64")
     return full
 
 
-def predict_paths(paths: Sequence[str], *, model=None, ensemble=None, samples: int = 16, level: float = 0.9, strict: bool = False) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+def predict_paths(
+    paths: Sequence[str], *, model=None, ensemble=None, samples: int = 16, level: float = 0.9, strict: bool = False, order: bool = False,
+) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """Predict files/folders; returns the frame of accepted inputs and ``(path_or_id, reason)`` of rejected ones."""
-    items = _items(list(paths))
+    items = _items(list(paths), order=order)
     rejected = [(o.id_or_path, f"{o.reason}: {o.detail}" if o.detail else o.reason) for _, o in items if isinstance(o, Rejection)]
     if strict and rejected:
-        return pd.DataFrame(columns=COLUMNS), rejected[:1]
+        return pd.DataFrame(columns=FILE_COLUMNS), rejected[:1]
     frame = predict_items(items, _predictor(model), _ensemble(ensemble), samples=samples, level=level)
     failed = frame["error"] != ""
     already = {r[0] for r in rejected}
@@ -95,34 +124,45 @@ def predict_paths(paths: Sequence[str], *, model=None, ensemble=None, samples: i
 
 
 def write_table(frame: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Write ``.csv`` or ``.json`` (records) atomically."""
+    """Write ``.csv`` (strings quoted, see ``screen_output.to_csv_text``) or ``.json`` (records) atomically."""
     suffix = Path(path).suffix.lower()
     if suffix == ".csv":
-        write_text(path, frame.to_csv(index=False))
+        write_text(path, to_csv_text(frame, header=True))
     elif suffix == ".json":
         write_text(path, frame.to_json(orient="records", indent=1))
     else:
         raise ValueError(f"--out {os.fspath(path)!r}: use a .csv or .json file")
 
 
-def _completed_rows(out: Path, chunk: int, ids: Sequence[str]) -> pd.DataFrame | None:
-    """Rows of the complete chunks already in ``out``; the file is cut back to them (a chunk
-    torn by a kill mid-write is recomputed, with the same seed, on resume). Raises if the rows
-    belong to other inputs."""
-    if not out.is_file() or out.stat().st_size == 0:
+def _fingerprint(card: dict, scaler: Any, extra: Any = None) -> str:
+    """sha256 of a model card (it names the weights' sha256) and the std recalibration in use."""
+    text = json.dumps([card, [scaler.factor, scaler.floor], extra], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _model_id(model: Predictor | str | os.PathLike | None) -> str:
+    if isinstance(model, Predictor):
+        card, scaler = model.config, model.scaler
+        weights = None if card.get("weights") else {k: hashlib.sha256(v.detach().cpu().numpy().tobytes()).hexdigest() for k, v in trained_state(model.model).items()}
+        return _fingerprint(card, scaler, weights)
+    card = read_config(_resolve(model, SHIPPED_MODEL))
+    return _fingerprint(card, StdScaler.from_calibration(card.get("calibration")))
+
+
+def _ensemble_id(ensemble: EnsemblePredictor | str | os.PathLike | bool | None) -> str | None:
+    if ensemble is None or ensemble is False:
         return None
-    lines = out.read_bytes().splitlines(keepends=True)
-    if not lines[0].endswith(b"\n"):
-        out.unlink()
-        return None
-    complete = [ln for ln in lines[1:] if ln.endswith(b"\n")]
-    frame = pd.read_csv(io.BytesIO(lines[0] + b"".join(complete)), dtype={"id": str, "formula": str, "error": str}, keep_default_na=False, na_values=[""])
-    if "id" not in frame or frame["id"].astype(str).tolist() != [str(i) for i in ids[: len(frame)]]:
-        raise ValueError(f"{out} holds rows of other inputs; use a new out file")
-    keep = (len(complete) // chunk) * chunk
-    with open(out, "r+b") as fh:
-        fh.truncate(len(lines[0]) + sum(len(ln) for ln in complete[:keep]))
-    return frame.iloc[:keep].reset_index(drop=True)
+    if isinstance(ensemble, EnsemblePredictor):
+        return _fingerprint(ensemble.config, ensemble.scaler, [_model_id(m) for m in ensemble.members])
+    folder = _resolve(None if ensemble is True else ensemble, SHIPPED_ENSEMBLE)
+    config = json.loads((folder / ENSEMBLE_FILE).read_text(encoding="utf-8"))
+    members = [_model_id(folder / name) for name in config.get("members", [])]
+    return _fingerprint(config, StdScaler.from_calibration(config.get("calibration")), members)
+
+
+def run_settings(model, ensemble, **options: Any) -> dict[str, Any]:
+    """Everything a screen's rows depend on, as recorded beside its output and compared on resume."""
+    return {"rows": ROW_RECIPE, "model": _model_id(model), "ensemble": _ensemble_id(ensemble), **options}
 
 
 def screen(
@@ -139,11 +179,15 @@ def screen(
     cluster: Any = None,
     retries: int = 2,
     max_atoms: int = DEFAULT_MAX_ATOMS,
+    order: bool = False,
 ) -> pd.DataFrame:
     """Predict many inputs in chunks. ``ensemble``: None/False none, True the shipped one, or a folder.
 
     With ``out`` (a .csv path), each chunk is appended as soon as it is done and a rerun resumes
-    after the last complete chunk (inputs, ``batch_size`` and ``seed`` must be the same); chunk k's
+    after the last complete row; a finished screen is not recomputed. The run settings (model and
+    ensemble fingerprints, ``samples``, ``level``, ``seed``, ``batch_size``, ``max_atoms``,
+    ``order``) are recorded beside ``out`` (``screen_output``) and a resume under other settings, or
+    for other inputs, is refused; so is a second screen writing ``out`` while one runs. Chunk k's
     Monte-Carlo draws use seed ``seed + k``, so a resumed screen writes exactly the rows of an
     uninterrupted one.
 
@@ -153,38 +197,57 @@ def screen(
     times, and the rows are the same, in the same order, as without a cluster (see ``matbalora.cluster``).
     ``max_atoms``: larger structures are rejected (memory stays bounded by the row budget of
     ``BandGapModel.sample_gaps`` either way; the limit only bounds the time of one structure).
+    ``order``: a disordered structure is predicted as an ordered approximant, said in its ``note``.
     """
-    items = _items(inputs, max_atoms)
     chunk = batch_size or 256
     if chunk < 1:
         raise ValueError(f"batch_size={batch_size!r} must be >= 1")
     out_path = Path(out) if out is not None else None
     if out_path is not None and out_path.suffix.lower() != ".csv":
         raise ValueError(f"out={os.fspath(out)!r}: screening appends rows, use a .csv file")
-    done = _completed_rows(out_path, chunk, [sid for sid, _ in items]) if out_path is not None else None
+    rows = partial(_chunk_rows, model=model, ensemble=ensemble, cluster=cluster, retries=retries,
+                   options={"samples": samples, "level": level, "max_atoms": max_atoms})
+    if out_path is None:
+        return _screen(_items(inputs, max_atoms, order=order), rows, chunk=chunk, seed=seed, progress=progress)
+    with exclusive(out_path):
+        items = _items(inputs, max_atoms, order=order)
+        settings = run_settings(model, ensemble, samples=samples, level=level, seed=seed, batch_size=chunk, max_atoms=max_atoms, order=order)
+        done = read_rows(out_path)
+        if done is None:
+            record_settings(out_path, settings)
+        else:
+            check_settings(out_path, settings)
+            if of_other_inputs(done, [sid for sid, _ in items]):
+                raise ValueError(f"{out_path} holds rows of other inputs; use a new out file")
+        return _screen(items, rows, chunk=chunk, seed=seed, progress=progress, out=out_path, done=done)
+
+
+def _screen(items: list, rows, *, chunk: int, seed: int | None, progress: bool, out: Path | None = None, done: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The ``done`` rows, then those of the other ``items`` from ``rows(jobs)``, appended to ``out`` chunk by chunk."""
     n_done = 0 if done is None else len(done)
+    first = n_done // chunk * chunk  # the chunk holding row n_done is recomputed whole (same seed); only its new rows are kept
     # chunk k draws with seed + k: a resumed or distributed screen reproduces the same rows
-    jobs = [(items[start : start + chunk], None if seed is None else seed + start // chunk) for start in range(n_done, len(items), chunk)]
+    starts = range(first, len(items), chunk) if n_done < len(items) else ()
+    jobs = [(items[start : start + chunk], None if seed is None else seed + start // chunk) for start in starts]
     frames = [done] if n_done else []
+    skip = n_done - first
     bar = tqdm(total=len(items), initial=n_done, desc="screening", unit="crystal", disable=not progress)
-    options = {"samples": samples, "level": level, "max_atoms": max_atoms}
-    for part in _chunk_rows(jobs, model, ensemble, options, cluster=cluster, retries=retries):
-        if out_path is not None:
-            header = not frames
-            with open(out_path, "w" if header else "a", encoding="utf-8") as fh:
-                fh.write(part.to_csv(index=False, header=header))
-                fh.flush()
-                os.fsync(fh.fileno())
+    for part in rows(jobs):
+        part, skip = part.iloc[skip:].reset_index(drop=True), 0
+        if out is not None:
+            append_rows(out, part, header=not frames)
         frames.append(part)
         bar.update(len(part))
     bar.close()
     if not frames:
-        return pd.DataFrame(columns=COLUMNS)
+        return pd.DataFrame(columns=FILE_COLUMNS)
     return pd.concat(frames, ignore_index=True)
 
 
-def _chunk_rows(jobs: list, model, ensemble, options: dict, *, cluster: Any, retries: int) -> Iterator[pd.DataFrame]:
+def _chunk_rows(jobs: list, *, model, ensemble, options: dict, cluster: Any, retries: int) -> Iterator[pd.DataFrame]:
     """The rows of each (items, seed) job, in job order: here, or as tasks on a Dask cluster."""
+    if not jobs:
+        return
     if cluster is None:
         predictor, ens = _predictor(model), _ensemble(ensemble)
         for part_items, part_seed in jobs:

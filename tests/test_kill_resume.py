@@ -121,3 +121,32 @@ def test_screen_killed_between_chunks_resumes_without_loss_or_duplicates(tiny_mo
     frame = pd.read_csv(partial)
     assert frame["id"].tolist() == [f"toy-{i:02d}" for i in range(36)]
     assert frame["band_gap"].notna().all() and (frame["error"].isna() | (frame["error"] == "")).all()
+
+
+def test_two_screens_on_one_output_never_duplicate_or_lose_a_row(tiny_model_dirs, tmp_path):
+    """Two screen processes started together on one output: one writes it, the other is refused
+    with a clear message (the output lock); a rerun through the CLI finds the screen finished."""
+    from ase import Atoms
+
+    structs, _ = toy_set(12, seed=4)
+    frames = []
+    for i, s in enumerate(structs):
+        atoms = Atoms([site.specie.symbol for site in s], positions=s.cart_coords, cell=s.lattice.matrix, pbc=True)
+        atoms.info["material_id"] = f"toy-{i:02d}"
+        frames.append(atoms)
+    inputs, out, model = tmp_path / "inputs.extxyz", tmp_path / "out.csv", tiny_model_dirs / "balora"
+    write(inputs, frames, format="extxyz")
+    both = [start("screen", str(out), str(model), str(inputs), "--chunk-delay", "0.5") for _ in range(2)]
+    results = [(proc.communicate(timeout=TIMEOUT)[0], proc.returncode) for proc in both]
+    codes = sorted(code for _, code in results)
+    assert codes[0] == 0 and codes[1] != 0, results
+    refused = next(text for text, code in results if code != 0)
+    assert "is being written by another screen" in refused and "use another out file" in refused
+    ids = pd.read_csv(out, dtype={"id": str})["id"].tolist()
+    assert ids == [f"toy-{i:02d}" for i in range(12)]  # each row once, in order
+    before = out.read_bytes()
+    cli = [sys.executable, "-m", "matbalora.cli", "screen", str(inputs), "--model", str(model), "--samples", "2",
+           "--batch-size", "3", "--out", str(out), "--no-progress"]
+    rerun = subprocess.run(cli, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "12 rows, 0 rejected" in rerun.stdout and out.read_bytes() == before  # same settings: nothing to do

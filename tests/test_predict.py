@@ -119,13 +119,14 @@ def test_screen_resumes_without_loss_or_duplicates(shipped_like, tmp_path):
     text = (tmp_path / "full.csv").read_text().splitlines(keepends=True)
     partial = tmp_path / "partial.csv"
     partial.write_text("".join(text[:4]) + text[4][: len(text[4]) // 2])  # header, 3 rows, torn 4th row
+    shutil.copy(tmp_path / "full.csv.settings.json", tmp_path / "partial.csv.settings.json")
     resumed = matbalora.screen(inputs, samples=2, batch_size=2, out=partial, progress=False)
     a, b = pd.read_csv(tmp_path / "full.csv"), pd.read_csv(partial)
     assert a["id"].tolist() == b["id"].tolist()
     pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-9)
     assert len(resumed) == len(inputs)
     with pytest.raises(ValueError, match="other inputs"):
-        matbalora.screen(inputs[::-1], samples=2, out=partial, progress=False)
+        matbalora.screen(inputs[::-1], samples=2, batch_size=2, out=partial, progress=False)
 
 
 def test_cli_evaluate_scores_raw_and_recalibrated_spread(shipped_like, tmp_path):
