@@ -102,14 +102,15 @@ class LoRALinear(nn.Module):
 
     def low_rank(self, x: Tensor) -> Tensor:
         """h = A x  [n_rows, r]."""
-        return x @ self.lora_A.T
+        return x @ self.lora_A.T.to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base(x)
         if self.foldable():
-            return nn.functional.linear(x, self.base.weight + self.delta_weight(), self.base.bias)
-        return self.base(x) + self.scale * (self.low_rank(self.dropout(x)) @ self.lora_B.T)
+            return nn.functional.linear(x, (self.base.weight + self.delta_weight()).to(x.dtype), self.base.bias)
+        # the adapter's weights stay float32; they compute in the dtype of the input (see BandGapModel.compute_in)
+        return self.base(x) + self.scale * (self.low_rank(self.dropout(x)) @ self.lora_B.T.to(x.dtype))
 
     def foldable(self) -> bool:
         """True when the update may be folded into the weight: no autograd, no active dropout."""
@@ -162,7 +163,7 @@ class BaLoRALinear(LoRALinear):
 
     def _draw_noise(self, n_groups: int, std_ratio: Tensor, gen: torch.Generator | None, like: Tensor) -> Tensor:
         """Noise of A for ``n_groups`` independent draws  [G, r, d_in]: A_g = M + noise_g."""
-        eps = torch.randn((n_groups, *self.lora_A.shape), generator=gen, dtype=like.dtype, device=like.device)
+        eps = torch.randn((n_groups, *self.lora_A.shape), generator=gen, dtype=self.lora_A.dtype, device=like.device)
         return (self.lora_A * std_ratio[:, None]).unsqueeze(0) * eps
 
     def _folded_draws(self, x: Tensor, segments: list[int]) -> Tensor:
@@ -195,13 +196,13 @@ class BaLoRALinear(LoRALinear):
 
     def low_rank(self, x: Tensor) -> Tensor:
         if self.context.mode == "mean":
-            return x @ self.lora_A.T
+            return x @ self.lora_A.T.to(x.dtype)
         a = self.clamped_log_a().exp()
         gen = self.context.generator
         if self.noise == "per_row":
-            mean = x @ self.lora_A.T
-            var = ((x * x) @ (self.lora_A * self.lora_A).T) * a
-            eps = torch.randn(mean.shape, generator=gen, dtype=mean.dtype, device=mean.device)
+            mean = x @ self.lora_A.T.to(x.dtype)
+            var = ((x * x) @ (self.lora_A * self.lora_A).T.to(x.dtype)) * a
+            eps = torch.randn(mean.shape, generator=gen, dtype=torch.float32, device=mean.device).to(mean.dtype)
             return mean + var.clamp_min(1e-20).sqrt() * eps  # not 0: sqrt'(0) = inf gave NaN gradients
         segments = self.context.segments.get(self.row_kind) if self.row_kind else None
         if segments is not None:  # one matmul per crystal with its sampled A (no separate mean pass)
@@ -211,8 +212,8 @@ class BaLoRALinear(LoRALinear):
                     f"segments for row kind {self.row_kind!r} cover {tiles} x {sum(segments)} rows, input has {x.shape[0]}"
                 )
             sampled = self.lora_A + self._draw_noise(tiles * n_crystals, a.sqrt(), gen, x)  # [S * C, r, d_in]
-            return _tiled_segment_matmul(x, segments, sampled.view(tiles, n_crystals, *self.lora_A.shape))
-        return x @ self.lora_A.T + self._shared_draw_noise(x, a.sqrt(), gen)
+            return _tiled_segment_matmul(x, segments, sampled.view(tiles, n_crystals, *self.lora_A.shape).to(x.dtype))
+        return x @ self.lora_A.T.to(x.dtype) + self._shared_draw_noise(x, a.sqrt(), gen)
 
     def _shared_draw_noise(self, x: Tensor, std_ratio: Tensor, gen: torch.Generator | None) -> Tensor:
         """Noise part of A x with one eps [r, d_in] per group, shared by all rows of the group."""
@@ -226,7 +227,7 @@ class BaLoRALinear(LoRALinear):
                     f"owners for row kind {self.row_kind!r} have {owners.shape[0]} rows, input has {x.shape[0]}"
                 )
             n_groups = self.context.n_groups or (int(owners.max()) + 1 if owners.numel() else 0)
-        noisy_A = self._draw_noise(n_groups, std_ratio, gen, x)  # [G, r, d_in]
+        noisy_A = self._draw_noise(n_groups, std_ratio, gen, x).to(x.dtype)  # [G, r, d_in]
         if owners.numel() > 1 and not bool((owners[1:] >= owners[:-1]).all()):
             order = torch.argsort(owners, stable=True)
             out = torch.empty(x.shape[0], self.rank, dtype=x.dtype, device=x.device)

@@ -129,7 +129,7 @@ def with_frozen_prefix(data: PreparedData, model: BandGapModel, *, parts: tuple[
     shared by every model trained on ``data``."""
     prefixes = model.family.prefix_module()
     block = prefixes.prefix_block(model.backbone, model.method)
-    if block == 0:
+    if block == 0 or prefix_block_of(data) == block:  # nothing to cache, or cached already (e.g. read from a prefix store)
         return data
     key = (block, model.backbone_checkpoint, tuple(parts))
     if key not in data.prefix_cache:
@@ -177,7 +177,8 @@ def calibrate_and_score(predictor, data: PreparedData, *, samples: int) -> tuple
 
 def prefix_block_of(data: PreparedData) -> int:
     """The block the training graphs enter at (0: full CrystalGraphs)."""
-    first = data.graphs[int(data.split.train[0])] if len(data.split.train) else None
+    part = next((p for p in (data.split.train, data.split.val, data.split.test) if len(p)), None)
+    first = data.graphs[int(part[0])] if part is not None else None
     return int(getattr(first, "block", 0))
 
 
@@ -200,8 +201,12 @@ def train_model(
     data: PreparedData | None = None,
     backbone: str = "chgnet",
     backbone_checkpoint: str | None = None,
+    train_batches=None,
 ) -> Path:
     """Fine-tune one model and write its folder (weights, config with model card, split).
+
+    ``train_batches`` (e.g. :class:`~matbalora.backbones.prefix_store.StoreBatches` over an on-disk
+    prefix store) replaces the training part of ``data``; ``data`` then holds validation and test.
 
     ``backbone`` names the family (``chgnet`` or ``sevennet``), ``backbone_checkpoint`` a checkpoint
     file of it (default: the one inside its wheel). Without an ``adapter``, LoRA/BaLoRA adapters go on
@@ -219,9 +224,12 @@ def train_model(
     t0 = time.perf_counter()
     data = with_frozen_prefix(data, model, progress=progress)
     prefix_seconds = time.perf_counter() - t0
+    if train_batches is None:
+        train_batches = ([data.graphs[i] for i in data.split.train], data.targets[data.split.train])
+    n_train = len(train_batches[0]) if isinstance(train_batches, tuple) else len(train_batches)
     history = fit(
         model,
-        ([data.graphs[i] for i in data.split.train], data.targets[data.split.train]),
+        train_batches,
         ([data.graphs[i] for i in data.split.val], data.targets[data.split.val]),
         train,
         out_dir=out / "checkpoint",
@@ -232,7 +240,7 @@ def train_model(
     calibration, metrics = calibrate_and_score(predictor, data, samples=samples if model.is_bayesian or model.has_dropout else 0)
     card = {
         "calibration": calibration,
-        "data": {**data.provenance, "spec": to_dict(spec) if spec is not None else None, "n_train": len(data.split.train), "n_val": len(data.split.val), "n_test": len(data.split.test)},
+        "data": {**data.provenance, "spec": to_dict(spec) if spec is not None else None, "n_train": n_train, "n_val": len(data.split.val), "n_test": len(data.split.test)},
         "split_file": SPLIT_FILE,
         "training": {
             "config": to_dict(train),

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,7 +124,9 @@ class BandGapModel(nn.Module):
         self.backbone = backbone
         if adapter is not None:
             family.inject(backbone, adapter, self.context)
-        self.head = BandGapHead(family.feature_dim(backbone), head)
+        self.compute_dtype = torch.float32  # of the adapted blocks; see compute_in
+        pooled_dim = family.feature_dim(backbone) * (2 if head.pooling == "mean_max" else 1)
+        self.head = BandGapHead(pooled_dim, head)
         self._mark_trainable()
         self.train(False)
 
@@ -211,8 +214,38 @@ class BandGapModel(nn.Module):
     def forward(self, graphs: Sequence, *, samples: int = 1) -> dict[str, Tensor]:
         """graphs: the backbone's graphs (CHGNet CrystalGraphs, SevenNetGraphs, or cached prefixes)
         -> head outputs, each [samples, n_crystals]."""
-        feats = self.family.crystal_features(self.backbone, graphs, samples=samples, context=self.context)
+        feats = self.family.crystal_features(self.backbone, graphs, samples=samples, context=self.context,
+                                             pooling=self.head_config.pooling, dtype=self.compute_dtype)
         return self.head(feats)
+
+    @contextmanager
+    def compute_in(self, dtype: torch.dtype) -> Iterator[None]:
+        """Run the adapted blocks in ``dtype`` inside the block (training steps on cached frozen features).
+
+        The frozen weights of those blocks are cast for the duration and restored bit for bit on
+        exit; adapter and head weights stay float32 (the adapters cast themselves to the input's
+        dtype), so the optimiser updates float32 weights. ``bfloat16`` halves the memory traffic of
+        the message tensors and uses the CPU's bf16 matrix units.
+        """
+        if dtype == torch.float32:
+            yield
+            return
+        blocks = getattr(self.family, "adapted_blocks", None)
+        if blocks is None:
+            raise ValueError(f"compute dtype {dtype} is not supported for backbone {self.backbone_name!r}")
+        saved: list[tuple[Tensor, Tensor]] = []
+        for module in blocks(self.backbone):
+            for t in list(module.parameters()) + list(module.buffers()):
+                if t.is_floating_point() and not t.requires_grad and t.dtype != dtype:
+                    saved.append((t, t.data))
+                    t.data = t.data.to(dtype)
+        self.compute_dtype = dtype
+        try:
+            yield
+        finally:
+            self.compute_dtype = torch.float32
+            for t, original in saved:
+                t.data = original
 
     @torch.no_grad()
     def pooled_features(self, graphs: Sequence, *, batch: int = 64) -> Tensor:
@@ -221,7 +254,8 @@ class BandGapModel(nn.Module):
         self.train(False)
         try:
             with self.context.sampling("mean"):
-                return torch.cat([self.family.crystal_features(self.backbone, graphs[i : i + batch], samples=1, context=self.context)[0]
+                return torch.cat([self.family.crystal_features(self.backbone, graphs[i : i + batch], samples=1, context=self.context,
+                                                               pooling=self.head_config.pooling)[0]
                                   for i in range(0, len(graphs), batch)])
         finally:
             self.train(was_training)

@@ -32,6 +32,31 @@ STATE_JSON = "train_state.json"
 BEST = "best.safetensors"
 
 
+class ListBatches:
+    """Training batches from in-memory graphs (or cached prefixes) and their targets: each epoch a
+    seeded permutation, cut into batches. The out-of-core counterpart is
+    :class:`matbalora.backbones.prefix_store.StoreBatches`; :func:`fit` takes either."""
+
+    def __init__(self, graphs: Sequence, targets: np.ndarray) -> None:
+        if len(graphs) != len(targets):
+            raise ValueError(f"{len(graphs)} graphs but {len(targets)} targets")
+        self.graphs = graphs
+        self.targets = torch.as_tensor(np.asarray(targets, dtype=np.float32))
+
+    def __len__(self) -> int:
+        return len(self.graphs)
+
+    def n_batches(self, batch_size: int) -> int:
+        return math.ceil(len(self) / batch_size)
+
+    def epoch(self, batch_size: int, generator: torch.Generator, skip: int = 0):
+        """(graphs, targets [n] eV) per batch; the first ``skip`` batches are left out (a resumed epoch)."""
+        order = torch.randperm(len(self), generator=generator)
+        for i in range(skip, self.n_batches(batch_size)):
+            idx = order[i * batch_size : (i + 1) * batch_size]
+            yield [self.graphs[j] for j in idx.tolist()], self.targets[idx]
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf or exceeded ``max_loss``; the last good checkpoint is kept."""
 
@@ -63,8 +88,9 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _save_state(folder: Path, model: BandGapModel, opt: torch.optim.Optimizer, meta: dict) -> None:
+def _save_state(folder: Path, model: BandGapModel, opt: torch.optim.Optimizer, meta: dict, rng: dict[str, torch.Tensor] | None = None) -> None:
     tensors = {f"model.{k}": v for k, v in trained_state(model).items()}
+    tensors.update({f"rng.{k}": v for k, v in (rng or {}).items()})
     opt_state = opt.state_dict()
     for idx, st in opt_state["state"].items():
         for key, val in st.items():
@@ -82,6 +108,7 @@ def _load_state(folder: Path, model: BandGapModel, opt: torch.optim.Optimizer) -
         for key, val in tensors.items():
             if key.startswith("model."):
                 params[key[len("model.") :]].copy_(val)
+    meta["_rng"] = {key[len("rng.") :]: val for key, val in tensors.items() if key.startswith("rng.")}
     state: dict[int, dict] = {}
     for key, val in tensors.items():
         if key.startswith("opt."):
@@ -112,30 +139,34 @@ def set_head_statistics(model: BandGapModel, graphs: Sequence) -> None:
 
 def fit(
     model: BandGapModel,
-    train: tuple[Sequence, np.ndarray],
+    train: tuple[Sequence, np.ndarray] | ListBatches,
     val: tuple[Sequence, np.ndarray],
     config: TrainConfig,
     *,
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
     progress: bool = True,
+    checkpoint_seconds: float = 300.0,
 ) -> dict:
-    """Train ``model`` in place; returns the history. ``train``/``val`` = (graphs, gaps in eV).
+    """Train ``model`` in place; returns the history. ``train``/``val`` = (graphs, gaps in eV);
+    ``train`` may also be a batch source (:class:`ListBatches`, or ``StoreBatches`` over an on-disk
+    prefix store).
 
-    With ``out_dir``, a checkpoint is written after every epoch and ``resume=True`` continues from
-    it (same seed -> same result as an uninterrupted run). The best validation weights are loaded
-    into ``model`` at the end.
+    With ``out_dir``, a checkpoint is written after every epoch and every ``checkpoint_seconds``
+    within an epoch (with the random-number states), and ``resume=True`` continues from it, also in
+    the middle of an epoch (same seed -> same result as an uninterrupted run). The best validation
+    weights are loaded into ``model`` at the end.
     """
     if config.method != model.method:
         raise ValueError(f"config.method={config.method!r} but the model was built for {model.method!r}")
-    train_graphs, train_y = train
+    batches = train if hasattr(train, "epoch") else ListBatches(*train)
     val_graphs, val_y = val
-    n_train = len(train_graphs)
+    n_train = len(batches)
     if n_train == 0:
         raise ValueError("no training structures")
     torch.manual_seed(config.seed)
     opt = torch.optim.AdamW(_param_groups(model, config))
-    steps_per_epoch = math.ceil(n_train / config.batch_size)
+    steps_per_epoch = batches.n_batches(config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     folder = Path(out_dir) if out_dir is not None else None
     meta = {"epoch": 0, "step": 0, "best_val_mae": float("inf"), "bad_epochs": 0, "history": [], "config": to_dict(config)}
@@ -147,29 +178,37 @@ def fit(
         elif (folder / STATE_JSON).is_file() and not resume:
             raise FileExistsError(f"{folder} already holds a training checkpoint; pass resume=True or use a new folder")
     if model.head_config.standardize and meta["epoch"] == 0:  # a resumed run restores them from its checkpoint
-        set_head_statistics(model, train_graphs)
-    targets = torch.as_tensor(np.asarray(train_y, dtype=np.float32))
+        if not isinstance(batches, ListBatches):
+            raise ValueError("head standardisation needs in-memory training graphs")
+        set_head_statistics(model, batches.graphs)
+    dtype = getattr(torch, config.compute_dtype)
     bayes_mode = "sample" if model.is_bayesian else "mean"
     while meta["epoch"] < config.epochs and meta["bad_epochs"] < config.patience:
         epoch = meta["epoch"]
         torch.manual_seed(config.seed * 1000 + epoch)  # dropout
-        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
         noise = torch.Generator().manual_seed(config.seed * 7919 + epoch + 1)
+        partial = meta.pop("in_epoch", None)  # a checkpoint written inside this epoch
+        rng = meta.pop("_rng", {})
+        done, losses, kls, seconds_before = 0, [], [], 0.0
+        if partial is not None:
+            done, losses, kls, seconds_before = partial["batches_done"], partial["losses"], partial["kls"], partial["seconds"]
+            noise.set_state(rng["noise"])
+            torch.set_rng_state(rng["torch"])
+        epoch_batches = batches.epoch(config.batch_size, torch.Generator().manual_seed(config.seed * 1000 + epoch), skip=done)
         model.train()
-        t0, losses, kls = time.perf_counter(), [], []
-        bar = tqdm(range(steps_per_epoch), desc=f"{config.method} epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
-        with model.context.sampling(bayes_mode, generator=noise):
-            for i in bar:
-                idx = order[i * config.batch_size : (i + 1) * config.batch_size]
-                batch = [train_graphs[j] for j in idx.tolist()]
+        t0 = last_save = time.perf_counter()
+        bar = tqdm(epoch_batches, total=steps_per_epoch, initial=done, desc=f"{config.method} epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
+        with model.context.sampling(bayes_mode, generator=noise), model.compute_in(dtype):
+            for i, (batch, batch_y) in enumerate(bar, start=done):
                 factor = lr_factor(meta["step"], total_steps, config.warmup_steps)
                 for g in opt.param_groups:
                     g["lr"] = g["base_lr"] * factor
                 out = model(batch, samples=1)
                 out = {k: v[0] for k, v in out.items()}
-                task = model.head.loss(out, targets[idx])
+                task = model.head.loss(out, batch_y)
                 kl = model.kl() if model.is_bayesian else torch.zeros(())
-                loss = task + config.beta * kl / n_train
+                warm = min(1.0, (meta["step"] + 1) / config.kl_warmup_steps) if config.kl_warmup_steps else 1.0
+                loss = task + warm * config.beta * kl / n_train
                 if not torch.isfinite(loss) or loss.item() > config.max_loss:
                     raise TrainingDiverged(
                         f"epoch {epoch + 1} step {i + 1}: loss {loss.item():.4g} is not finite or above max_loss={config.max_loss}; "
@@ -183,7 +222,11 @@ def fit(
                 losses.append(task.item())
                 kls.append(kl.item())
                 bar.set_postfix(loss=f"{np.mean(losses):.3f}")
-        train_seconds = time.perf_counter() - t0
+                if folder is not None and time.perf_counter() - last_save > checkpoint_seconds and i + 1 < steps_per_epoch:
+                    partial = {"batches_done": i + 1, "losses": losses, "kls": kls, "seconds": seconds_before + time.perf_counter() - t0}
+                    _save_state(folder, model, opt, dict(meta, in_epoch=partial), rng={"noise": noise.get_state(), "torch": torch.get_rng_state()})
+                    last_save = time.perf_counter()
+        train_seconds = seconds_before + time.perf_counter() - t0
         val_mae = validation_mae(model, val_graphs, np.asarray(val_y, dtype=np.float64))
         improved = val_mae < meta["best_val_mae"] - 1e-6 or not np.isfinite(meta["best_val_mae"])
         meta["history"].append(

@@ -156,6 +156,17 @@ def first_adapted_block(backbone: nn.Module) -> int:
     return n_conv
 
 
+def adapted_blocks(backbone: nn.Module) -> list[nn.Module]:
+    """The message-passing modules from the first adapted block on (what runs after a cached prefix)."""
+    out = []
+    for idx in range(first_adapted_block(backbone), backbone.n_conv):
+        for name in ("atom_conv_layers", "bond_conv_layers", "angle_layers"):
+            layers = getattr(backbone, name, None)
+            if layers is not None and idx < len(layers) and layers[idx] is not None:
+                out.append(layers[idx])
+    return out
+
+
 @dataclass
 class _State:
     """Features and index tensors of one batch (possibly tiled over samples)."""
@@ -198,6 +209,15 @@ class _State:
             atom_owners=(self.atom_owners.unsqueeze(0) + self.n_groups * torch.arange(times, device=self.d2u.device)[:, None]).reshape(-1),
             n_groups=self.n_groups * times,
         )
+
+    def cast(self, dtype: torch.dtype) -> _State:
+        """The same state with its float features in ``dtype`` (index tensors unchanged)."""
+
+        def c(t: Tensor | None) -> Tensor | None:
+            return t if t is None or not t.is_floating_point() else t.to(dtype)
+
+        return _State(c(self.atom), c(self.bond), c(self.angle), c(self.bond_w_ag), c(self.bond_w_bg),
+                      self.atom_graph, self.bond_graph, self.d2u, self.atom_owners, self.n_groups)
 
     def owners(self) -> dict[str, Tensor]:
         directed = self.atom_owners[self.atom_graph[:, 0]] if self.atom_graph.numel() else self.atom_owners[:0]
@@ -285,7 +305,13 @@ def _run_blocks(
 
 
 def crystal_features(
-    backbone: nn.Module, graphs: Sequence, *, samples: int = 1, context: NoiseContext | None = None
+    backbone: nn.Module,
+    graphs: Sequence,
+    *,
+    samples: int = 1,
+    context: NoiseContext | None = None,
+    pooling: str = "mean",
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Mean-pooled, normalised final atom features  [samples, n_crystals, atom_fea_dim].
 
@@ -293,19 +319,33 @@ def crystal_features(
     objects (features cached at the entry of a later block: only the remaining blocks run).
     ``samples`` > 1 tiles the batch before the first adapted block; each (sample, crystal) pair is
     its own group, so BaLoRA draws one adapter weight set per crystal per sample.
+    ``pooling``: ``mean`` or ``mean_max`` (2 x atom_fea_dim features). ``dtype``: the dtype the
+    adapted blocks run in (see ``BandGapModel.compute_in``; only for cached-prefix inputs); the
+    pooled features are always float32.
     """
+    from matbalora.backbones import prefix_batch_block
     from matbalora.backbones.chgnet_prefix import PrefixGraph, collate_prefixes
+    from matbalora.backbones.prefix_store import PrefixBatch
 
-    if graphs and isinstance(graphs[0], PrefixGraph):
+    if isinstance(graphs, PrefixBatch):  # already collated (out-of-core training batches)
+        start, state = prefix_batch_block([graphs], first_adapted_block(backbone)), graphs.state
+    elif graphs and isinstance(graphs[0], PrefixGraph):
         start = graphs[0].block
         state = collate_prefixes(backbone, graphs)
     else:
         start, state = 0, _embed(backbone, graphs)
-    state = _run_blocks(backbone, state, start=start, stop=backbone.n_conv, samples=samples, context=context)
-    if context is not None:
-        context.clear_rows()
-    atom = backbone.readout_norm(state.atom) if backbone.readout_norm is not None else state.atom
-    from chgnet.model.functions import aggregate
+    if dtype != torch.float32:
+        if start == 0:
+            raise ValueError(f"dtype={dtype} needs cached frozen-prefix inputs; full graphs run in float32")
+        state = state.cast(dtype)
+    try:
+        state = _run_blocks(backbone, state, start=start, stop=backbone.n_conv, samples=samples, context=context)
+    finally:
+        if context is not None:
+            context.clear_rows()
+    atom = state.atom.float()
+    atom = backbone.readout_norm(atom) if backbone.readout_norm is not None else atom
+    from matbalora.backbones import pool_atoms
 
-    pooled = aggregate(atom, state.atom_owners, average=True, num_owner=state.n_groups)
+    pooled = pool_atoms(atom, state.atom_owners, state.n_groups, pooling)
     return pooled.reshape(samples, len(graphs), -1)

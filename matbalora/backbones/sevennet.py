@@ -294,9 +294,15 @@ def run_blocks(
 
 
 def crystal_features(
-    backbone: nn.Module, graphs: Sequence, *, samples: int = 1, context: NoiseContext | None = None
+    backbone: nn.Module,
+    graphs: Sequence,
+    *,
+    samples: int = 1,
+    context: NoiseContext | None = None,
+    pooling: str = "mean",
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Mean over atoms of the final 0e node channels  [samples, n_crystals, n_scalars].
+    """Pooled final 0e node channels  [samples, n_crystals, n_scalars] (``mean_max``: 2 x n_scalars).
 
     ``graphs``: SevenNetGraph objects, or :class:`~matbalora.backbones.sevennet_prefix.SevenNetPrefix`
     objects (features cached at the entry of a later block: only the remaining blocks run).
@@ -304,6 +310,9 @@ def crystal_features(
     own group, so BaLoRA draws one adapter weight set per crystal per sample.
     """
     from matbalora.backbones.sevennet_prefix import SevenNetPrefix, collate_prefixes
+
+    if dtype != torch.float32:
+        raise ValueError(f"dtype={dtype}: SevenNet blocks run in float32 only")
 
     _, blocks = block_names(backbone)
     if graphs and isinstance(graphs[0], SevenNetPrefix):
@@ -316,9 +325,9 @@ def crystal_features(
         if context is not None:
             context.clear_rows()
     x = state.data["x"].index_select(1, scalar_channels(backbone).to(state.data["x"].device))
-    sums = x.new_zeros(state.n_groups, x.shape[1]).index_add_(0, state.owners, x)
-    counts = torch.bincount(state.owners, minlength=state.n_groups).clamp_min(1).to(x.dtype)
-    return (sums / counts[:, None]).reshape(samples, len(graphs), -1)
+    from matbalora.backbones import pool_atoms
+
+    return pool_atoms(x, state.owners, state.n_groups, pooling).reshape(samples, len(graphs), -1)
 
 
 # The backbone-family interface (see ``matbalora.model.backbone_family`` and ``chgnet.py``).

@@ -1,0 +1,180 @@
+"""The on-disk prefix store: fp16/int32 shards that give the in-memory prefixes' outputs, a build that
+resumes and rebuilds corrupt shards, training batches without per-crystal collation, and training
+from the store (bf16 compute, mid-epoch resume)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from test_prefix_cache import graphs_of, late_model
+
+from matbalora.backbones.chgnet_prefix import collate_prefixes, compute_prefixes
+from matbalora.backbones.prefix_store import CorruptShardError, PrefixStore, Shard, StoreBatches, build_prefix_store
+from matbalora.config import HeadConfig, TrainConfig
+from matbalora.model import BandGapModel
+from matbalora.training import STATE_JSON, ListBatches, fit
+
+
+@pytest.fixture
+def prefixed(crystals):
+    """A model adapting its last block (2 of 3), 8 crystals, their prefixes, ids and fake targets."""
+    model = late_model("balora", 2)
+    structures = (crystals * 2)[:8]
+    prefixes = compute_prefixes(model.backbone, graphs_of(model, structures), 2, progress=False)
+    ids = [f"c{i}" for i in range(len(prefixes))]
+    return model, prefixes, ids, np.linspace(0.0, 3.0, len(prefixes))
+
+
+def build(root, prefixed, *, calls=None, **kw):
+    _, prefixes, ids, y = prefixed
+
+    def load(positions):
+        if calls is not None:
+            calls.extend(positions)
+        keep = [p for p in positions if p != 5]  # one crystal "fails" and is reported
+        return [prefixes[p] for p in keep], [float(y[p]) for p in keep], [ids[p] for p in keep], ({ids[5]: "test rejection"} if 5 in positions else {})
+
+    return build_prefix_store(root, ids=ids, load_shard=load, key="test-key", block=2, shard_size=3, progress=False, **kw)
+
+
+def test_store_matches_in_memory_prefixes(tmp_path, prefixed):
+    model, prefixes, ids, y = prefixed
+    store = PrefixStore(build(tmp_path / "s", prefixed))
+    assert store.n_shards == 3 and len(store.kept) == 7 and store.rejected() == {"c5": "test rejection"}
+    assert store.shards[0].arrays["atom"].dtype == np.float16 and store.shards[0].arrays["atom_graph"].dtype == np.int32
+    np.testing.assert_allclose(store.targets(["c0", "c7"]), [y[0], y[7]], rtol=1e-6)
+    sel = np.array([0, 2])  # crystals c0, c2 of shard 0
+    batch = store.batch(0, sel)
+    ref = collate_prefixes(model.backbone, [prefixes[0], prefixes[2]])
+    assert torch.equal(batch.state.atom_graph, ref.atom_graph) and torch.equal(batch.state.d2u, ref.d2u)
+    assert torch.equal(batch.state.atom_owners, ref.atom_owners)
+    with torch.no_grad():
+        fp16 = model(batch, samples=1)["gap"]
+        fp32 = model([prefixes[0], prefixes[2]], samples=1)["gap"]
+        from_graphs = model(store.prefix_graphs(["c0", "c2"]), samples=1)["gap"]
+    np.testing.assert_allclose(fp16.numpy(), fp32.numpy(), atol=2e-3)  # fp16 storage costs < 2 meV here
+    np.testing.assert_allclose(from_graphs.numpy(), fp16.numpy(), atol=1e-6)
+    with pytest.raises(KeyError, match="c5"):
+        store.locate(["c5"])
+
+
+def test_build_resumes_and_rebuilds_a_corrupt_shard(tmp_path, prefixed):
+    root = build(tmp_path / "s", prefixed, worker=0, workers=2)  # shards 0 and 2 only
+    with pytest.raises(FileNotFoundError, match="missing"):
+        PrefixStore(root)
+    calls: list[int] = []
+    build(root, prefixed, calls=calls, worker=1, workers=2)
+    assert calls == [3, 4, 5]  # only shard 1 was missing
+    shard = root / "shard_00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF  # flip bits inside a tensor
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptShardError, match="checksum"):
+        Shard(shard)
+    calls.clear()
+    build(root, prefixed, calls=calls)
+    assert calls == [0, 1, 2]  # the corrupt shard and nothing else
+    assert len(PrefixStore(root).kept) == 7
+    with pytest.raises(ValueError, match="another key"):
+        build_prefix_store(root, ids=["x"], load_shard=lambda p: ([], [], [], {}), key="other", block=2, progress=False)
+
+
+def test_truncated_or_hostile_header_is_refused(tmp_path):
+    path = tmp_path / "shard_00000.safetensors"
+    path.write_bytes((2**40).to_bytes(8, "little") + b"{}")
+    with pytest.raises(CorruptShardError, match="header"):
+        Shard(path)
+
+
+def test_store_batches_cover_each_crystal_once_per_epoch(tmp_path, prefixed):
+    store = PrefixStore(build(tmp_path / "s", prefixed))
+    ids = ["c0", "c1", "c2", "c3", "c4", "c6", "c7"]
+    batches = StoreBatches(store, ids)
+    seen = []
+    for batch, y in batches.epoch(2, torch.Generator().manual_seed(0)):
+        assert len(batch) == len(y) <= 2
+        seen.extend(y.tolist())
+    np.testing.assert_allclose(sorted(seen), sorted(store.targets(ids)), rtol=1e-6)
+    all_batches = list(batches.epoch(2, torch.Generator().manual_seed(1)))
+    skipped = list(batches.epoch(2, torch.Generator().manual_seed(1), skip=2))
+    assert len(skipped) == len(all_batches) - 2 and all(torch.equal(a[1], b[1]) for a, b in zip(all_batches[2:], skipped))
+
+
+def _fresh(method="balora", pooling="mean_max"):
+    """A freshly initialised (seeded) model adapting the last block, with a Gaussian NLL head."""
+    return _rebuild(late_model(method, 2), HeadConfig(hidden=8, loss="nll", pooling=pooling))
+
+
+def _rebuild(model, head):
+    from test_prefix_cache import three_block_chgnet
+
+    torch.manual_seed(0)
+    return BandGapModel(three_block_chgnet(), method=model.method, adapter=model.adapter_config, head=head)
+
+
+def test_bf16_training_from_the_store_learns_and_restores_float32_weights(tmp_path, prefixed):
+    store = PrefixStore(build(tmp_path / "s", prefixed))
+    ids = sorted(store.kept)
+    model = _fresh()
+    frozen = {n: p.detach().clone() for n, p in model.backbone.named_parameters() if not p.requires_grad}
+    val = (store.prefix_graphs(ids[:3]), store.targets(ids[:3]))
+    cfg = TrainConfig(method="balora", epochs=8, patience=8, batch_size=2, lr=1e-2, warmup_steps=1, compute_dtype="bfloat16")
+    hist = fit(model, StoreBatches(store, ids), val, cfg, progress=False)
+    losses = [h["train_loss"] for h in hist["history"]]
+    assert np.all(np.isfinite(losses)) and min(losses[-3:]) < losses[0]
+    reference = fit(_fresh(), StoreBatches(store, ids), val, replace(cfg, epochs=1, compute_dtype="float32"), progress=False)
+    assert losses[0] == pytest.approx(reference["history"][0]["train_loss"], rel=0.03)  # same batches and draws, bf16 vs fp32
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    for n, p in model.backbone.named_parameters():  # frozen weights back to their float32 values, bit for bit
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    out = model.sample_gaps(val[0], samples=4)
+    assert out.gaps.shape == (4, 3) and out.aleatoric_var is not None and np.all(out.aleatoric_var > 0)
+
+
+def test_mid_epoch_resume_equals_an_uninterrupted_run(tmp_path, prefixed, monkeypatch):
+    store = PrefixStore(build(tmp_path / "s", prefixed))
+    ids = sorted(store.kept)
+    val = (store.prefix_graphs(ids[:3]), store.targets(ids[:3]))
+    cfg = TrainConfig(method="balora", epochs=2, batch_size=2, lr=1e-2)
+    reference = _fresh()
+    fit(reference, StoreBatches(store, ids), val, cfg, out_dir=tmp_path / "ref", progress=False)
+
+    class Killed(Exception):
+        pass
+
+    batches = StoreBatches(store, ids)
+    original = batches.epoch
+    calls = {"n": 0}
+
+    def dying_epoch(*args, **kwargs):
+        for item in original(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 6:  # inside epoch 2 (4 batches per epoch), after a mid-epoch checkpoint
+                raise Killed
+            yield item
+
+    monkeypatch.setattr(batches, "epoch", dying_epoch)
+    model = _fresh()
+    with pytest.raises(Killed):
+        fit(model, batches, val, cfg, out_dir=tmp_path / "run", progress=False, checkpoint_seconds=0.0)
+    import json
+
+    assert json.loads((tmp_path / "run" / STATE_JSON).read_text())["in_epoch"]["batches_done"] == 1
+    resumed = _fresh()
+    fit(resumed, StoreBatches(store, ids), val, cfg, out_dir=tmp_path / "run", resume=True, progress=False)
+    for (n, a), b in zip(reference.named_parameters(), resumed.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), n
+
+
+def test_list_batches_and_mean_max_pooling(prefixed):
+    model = late_model("lora", 2)
+    mm = _rebuild(model, HeadConfig(hidden=8, pooling="mean_max"))
+    _, prefixes, _, y = prefixed
+    assert mm.head.body[0].in_features == 2 * model.head.body[0].in_features
+    feats = mm.pooled_features(prefixes)
+    assert feats.shape == (len(prefixes), 2 * model.backbone.atom_fea_dim)
+    assert len(list(ListBatches(prefixes, y).epoch(3, torch.Generator().manual_seed(0)))) == 3
