@@ -12,7 +12,11 @@ import logging
 import sys
 from typing import Any, Literal, get_args, get_origin
 
+from matbalora import __version__
 from matbalora.config import AdapterConfig, HeadConfig, TrainConfig
+
+#: Every command's --help shows each option's default.
+DEFAULTS_SHOWN = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
 
 
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "", skip: tuple[str, ...] = (), rename: dict[str, str] | None = None) -> None:
@@ -23,7 +27,7 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, *, prefix
             continue
         flag = "--" + rename.get(name, prefix + name).replace("_", "-")
         dest = f"{cls.__name__}.{name}"
-        help_text = f.metadata.get("help", "") + f" (default: {f.default!r})"
+        help_text = f.metadata.get("help", "") or name.replace("_", " ")  # the default is shown by DEFAULTS_SHOWN
         ftype = f.type if not isinstance(f.type, str) else eval(f.type, vars(sys.modules[cls.__module__]))  # noqa: S307 - annotations of our own module
         if get_origin(ftype) is Literal:
             parser.add_argument(flag, dest=dest, choices=list(get_args(ftype)), default=f.default, help=help_text)
@@ -42,16 +46,16 @@ def _collect(args: argparse.Namespace, cls: type, **overrides: Any) -> Any:
 
 
 def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune a band-gap model (or an ensemble) on a data file")
+    p = sub.add_parser("train", **DEFAULTS_SHOWN, help="fine-tune a band-gap model (or an ensemble) on a data file")
     p.add_argument("--data", required=True, help="extxyz(.gz), a CIF/POSCAR folder with id,band_gap CSV, or pymatgen JSON")
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--resume", action="store_true", help="continue from the folder's last checkpoint")
     p.add_argument("--members", type=int, default=1, help="train an ensemble of this many models (different seeds)")
     p.add_argument("--max-structures", type=int, default=None, help="use only the first N structures")
     p.add_argument("--split", choices=["random", "grouped"], default="random", help="random or composition-grouped split")
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--test-fraction", type=float, default=0.1)
-    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of the data for validation")
+    p.add_argument("--test-fraction", type=float, default=0.1, help="fraction of the data for the test")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the split")
     p.add_argument("--samples", type=int, default=16, help="Monte-Carlo samples for calibration and test metrics")
     p.add_argument("--cache", default=None, help="graph cache folder (default: $MATBALORA_CACHE or ~/.cache/matbalora)")
     p.add_argument("--workers", type=int, default=1, help="processes for graph conversion")
@@ -84,8 +88,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+ORDER_HELP = "predict a disordered structure as an ordered approximant (pymatgen's OrderDisorderedStructureTransformation), said in the note column"
+
+
 def _predict_parser(sub) -> None:
-    p = sub.add_parser("predict", help="predict band gaps with uncertainty for structure files or folders")
+    p = sub.add_parser("predict", **DEFAULTS_SHOWN, help="predict band gaps with uncertainty for structure files or folders")
     p.add_argument("paths", nargs="+", help="CIF, POSCAR/CONTCAR, extxyz or pymatgen JSON files, or folders")
     p.add_argument("--model", default=None, help="model folder (default: shipped BaLoRA model)")
     p.add_argument("--ensemble", default=None, nargs="?", const="", help="also predict with a deep ensemble (default folder if no value)")
@@ -93,6 +100,7 @@ def _predict_parser(sub) -> None:
     p.add_argument("--level", type=float, default=0.9, help="central interval level")
     p.add_argument("--out", default=None, help="write .csv or .json (atomically) instead of a table on stdout")
     p.add_argument("--strict", action="store_true", help="stop at the first rejected input")
+    p.add_argument("--order", action="store_true", help=ORDER_HELP)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -100,7 +108,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     frame, rejected = predict_paths(
         args.paths, model=args.model, ensemble=(args.ensemble or True) if args.ensemble is not None else False,
-        samples=args.samples, level=args.level, strict=args.strict,
+        samples=args.samples, level=args.level, strict=args.strict, order=args.order,
     )
     for path, reason in rejected:
         print(f"error: {path}: {reason}", file=sys.stderr)
@@ -108,16 +116,19 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         return 1
     if args.out:
         write_table(frame, args.out)
-    else:
+    elif len(frame):
         import pandas as pd
 
         with pd.option_context("display.max_rows", None, "display.width", 160, "display.float_format", "{:.3f}".format):
-            print(frame.drop(columns=[c for c in ("error", "std_epistemic", "std_aleatoric") if c in frame]).to_string(index=False))
+            print(frame.drop(columns=[c for c in ("error", "std_epistemic", "std_aleatoric", "note", "warning") if c in frame]).to_string(index=False))
+        for sid, text in [(i, f"{n} {w}".strip()) for i, n, w in zip(frame["id"], frame["note"], frame["warning"])]:
+            if text:
+                print(f"note: {sid}: {text}", file=sys.stderr)
     return 1 if rejected else 0
 
 
 def _screen_parser(sub) -> None:
-    p = sub.add_parser("screen", help="screen many structures in chunks into a resumable CSV, here or on a Dask cluster")
+    p = sub.add_parser("screen", **DEFAULTS_SHOWN, help="screen many structures in chunks into a resumable CSV, here or on a Dask cluster")
     p.add_argument("paths", nargs="+", help="CIF, POSCAR/CONTCAR, extxyz or pymatgen JSON files, or folders")
     p.add_argument("--out", required=True, help="CSV to append finished chunks to; rerun to resume")
     p.add_argument("--model", default=None, help="model folder (default: shipped BaLoRA model)")
@@ -129,6 +140,7 @@ def _screen_parser(sub) -> None:
     p.add_argument("--scheduler", default=None, metavar="ADDRESS", help="Dask scheduler address, e.g. tcp://host:8786 (default: this process)")
     p.add_argument("--retries", type=int, default=2, help="reruns of a chunk whose task failed (with --scheduler)")
     p.add_argument("--max-atoms", type=int, default=None, help="reject larger structures (default: the data layer's limit)")
+    p.add_argument("--order", action="store_true", help=ORDER_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -139,7 +151,7 @@ def _cmd_screen(args: argparse.Namespace) -> int:
     frame = screen(
         args.paths, model=args.model, ensemble=ensemble, samples=args.samples, level=args.level,
         batch_size=args.batch_size, out=args.out, progress=not args.no_progress, seed=args.seed,
-        cluster=args.scheduler, retries=args.retries, **({} if args.max_atoms is None else {"max_atoms": args.max_atoms}),
+        cluster=args.scheduler, retries=args.retries, order=args.order, **({} if args.max_atoms is None else {"max_atoms": args.max_atoms}),
     )
     failed = int((frame["error"] != "").sum()) if len(frame) else 0
     print(f"wrote {args.out}: {len(frame)} rows, {failed} rejected (see the error column)")
@@ -147,11 +159,11 @@ def _cmd_screen(args: argparse.Namespace) -> int:
 
 
 def _data_parser(sub) -> None:
-    p = sub.add_parser("data", help="inspect band-gap data")
+    p = sub.add_parser("data", **DEFAULTS_SHOWN, help="inspect band-gap data")
     dsub = p.add_subparsers(dest="data_cmd", required=True)
-    info = dsub.add_parser("info", help="counts, metal fraction, gap statistics, atom counts, elements")
-    info.add_argument("path")
-    info.add_argument("--max-structures", type=int, default=None)
+    info = dsub.add_parser("info", **DEFAULTS_SHOWN, help="counts, metal fraction, gap statistics, atom counts, elements")
+    info.add_argument("path", help="a data file or folder")
+    info.add_argument("--max-structures", type=int, default=None, help="read only the first N structures (default: all)")
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
@@ -164,13 +176,13 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _evaluate_parser(sub) -> None:
-    p = sub.add_parser("evaluate", help="metrics, recalibrated coverage and plots on labelled data")
+    p = sub.add_parser("evaluate", **DEFAULTS_SHOWN, help="metrics, recalibrated coverage and plots on labelled data")
     p.add_argument("--model", default=None, help="model folder (default: shipped BaLoRA model)")
     p.add_argument("--ensemble", default=None, nargs="?", const="", help="also evaluate a deep ensemble (default folder if no value)")
     p.add_argument("--data", required=True, help="labelled data (extxyz, folder + CSV, pymatgen JSON)")
-    p.add_argument("--samples", type=int, default=16)
-    p.add_argument("--level", type=float, default=0.9)
-    p.add_argument("--max-structures", type=int, default=None)
+    p.add_argument("--samples", type=int, default=16, help="Monte-Carlo samples")
+    p.add_argument("--level", type=float, default=0.9, help="central interval level")
+    p.add_argument("--max-structures", type=int, default=None, help="use only the first N structures")
     p.add_argument("--out", required=True, help="folder for metrics.json, predictions.csv and plots")
 
 
@@ -205,6 +217,7 @@ COMMANDS = {"train": _cmd_train, "predict": _cmd_predict, "screen": _cmd_screen,
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="matbalora", description="Band gaps with BaLoRA uncertainty on pretrained CHGNet")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--version", action="version", version=f"matbalora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _predict_parser(sub)

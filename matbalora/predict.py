@@ -62,7 +62,8 @@ def as_structure(obj: Any):
 
 def prepare(model: BandGapModel, structures: Iterable, ids: Sequence[str] | None = None, *, max_atoms: int = DEFAULT_MAX_ATOMS) -> Prepared:
     """Validate inputs and convert the valid ones to graphs with the model's own converter."""
-    items = [structures] if not isinstance(structures, (list, tuple)) and hasattr(structures, "lattice") else list(structures)
+    single = hasattr(structures, "lattice") or hasattr(structures, "cell")  # one Structure or one ASE Atoms
+    items = [structures] if single and not isinstance(structures, (list, tuple)) else list(structures)
     if ids is not None and len(ids) != len(items):
         raise ValueError(f"ids has {len(ids)} entries for {len(items)} structures")
     prep = Prepared([], [], [], [])
