@@ -110,8 +110,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         args.paths, model=args.model, ensemble=(args.ensemble or True) if args.ensemble is not None else False,
         samples=args.samples, level=args.level, strict=args.strict, order=args.order,
     )
+    from matbalora.data.formats import escape
+
     for path, reason in rejected:
-        print(f"error: {path}: {reason}", file=sys.stderr)
+        print(f"error: {escape(path)}: {escape(reason)}", file=sys.stderr)  # one line each, whatever the names hold
     if args.strict and rejected:
         return 1
     if args.out:

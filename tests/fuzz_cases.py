@@ -6,12 +6,19 @@ encodings, huge/NaN/inf numbers, broken cells, a million atoms declared, broken 
 read with ``read_structures`` (the reader ``matbalora predict`` and ``screen`` use) and every
 admitted structure is predicted. ``run_case`` returns the outcome of each entry: ``accepted``, a
 named rejection reason, or ``failure:...`` for anything else (an exception, a time-out).
+
+Hostile classes (issue 18): mutations that inject pymatgen class-lookup objects into JSON, lines
+longer than the reader's bound, repeated CIF symmetry operations and extra data blocks, and POSCAR
+count lines that disagree with the coordinate lines; a case whose last mutation is one that must be
+refused (``MUST_REJECT``) fails when every entry is accepted (``judge``). ``hostile_files`` and
+``hostile_paths`` are fixed inputs of each class (gzip bombs, the issue's CIF, FIFOs, broken links).
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 import re
 import resource
@@ -265,6 +272,52 @@ def broken_syntax(rng: random.Random, data: bytes, fmt: str) -> bytes:
     return b" ".join(data.split()[: rng.randrange(1, 40)])
 
 
+def class_lookup(rng: random.Random, data: bytes, fmt: str) -> bytes:
+    """JSON: a site property holding a ``{"@module", "@class"}`` object (MontyDecoder would import it)."""
+    obj = json.loads(data)
+    target = obj if isinstance(obj, dict) else obj[rng.randrange(len(obj))]["structure"]
+    site = target["sites"][rng.randrange(len(target["sites"]))]
+    module, cls = rng.choice([("os", "system"), ("subprocess", "Popen"), ("torch", "Tensor"), ("numpy", "array"),
+                              ("pymatgen.core", "Structure"), ("fuzz_not_a_module", "X")])
+    site.setdefault("properties", {})["payload"] = {"@module": module, "@class": cls, "data": [0] * 3}
+    return json.dumps(obj).encode()
+
+
+def long_line(rng: random.Random, data: bytes, fmt: str) -> bytes:
+    """A line just above the streaming bound (MAX_LINE_CHARS), in place of or after a random line."""
+    from matbalora.data.bounded import MAX_LINE_CHARS
+
+    lines = data.split(b"\n")
+    k = rng.randrange(len(lines))
+    lines.insert(k, rng.choice([b"x", b" ", b"1 ", b"#"]) * (MAX_LINE_CHARS + rng.randint(1, 4096)))
+    return b"\n".join(lines)
+
+
+def repeat_symops(rng: random.Random, data: bytes, fmt: str) -> bytes:
+    """CIF: the symmetry loop's operations repeated, or the data block copied into extra blocks."""
+    text = data.decode("utf-8", errors="replace")
+    if rng.random() < 0.5:
+        copies = rng.choice([2, 5, 9, 50])
+        return "".join(text.replace("data_", f"data_copy{i}_", 1) for i in range(copies)).encode()
+    return cif_with_repeated_ops(blocks=rng.choice([1, 2, 4]), sites=rng.choice([20, 150, 500]), ops=192).encode()
+
+
+def count_mismatch(rng: random.Random, data: bytes, fmt: str) -> bytes:
+    """POSCAR: a count line that declares one atom fewer or more than the coordinate lines hold."""
+    from matbalora.data.precheck import _coordinate_lines
+
+    lines = data.decode("utf-8").split("\n")
+    index = next(i for i in (5, 6) if i < len(lines) and lines[i].split() and all(t.isdigit() for t in lines[i].split()))
+    counts = [int(tok) for tok in lines[index].split()]
+    found = _coordinate_lines(lines, index)
+    k = rng.randrange(len(counts))
+    counts[k] = max(0, counts[k] + found - sum(counts) + (-1 if found > 0 and rng.random() < 0.5 else 1))
+    if sum(counts) == found:
+        counts[k] += 1
+    lines[index] = " ".join(map(str, counts))
+    return "\n".join(lines).encode()
+
+
 MUTATIONS: dict[str, Callable[[random.Random, bytes, str], bytes]] = {
     f.__name__: f
     for f in (
@@ -278,8 +331,12 @@ MUTATIONS: dict[str, Callable[[random.Random, bytes, str], bytes]] = {
         declare_many,
         bad_cell,
         broken_syntax,
+        long_line,
     )
 }
+#: Mutations of one format only, and those whose input must never be accepted when applied last.
+FORMAT_MUTATIONS = {"json": (class_lookup,), "cif": (repeat_symops,), "poscar": (count_mismatch,), "extxyz": ()}
+MUST_REJECT = {"json": {"class_lookup"}, "poscar": {"count_mismatch"}, "extxyz": {"long_line"}, "cif": set()}
 
 
 @dataclass
@@ -291,19 +348,95 @@ class Case:
     ops: list[str]
     data: bytes
     gz: bool = False
+    must_reject: bool = False  # the last mutation applied must make some entry a rejection
 
 
 def make_case(rng: random.Random, seeds: dict[str, list[tuple[str, bytes]]], fmt: str) -> Case:
-    """Pick a seed of ``fmt`` and apply 0-3 mutations drawn from ``rng``."""
+    """Pick a seed of ``fmt`` and apply 0-3 mutations drawn from ``rng`` (a format's own mutations
+    take one draw in eight)."""
     name, data = rng.choice(seeds[fmt])
-    ops = [rng.choice(list(MUTATIONS)) for _ in range(rng.choice([0, 1, 1, 1, 2, 2, 3]))]
+    own = {f.__name__: f for f in FORMAT_MUTATIONS[fmt]}
+    pool = {**MUTATIONS, **own}
+    ops = [rng.choice(list(own)) if own and rng.random() < 0.125 else rng.choice(list(MUTATIONS))
+           for _ in range(rng.choice([0, 1, 1, 1, 2, 2, 3]))]
+    applied = False
     for op in ops:
         try:
-            data = MUTATIONS[op](rng, data, fmt)
+            mutated = pool[op](rng, data, fmt)
         except Exception:  # the mutation needs structure an earlier one destroyed: keep the input as it is
-            pass
+            applied = False
+            continue
+        applied, data = mutated != data, mutated
     gz = rng.random() < 0.1
-    return Case(fmt, name, ops, data, gz)
+    return Case(fmt, name, ops, data, gz, must_reject=bool(ops) and ops[-1] in MUST_REJECT[fmt] and applied)
+
+
+def judge(case: Case, outcomes: list[str]) -> list[str]:
+    """``outcomes``, plus a failure when a case that must be refused had every entry accepted."""
+    if case.must_reject and outcomes and all(o == "accepted" for o in outcomes):
+        return [*outcomes, f"failure:hostile input accepted ({case.ops[-1]})"]
+    return outcomes
+
+
+# ---------------------------------------------------------------- fixed hostile inputs
+
+
+def cif_with_repeated_ops(*, blocks: int, sites: int, ops: int) -> str:
+    """``blocks`` P1 data blocks, each listing ``sites`` atoms and ``ops`` copies of the identity
+    (the issue's 73 kB file: 4 blocks x 500 sites x 192 operations, 206 s of CPU before)."""
+    rng = random.Random(18)
+    ops_text = "'x,y,z'\n" * ops
+    out = []
+    for b in range(blocks):
+        rows = "".join(f"O{i} O {rng.random():.4f} {rng.random():.4f} {rng.random():.4f} 1\n" for i in range(sites))
+        out.append(f"data_b{b}\n_cell_length_a 30\n_cell_length_b 30\n_cell_length_c 30\n_cell_angle_alpha 90\n"
+                   "_cell_angle_beta 90\n_cell_angle_gamma 90\n_symmetry_space_group_name_H-M 'P 1'\nloop_\n"
+                   f"_symmetry_equiv_pos_as_xyz\n{ops_text}loop_\n_atom_site_label\n_atom_site_type_symbol\n"
+                   f"_atom_site_fract_x\n_atom_site_fract_y\n_atom_site_fract_z\n_atom_site_occupancy\n{rows}")
+    return "".join(out)
+
+
+def _members(block: bytes, count: int) -> bytes:
+    """``count`` gzip members of ``block``: ``count`` x len(block) bytes from a few kB of file."""
+    return gzip.compress(block, compresslevel=9) * count
+
+
+def hostile_files() -> dict[str, bytes]:
+    """File name -> bytes of one input per hostile class of issue 18 (all refused, within bounds)."""
+    salt = {"lattice": {"matrix": [[4, 0, 0], [0, 4, 0], [0, 0, 4]]},
+            "sites": [{"species": [{"element": "Na", "occu": 1}], "abc": [0, 0, 0], "properties": {}},
+                      {"species": [{"element": "Cl", "occu": 1}], "abc": [0.5, 0.5, 0.5], "properties": {}}]}  # fmt: skip
+    lookup = json.loads(json.dumps(salt))
+    lookup["sites"][1]["properties"]["payload"] = {"@module": "MODULE", "@class": "Evil"}
+    tensor = json.loads(json.dumps(salt))  # before: a 3.5 GB tensor from a few hundred bytes
+    tensor["sites"][0]["properties"]["t"] = {"@module": "torch", "@class": "Tensor", "dtype": "torch.float32",
+                                             "data": {"@module": "numpy", "@class": "ones", "shape": [30000, 30000]}}
+    mib = 1 << 20
+    return {
+        "json_class_lookup.json": json.dumps(lookup).encode(),
+        "json_tensor.json": json.dumps(tensor).encode(),
+        "long_line.extxyz.gz": gzip.compress(b"1\n") + _members(b"x" * mib, 64) + gzip.compress(b"\nNa 0 0 0\n"),
+        "bomb.extxyz.gz": gzip.compress(b"1000000000\ncomment\n") + _members((b"H 0 0 0".ljust(1023) + b"\n") * 1024, 20),
+        "whitespace.json.gz": _members(b" " * mib, 20),
+        "repeated_ops.cif": cif_with_repeated_ops(blocks=4, sites=500, ops=192).encode(),
+        "many_blocks.cif": cif_with_repeated_ops(blocks=2000, sites=1, ops=1).encode(),
+        "count_mismatch.vasp": b"x\n1.0\n4 0 0\n0 4 0\n0 0 4\nNa Cl\n1\nDirect\n0 0 0\n.5 .5 .5\n",
+        # millions of 3-byte entries: before, 93 us and 600 B each (28 s, 175 MB per 300,000)
+        "empty_frames.extxyz.gz": _members(b"0\n\n" * (mib // 3), 6),
+        "zeros.json.gz": gzip.compress(b"[") + _members(b"0," * (mib // 2), 6) + gzip.compress(b"0]"),
+    }
+
+
+def hostile_paths(folder: Path) -> list[Path]:
+    """Entries that are not regular files (a FIFO, a broken link, a link loop), alone and in a folder."""
+    odd = folder / "odd_entries"
+    odd.mkdir(exist_ok=True)
+    (odd / "good.vasp").write_bytes(b"x\n1.0\n4 0 0\n0 4 0\n0 0 4\nNa Cl\n1 1\nDirect\n0 0 0\n.5 .5 .5\n")
+    for name, make in (("pipe.cif", lambda p: os.mkfifo(p)), ("broken.cif", lambda p: p.symlink_to(odd / "gone")),
+                       ("loop.cif", lambda p: p.symlink_to(p))):
+        if not (odd / name).is_symlink() and not (odd / name).exists():
+            make(odd / name)
+    return [odd / "pipe.cif", odd / "broken.cif", odd / "loop.cif", odd / "missing.cif", odd]
 
 
 # ---------------------------------------------------------------- running one case
@@ -350,7 +483,8 @@ def write_case(case: Case, folder: Path, index: int) -> Path:
 def time_bound(path: Path, seconds: float, per_mib: float = 2.0) -> float:
     """A case's time bound: ``seconds`` plus ``per_mib`` per MiB of input (reading is linear in
     the file: a 10 MB JSON of 80,000 sites takes seconds to decode on a busy machine)."""
-    return seconds + per_mib * path.stat().st_size / 2**20
+    size = path.stat().st_size if path.is_file() else 0  # FIFOs, broken links, folders: no bytes of their own
+    return seconds + per_mib * size / 2**20
 
 
 def run_case(path: Path, *, predictor=None, seconds: float = 10.0) -> tuple[list[str], float]:

@@ -75,7 +75,7 @@ def test_mutated_files_end_in_prediction_or_named_rejection(fmt, seeds, workdir,
         path = F.write_case(case, workdir, 0)
         with F.memory_limit(3 << 30):
             outcomes, _ = F.run_case(path, predictor=predictor, seconds=CASE_SECONDS)
-        assert_named(outcomes, f"{case.seed_name} {case.ops} gz={case.gz}")
+        assert_named(F.judge(case, outcomes), f"{case.seed_name} {case.ops} gz={case.gz}")
 
     check()
 
@@ -163,6 +163,26 @@ REGRESSIONS = {
     "million.extxyz": ('1000000\nLattice="4 0 0 0 4 0 0 0 4"\nNa 0 0 0\n', V.UNPARSABLE),
     "empty.cif": ("", V.UNPARSABLE),
 }
+
+
+@pytest.mark.parametrize("name", sorted(F.hostile_files()))
+def test_hostile_files_are_refused_fast(name, tmp_path):
+    """Issue 18's classes: class-lookup JSON, gzip bombs, long lines, CIF work, POSCAR counts."""
+    path = tmp_path / name
+    path.write_bytes(F.hostile_files()[name])
+    with F.memory_limit(1 << 30):
+        outcomes, seconds = F.run_case(path, seconds=CASE_SECONDS)
+    assert outcomes and not any(o.startswith("failure") or o == "accepted" for o in outcomes), outcomes
+    assert seconds < 3.0, seconds
+
+
+def test_hostile_paths_are_each_reported(tmp_path):
+    """A FIFO, a broken link, a link loop and a missing path: one unreadable rejection each, alone
+    or inside a folder (whose one good file is still read)."""
+    *alone, folder = F.hostile_paths(tmp_path)
+    for path in alone:
+        assert F.run_case(path, seconds=CASE_SECONDS)[0] == [V.UNREADABLE], path
+    assert sorted(F.run_case(folder, seconds=CASE_SECONDS)[0]) == ["accepted", V.UNREADABLE, V.UNREADABLE, V.UNREADABLE]
 
 
 @pytest.mark.parametrize("name", sorted(REGRESSIONS))

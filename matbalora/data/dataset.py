@@ -19,12 +19,14 @@ class Rejection:
     """One input entry that was not admitted, and why.
 
     ``id_or_path``: the entry id, or ``path#frame`` / the file path when no id could be read;
-    ``reason``: one of ``matbalora.data.validation.REASONS``; ``detail``: a human-readable note.
+    ``reason``: one of ``matbalora.data.validation.REASONS``; ``detail``: a human-readable note;
+    ``source``: where the entry came from, ``path`` or ``path#position`` ("" when not from a file).
     """
 
     id_or_path: str
     reason: str
     detail: str = ""
+    source: str = ""
 
 
 @dataclass(frozen=True, eq=False)

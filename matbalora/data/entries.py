@@ -32,12 +32,14 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Entry:
     """One input record as read: ``structure`` is None when reading failed (see ``failure``,
-    a ``(reason, detail)`` pair); ``target`` is the raw band-gap value (eV) or None if absent."""
+    a ``(reason, detail)`` pair); ``target`` is the raw band-gap value (eV) or None if absent;
+    ``source``: ``path`` or ``path#position`` of the record ("" when unknown)."""
 
     id: str
     structure: Structure | None
     target: Any = None
     failure: tuple[str, str] | None = None
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -126,9 +128,9 @@ def admit_structures(entries: Iterable[Entry], *, checks: Checks | None = None) 
     seen: set[str] = set()
     for entry in entries:
         if entry.id in seen:
-            out.append((entry.id, Rejection(entry.id, DUPLICATE_ID, "id used by an earlier entry")))
+            out.append((entry.id, Rejection(entry.id, DUPLICATE_ID, "id used by an earlier entry", entry.source)))
             continue
         seen.add(entry.id)
         problem = checks.structure_problem(entry)
-        out.append((entry.id, entry.structure if problem is None else Rejection(entry.id, *problem)))
+        out.append((entry.id, entry.structure if problem is None else Rejection(entry.id, *problem, entry.source)))
     return out

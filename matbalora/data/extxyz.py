@@ -4,11 +4,11 @@ The file is streamed forwards once: ASE's own reader seeks backwards, and every 
 a gzip stream restarts decompression (hours for 100k frames). Frames are cut at their atom-count
 lines and parsed one by one with ASE's extended-XYZ frame parser, so one bad frame does not lose
 the file, ``limit`` stops reading early, and oversized frames are skipped without being parsed.
+Lines and gzip's decompressed size are bounded while streaming (``matbalora.data.bounded``).
 """
 
 from __future__ import annotations
 
-import gzip
 import io
 import os
 import re
@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ase import Atoms
+
+from matbalora.data.bounded import open_text, read_line
 
 
 @dataclass(frozen=True)
@@ -29,11 +31,6 @@ class RawFrame:
     text: str | None
 
 
-def _open_text(path: str):
-    opener = gzip.open if path.endswith(".gz") else open
-    return opener(path, "rt", encoding="utf-8")
-
-
 def iter_frames(
     path: str | os.PathLike, *, limit: int | None = None, skip_above: int | None = None
 ) -> Iterator[RawFrame]:
@@ -42,15 +39,16 @@ def iter_frames(
     ``limit``: stop after this many frames (the rest of the file is not read);
     ``skip_above``: frames declaring more atoms are returned with ``text=None`` (lines skipped).
     Raises ValueError when a frame boundary cannot be found (a count line that is not a
-    non-negative integer, or the file ending inside a frame): later frames cannot be located.
+    non-negative integer, or the file ending inside a frame): later frames cannot be located;
+    ``bounded.InputTooLarge`` (a ValueError) for a line or a decompressed size above its bound.
     """
     path = os.fspath(path)
     if limit is not None and limit < 0:
         raise ValueError(f"limit={limit}; must be >= 0 or None")
-    with _open_text(path) as fh:
+    with open_text(path) as fh:
         index = 0
         while limit is None or index < limit:
-            header = fh.readline()
+            header = read_line(fh, path)
             if not header:
                 return
             if not header.strip():
@@ -64,13 +62,13 @@ def iter_frames(
                     f"{path}: frame {index}: expected an atom-count line, got {header.strip()[:60]!r}; "
                     "later frames cannot be located"
                 )
-            comment = fh.readline()
+            comment = read_line(fh, path)
             if not comment:
                 raise ValueError(f"{path}: file ends inside frame {index} (no comment line)")
             skip = skip_above is not None and natoms > skip_above
             lines = [] if skip else [header, comment]
             for _ in range(natoms):
-                line = fh.readline()
+                line = read_line(fh, path)
                 if not line:
                     raise ValueError(f"{path}: file ends inside frame {index} (declares {natoms} atoms)")
                 if not skip:

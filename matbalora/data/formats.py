@@ -2,27 +2,31 @@
 
 Formats: extended XYZ (``.extxyz``, ``.xyz``, optionally ``.gz``), CIF, POSCAR/CONTCAR/``.vasp``,
 and pymatgen JSON (one Structure dict, one ``{"structure": ...}`` record, or a list of either).
-JSON is decoded with ``json`` + ``Structure.from_dict`` (no MontyDecoder class lookup, no pickle).
+JSON is decoded with ``json`` and built from plain values (``structure_dict``: no MontyDecoder class
+lookup, no pickle). Every read is bounded (``bounded``: gzip's decompressed size, line length;
+``MAX_JSON_CHARS``, ``precheck.MAX_TEXT_CHARS``). Ids never hold control characters (``clean_id``).
 """
 
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import logging
 import os
 import warnings
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from matbalora.data.bounded import open_text
 from matbalora.data.entries import Entry
 from matbalora.data.extxyz import iter_frames, parse_comment, parse_frame
 from matbalora.data.precheck import MAX_TEXT_CHARS, cif_problem, poscar_problem
-from matbalora.data.validation import BAD_LATTICE, TOO_MANY_ATOMS, UNPARSABLE, check_cheap
+from matbalora.data.structure_dict import structure_from_dict
+from matbalora.data.validation import BAD_LATTICE, EMPTY, TOO_MANY_ATOMS, UNPARSABLE, check_cheap
 
 if TYPE_CHECKING:
     from pymatgen.core import Structure
@@ -39,6 +43,25 @@ SUFFIXES: tuple[tuple[str, str], ...] = (
     (".json", "json"),
 )
 FORMATS: tuple[str, ...] = ("extxyz", "cif", "poscar", "json")
+#: Characters of one JSON file (parsed whole: about 10x this in memory); larger collections: extxyz.
+MAX_JSON_CHARS = 32 * 2**20
+#: Characters of an id; longer ids are cut (and then may repeat: a duplicate_id rejection).
+MAX_ID_CHARS = 256
+#: Entries one file may fail to read; then the rest of the file is not read (one more entry says
+#: so). Bounds the memory of a file of millions of 3-byte frames ("0\n\n") to about 60 MB.
+MAX_FAILED_ENTRIES = 100_000
+
+
+def escape(text: str) -> str:
+    """``text`` with every non-printable character escaped: a newline becomes ``\\n``."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))
+
+
+def clean_id(text: str) -> str:
+    """``escape(text)``, at most MAX_ID_CHARS long: an id can never start a fake line of its own
+    in a message or a table."""
+    text = escape(text)
+    return text if len(text) <= MAX_ID_CHARS else text[: MAX_ID_CHARS - 3] + "..."
 
 
 def _base_name(path: str | os.PathLike) -> str:
@@ -63,15 +86,14 @@ def file_id(path: str | os.PathLike) -> str:
     base = _base_name(path)
     for suffix, _ in SUFFIXES:
         if base.lower().endswith(suffix) and len(base) > len(suffix):
-            return base[: -len(suffix)]
-    return base
+            return clean_id(base[: -len(suffix)])
+    return clean_id(base)
 
 
 def read_text(path: str | os.PathLike, *, max_chars: int | None = None) -> str:
-    """The file's text (gzip-decompressed for ``.gz``); ValueError above ``max_chars`` characters."""
-    path = os.fspath(path)
-    opener = gzip.open if path.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as fh:
+    """The file's text (gzip-decompressed for ``.gz``, within ``bounded.gzip_cap``); ValueError
+    above ``max_chars`` characters."""
+    with open_text(path) as fh:
         text = fh.read() if max_chars is None else fh.read(max_chars + 1)
     if max_chars is not None and len(text) > max_chars:
         raise ValueError(f"file holds more than {max_chars} characters; too large for one structure")
@@ -103,19 +125,23 @@ def atoms_entry(atoms, entry_id: str, *, target_key: str, max_atoms: int) -> Ent
 
 def _info_id(info: dict, id_key: str, fallback: str) -> str:
     value = info.get(id_key)
-    return fallback if value is None or str(value) == "" else str(value)
+    return fallback if value is None or str(value) == "" else clean_id(value)
 
 
 def extxyz_entries(
-    path: str | os.PathLike, *, id_key: str, target_key: str, limit: int | None, max_atoms: int
+    path: str | os.PathLike, *, id_key: str, target_key: str, limit: int | None, max_atoms: int, name: str | None = None
 ) -> Iterator[Entry]:
-    """Entries of an extended-XYZ file; frames above ``max_atoms`` are rejected unparsed."""
-    stem = file_id(path)
+    """Entries of an extended-XYZ file; frames above ``max_atoms`` are rejected unparsed.
+    ``name``: what ids fall back to (default: the file's id)."""
+    stem = file_id(path) if name is None else name
     next_index = 0
     try:
         for frame in iter_frames(path, limit=limit, skip_above=max_atoms):
             next_index = frame.index + 1
             fallback = f"{stem}#{frame.index}"
+            if frame.natoms == 0:  # nothing to parse
+                yield _failed(fallback, EMPTY, "frame declares 0 atoms")
+                continue
             if frame.text is None:
                 try:
                     info = parse_comment(frame.comment)
@@ -130,36 +156,23 @@ def extxyz_entries(
                 yield _failed(fallback, UNPARSABLE, str(exc))
                 continue
             yield atoms_entry(atoms, _info_id(atoms.info, id_key, fallback), target_key=target_key, max_atoms=max_atoms)
-    except (ValueError, OSError, EOFError, UnicodeDecodeError) as exc:  # frame boundaries lost / bad gzip
-        yield _failed(f"{os.fspath(path)}#{next_index}", UNPARSABLE, f"{exc} (rest of file not read)")
+    except (ValueError, OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:  # frame boundaries lost / bad gzip
+        yield _failed(f"{stem}#{next_index}", UNPARSABLE, f"{exc} (rest of file not read)")
 
 
 def _is_structure_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and "lattice" in obj and "sites" in obj
 
 
-def structure_from_dict(data: dict, *, max_atoms: int) -> Structure | tuple[str, str]:
-    """A pymatgen Structure from its ``as_dict()`` form; a ``(reason, detail)`` pair on failure."""
-    from pymatgen.core import Structure
-
-    sites = data.get("sites")
-    if isinstance(sites, list) and len(sites) > max_atoms:
-        return TOO_MANY_ATOMS, f"{len(sites)} sites > max_atoms={max_atoms} (not parsed)"
-    try:
-        return Structure.from_dict(data)
-    except Exception as exc:
-        return UNPARSABLE, f"Structure.from_dict: {type(exc).__name__}: {exc}"
-
-
 def json_entries(
-    path: str | os.PathLike, *, id_key: str, target_key: str, limit: int | None, max_atoms: int
+    path: str | os.PathLike, *, id_key: str, target_key: str, limit: int | None, max_atoms: int, name: str | None = None
 ) -> Iterator[Entry]:
     """Entries of a pymatgen JSON file: a Structure dict, a record ``{"structure", "band_gap",
-    "id"}``, or a list of either. Records without an id get ``<file stem>#<position>``."""
-    stem = file_id(path)
+    "id"}``, or a list of either. Records without an id get ``<name>#<position>``."""
+    stem = file_id(path) if name is None else name
     try:
-        data = json.loads(read_text(path))
-    except (OSError, UnicodeDecodeError, EOFError, ValueError, RecursionError) as exc:  # RecursionError: deep nesting
+        data = json.loads(read_text(path, max_chars=MAX_JSON_CHARS))
+    except (OSError, UnicodeDecodeError, EOFError, ValueError, RecursionError, zlib.error) as exc:  # deep nesting
         yield _failed(stem, UNPARSABLE, f"JSON: {type(exc).__name__}: {exc}")
         return
     single = isinstance(data, dict)
@@ -173,7 +186,7 @@ def json_entries(
             entry_id, target, sdict = fallback, None, record
         elif isinstance(record, dict) and "structure" in record:
             raw_id = record.get("id", record.get(id_key))
-            entry_id = fallback if raw_id is None else str(raw_id)
+            entry_id = fallback if raw_id is None else clean_id(raw_id)
             target, sdict = record.get(target_key), record["structure"]
         else:
             yield _failed(fallback, UNPARSABLE, "neither a Structure dict nor a {'structure': ...} record")
@@ -188,13 +201,14 @@ def json_entries(
             yield Entry(entry_id, made, target)
 
 
-def text_structure_entry(path: str | os.PathLike, fmt: str, *, max_atoms: int) -> Entry:
-    """Entry of a single-structure CIF or POSCAR file (first CIF block). The declared size is
-    checked on the text first (``precheck``): an oversized file is rejected without being built."""
+def text_structure_entry(path: str | os.PathLike, fmt: str, *, max_atoms: int, name: str | None = None) -> Entry:
+    """Entry of a single-structure CIF or POSCAR file (first CIF block), with id ``name`` (default:
+    the file's id). The declared size and the work of building it are checked on the text first
+    (``precheck``): a file above the bounds is rejected without being built."""
     from pymatgen.core import Structure
     from pymatgen.io.cif import CifParser
 
-    entry_id = file_id(path)
+    entry_id = file_id(path) if name is None else name
     with warnings.catch_warnings(record=True) as caught:  # pymatgen warns for every CIF issue
         warnings.simplefilter("always")
         try:
@@ -219,19 +233,31 @@ def text_structure_entry(path: str | os.PathLike, fmt: str, *, max_atoms: int) -
 
 
 def file_entries(
-    path: str | os.PathLike, *, id_key: str, target_key: str, limit: int | None, max_atoms: int
+    path: str | os.PathLike, *, id_key: str, target_key: str, limit: int | None, max_atoms: int, name: str | None = None
 ) -> Iterator[Entry]:
-    """Entries of one file of any supported format."""
+    """Entries of one file of any supported format. ``name``: the id of a single-structure file,
+    and what ids of frames and records without their own fall back to (default: ``file_id``)."""
     fmt = detect_format(path)
-    if fmt == "extxyz":
-        yield from extxyz_entries(path, id_key=id_key, target_key=target_key, limit=limit, max_atoms=max_atoms)
-    elif fmt == "json":
-        yield from json_entries(path, id_key=id_key, target_key=target_key, limit=limit, max_atoms=max_atoms)
+    common = dict(id_key=id_key, target_key=target_key, limit=limit, max_atoms=max_atoms, name=name)
+    if fmt in ("extxyz", "json"):
+        yield from _capped_failures(path, (extxyz_entries if fmt == "extxyz" else json_entries)(path, **common))
     elif fmt in ("cif", "poscar"):
         if limit is None or limit > 0:
-            yield text_structure_entry(path, fmt, max_atoms=max_atoms)
+            yield text_structure_entry(path, fmt, max_atoms=max_atoms, name=name)
     else:
-        yield _failed(os.fspath(path), UNPARSABLE, f"unknown file type; supported formats: {list(FORMATS)}")
+        yield _failed(clean_id(os.fspath(path)), UNPARSABLE, f"unknown file type; supported formats: {list(FORMATS)}")
+
+
+def _capped_failures(path: str | os.PathLike, entries: Iterator[Entry]) -> Iterator[Entry]:
+    """``entries`` until MAX_FAILED_ENTRIES of them failed to read; then one entry saying so."""
+    failed = 0
+    for entry in entries:
+        failed += entry.failure is not None
+        if failed > MAX_FAILED_ENTRIES:
+            detail = f"more than {MAX_FAILED_ENTRIES} entries could not be read; the rest of the file is not read"
+            yield _failed(f"{clean_id(os.fspath(path))}#rest", UNPARSABLE, detail)
+            return
+        yield entry
 
 
 def read_targets_csv(path: str | os.PathLike, *, target_key: str, id_key: str) -> dict[str, str]:

@@ -3,9 +3,13 @@
 pymatgen applies a CIF's symmetry operations site by site and compares every new position with the
 earlier ones, and it builds every data block of a file, not only the first: a 3 kB CIF listing 100
 general positions in F m -3 m takes about a minute to expand to 19,104 atoms (the time grows with
-the square of the atom count). A POSCAR count line can declare a million atoms. These checks
-estimate the atom count from the text (symmetry orbits of the listed sites; declared counts) and
-refuse a file above ``max_atoms`` before any Structure exists.
+the square of the atom count). Its work grows with operations x listed sites x listed sites
+(every listed site's images are compared with the earlier sites): 500 sites under 192 repeated
+operations, which expand to only 500 atoms, took 40 s per block. A POSCAR count line can declare a
+million atoms, or fewer atoms than coordinate lines follow (pymatgen then drops the extra lines and
+predicts a different crystal). These checks estimate the atom count from the text (symmetry orbits
+of the listed sites; declared counts), bound the work (``MAX_CIF_BLOCKS``, ``MAX_CIF_OP_SITES``),
+match the counts with the coordinate lines, and refuse a file before any Structure exists.
 """
 
 from __future__ import annotations
@@ -25,6 +29,12 @@ MAX_TEXT_CHARS = 64 * 2**20
 MAX_SYMOPS = 192
 #: Blocks of one CIF may expand to this many times ``max_atoms`` in total (pymatgen builds them all).
 MAX_BLOCKS_FACTOR = 4
+#: Data blocks one CIF may hold (pymatgen builds every one; the first is used).
+MAX_CIF_BLOCKS = 8
+#: Symmetry operations x listed sites, summed over a CIF's blocks: bounds pymatgen's expansion work
+#: (about 1.5 s at this bound on one core). Real files stay far below: a 500-atom crystal listed
+#: at general positions needs about 500, MOF-5 in F m -3 m (424 atoms, 6 sites) 1,152.
+MAX_CIF_OP_SITES = 20_000
 #: Fractional tolerance for telling orbit points apart; looser than pymatgen's 1e-4, so the
 #: estimate errs towards fewer atoms (never refuses a structure pymatgen would build small).
 ORBIT_TOL = 1e-3
@@ -101,9 +111,31 @@ def _block_atoms(parser: CifParser, block, name: str, limit: int) -> int | tuple
     return total
 
 
+def _work_problem(parser: CifParser, blocks: list) -> tuple[str, str] | None:
+    """UNPARSABLE when the CIF's symmetry operations x listed sites, summed over its blocks, exceed
+    MAX_CIF_OP_SITES (what pymatgen's expansion costs, even when few atoms come out of it)."""
+    work = 0
+    for name, block in blocks:
+        symmetry = _symmetry(parser, block)
+        work += (1 if symmetry is None else len(symmetry[0])) * len(_column(block, "_atom_site_label"))
+        if work > MAX_CIF_OP_SITES:
+            return UNPARSABLE, (
+                f"CIF block {name!r}: symmetry operations x listed sites reach {work} > {MAX_CIF_OP_SITES} "
+                "(too much work to expand; are operations repeated?)"
+            )
+    return None
+
+
 def cif_problem(parser: CifParser, *, max_atoms: int) -> tuple[str, str] | None:
-    """``(reason, detail)`` when building the CIF's structures would exceed the atom limits."""
+    """``(reason, detail)`` when building the CIF's structures would exceed the atom or work limits."""
     blocks = list(parser._cif.data.items())  # the sanitised blocks parse_structures will build
+    if len(blocks) > MAX_CIF_BLOCKS:
+        return UNPARSABLE, (
+            f"CIF has {len(blocks)} data blocks > {MAX_CIF_BLOCKS}; every block is built, so keep one structure per file"
+        )
+    work = _work_problem(parser, blocks)  # before the orbits: counting them costs ops^2 per site
+    if work is not None:
+        return work
     total = 0
     for index, (name, block) in enumerate(blocks):
         budget = MAX_BLOCKS_FACTOR * max_atoms - total
@@ -121,9 +153,20 @@ def cif_problem(parser: CifParser, *, max_atoms: int) -> tuple[str, str] | None:
     return None
 
 
+def _coordinate_lines(lines: list[str], count_index: int) -> int:
+    """Lines after the coordinate-mode line (and an optional selective-dynamics line) up to the
+    first blank line: the block pymatgen reads positions from (velocities follow a blank line)."""
+    mode = count_index + 1
+    if mode < len(lines) and lines[mode].strip()[:1].lower() == "s":
+        mode += 1
+    body = lines[mode + 1 :]
+    return next((i for i, line in enumerate(body) if not line.strip()), len(body))
+
+
 def poscar_problem(text: str, *, max_atoms: int) -> tuple[str, str] | None:
     """TOO_MANY_ATOMS when the POSCAR's count line (line 6, or 7 after a species line) declares
-    more than ``max_atoms`` atoms."""
+    more than ``max_atoms`` atoms; UNPARSABLE when it declares another number of atoms than
+    coordinate lines follow (pymatgen would read the first ones and drop the rest)."""
     lines = text.splitlines()
     for index in (5, 6):
         tokens = lines[index].split() if index < len(lines) else []
@@ -135,5 +178,10 @@ def poscar_problem(text: str, *, max_atoms: int) -> tuple[str, str] | None:
             declared = sum(counts)
             if declared > max_atoms:
                 return TOO_MANY_ATOMS, f"POSCAR declares {declared} atoms > max_atoms={max_atoms} (not parsed)"
+            found = _coordinate_lines(lines, index)
+            if found != declared:
+                return UNPARSABLE, (
+                    f"POSCAR count line {' '.join(tokens)[:60]!r} declares {declared} atoms, but {found} coordinate lines follow"
+                )
             return None
     return None

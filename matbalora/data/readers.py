@@ -3,13 +3,21 @@
 ``load_dataset`` dispatches on the path: an extended-XYZ file (``.extxyz``, ``.xyz``, ``.gz``);
 a pymatgen JSON file; a single CIF/POSCAR file; or a folder of CIF/POSCAR/CONTCAR/``.vasp``/JSON
 files with one CSV of ``id,band_gap`` (id = file name without extension).
+
+Folders are not recursed. A folder entry that is not a regular file or a folder (a broken
+symbolic link, a link loop, a FIFO, a socket, a device) becomes its own ``unreadable`` rejection,
+and nothing is ever opened that is not a regular file (opening a FIFO waits for a writer forever).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
+from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -19,6 +27,7 @@ from matbalora.data.doubtful import WARNING, order_entry, parser_warnings, warni
 from matbalora.data.entries import Checks, Entry, admit_structures, build_dataset
 from matbalora.data.formats import (
     FORMATS,
+    clean_id,
     csv_target,
     detect_format,
     file_entries,
@@ -30,6 +39,7 @@ from matbalora.data.validation import (
     DEFAULT_MAX_ATOMS,
     DEFAULT_MIN_DISTANCE,
     MISSING_STRUCTURE,
+    UNREADABLE,
     OnInvalid,
     check_policy,
 )
@@ -46,6 +56,43 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def path_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be read as a file ("is a folder" for a folder), or None for a regular
+    file; ``os.stat`` only, nothing is opened."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "broken symbolic link (its target does not exist)" if os.path.islink(path) else "does not exist"
+    except OSError as exc:
+        return "symbolic link loop" if exc.errno == errno.ELOOP else f"cannot be read ({exc.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a folder"
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
+    return f"not a regular file ({next((name for test, name in kinds if test(mode)), 'special file')})"
+
+
+def scan_folder(folder: Path, formats: Sequence[str] | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """A folder's structure files (sorted; ``formats``: those allowed, default all) and its entries
+    that are neither regular files nor folders, each with why (``path_problem``)."""
+    files, problems = [], []
+    for entry in sorted(folder.iterdir()):
+        problem = path_problem(entry)
+        if problem is None:
+            fmt = detect_format(entry)
+            if fmt is not None and (formats is None or fmt in formats):
+                files.append(entry)
+        elif problem != "is a folder":
+            problems.append((entry, problem))
+    return files, problems
+
+
+def _unreadable(path: Path, problem: str, *, name: str | None = None) -> Entry:
+    where = clean_id(os.fspath(path))
+    return Entry(name or where, None, None, (UNREADABLE, problem), where)
+
+
 def _check_limit(max_structures: int | None) -> None:
     if max_structures is not None and (not isinstance(max_structures, int) or max_structures < 0):
         raise ValueError(f"max_structures={max_structures!r}; must be a non-negative integer or None")
@@ -54,8 +101,8 @@ def _check_limit(max_structures: int | None) -> None:
 def _folder_entries(
     folder: Path, *, id_key: str, target_key: str, limit: int | None, max_atoms: int, require_target: bool
 ) -> tuple[Iterator[Entry], dict[str, Any]]:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and detect_format(p) in FOLDER_FORMATS)
-    csvs = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".csv")
+    files, problems = scan_folder(folder, FOLDER_FORMATS)
+    csvs = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".csv" and path_problem(p) is None)
     if len(csvs) > 1:
         raise ValueError(
             f"folder {os.fspath(folder)!r} has {len(csvs)} CSV files {[p.name for p in csvs]}; expected one"
@@ -65,7 +112,7 @@ def _folder_entries(
             f"folder {os.fspath(folder)!r} has no CSV of targets ('id,{target_key}'); "
             "pass require_target=False to read structures without band gaps"
         )
-    if not files:
+    if not files and not problems:
         raise ValueError(f"folder {os.fspath(folder)!r} holds no structure files ({list(FOLDER_FORMATS)})")
     targets = read_targets_csv(csvs[0], target_key=target_key, id_key=id_key) if csvs else {}
     meta = {"n_files": len(files), "targets_csv": csvs[0].name if csvs else None}
@@ -73,6 +120,11 @@ def _folder_entries(
     def generate() -> Iterator[Entry]:
         seen: set[str] = set()
         n = 0
+        for path, problem in problems:
+            if limit is not None and n >= limit:
+                return
+            n += 1
+            yield _unreadable(path, problem, name=file_id(path))
         for path in files:
             for entry in file_entries(path, id_key=id_key, target_key=target_key, limit=None, max_atoms=max_atoms):
                 if limit is not None and n >= limit:
@@ -114,8 +166,11 @@ def load_dataset(
     _check_limit(max_structures)
     checks = Checks(max_atoms=max_atoms, min_distance=min_distance, cutoff=cutoff)
     source = Path(path)
-    if not source.exists():
-        raise FileNotFoundError(f"dataset path {os.fspath(path)!r} does not exist")
+    problem = path_problem(source)
+    if problem in ("does not exist", "broken symbolic link (its target does not exist)"):
+        raise FileNotFoundError(f"dataset path {os.fspath(path)!r}: {problem}")
+    if problem not in (None, "is a folder"):
+        raise ValueError(f"dataset path {os.fspath(path)!r}: {problem}")
     provenance: dict[str, Any] = {"source": os.fspath(source.resolve()), "max_structures": max_structures}
     provenance["target_key"] = target_key
     if source.is_dir():
@@ -143,18 +198,27 @@ def load_dataset(
     )
 
 
-def _input_files(paths: Sequence[str | os.PathLike]) -> Iterator[Path]:
+def _input_files(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[Path, str | None]]:
+    """Every input file, with None, or with why it cannot be read (a path or a folder entry that is
+    not a regular file, a folder without structure files): such paths are reported, never raised."""
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.is_file() and detect_format(p) is not None)
-            if not files:
-                raise ValueError(f"folder {os.fspath(raw)!r} holds no structure files ({list(FORMATS)})")
-            yield from files
-        elif path.is_file():
-            yield path
-        else:
-            raise FileNotFoundError(f"input path {os.fspath(raw)!r} does not exist")
+        problem = path_problem(path)
+        if problem != "is a folder":
+            yield path, problem
+            continue
+        files, problems = scan_folder(path)
+        if not files and not problems:
+            yield path, f"folder holds no structure files ({list(FORMATS)})"
+        yield from problems
+        yield from ((p, None) for p in files)
+
+
+def _names(files: list[tuple[Path, str | None]]) -> dict[Path, str]:
+    """The id (or id prefix) of each readable file: its ``file_id``, or its path when two inputs
+    share that id (``a/Si.cif`` and ``b/Si.cif``), so that ids stay unique."""
+    stems = Counter(file_id(p) for p, problem in files if problem is None)
+    return {p: file_id(p) if stems[file_id(p)] == 1 else clean_id(os.fspath(p)) for p, problem in files if problem is None}
 
 
 def read_structures(
@@ -170,22 +234,32 @@ def read_structures(
 
     ``paths``: one or more files or folders (not recursed) of CIF, POSCAR/CONTCAR/``.vasp``,
     extended XYZ or pymatgen JSON. Single-structure files are named by their file name without
-    extension, frames and records by their ``id_key``/``id`` or ``<file>#<position>``. Structures
-    failing validation come back as a Rejection instead of a Structure, never dropped. ``order``:
+    extension, frames and records by their ``id_key``/``id`` or ``<file>#<position>``; when two
+    input files share a name, their path takes its place. Structures failing validation, and paths
+    that cannot be read (missing, broken links, FIFOs...), come back as a Rejection instead of a
+    Structure, never dropped; its ``source`` is the file (``path#position`` in multi-entry files). ``order``:
     a disordered structure becomes an ordered approximant; pymatgen's warnings about a file are in
     its structure's ``properties["warning"]`` (``matbalora.data.doubtful``).
     """
     checks = Checks(max_atoms=max_atoms, min_distance=min_distance, cutoff=cutoff)
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
+    files = list(_input_files(paths))
+    names = _names(files)
 
     def entries() -> Iterator[Entry]:
-        for path in _input_files(paths):
-            for entry in file_entries(path, id_key=id_key, target_key="", limit=None, max_atoms=max_atoms):
+        for path, problem in files:
+            if problem is not None:
+                yield _unreadable(path, problem)
+                continue
+            where, single = clean_id(os.fspath(path)), detect_format(path) in ("cif", "poscar")
+            found = file_entries(path, id_key=id_key, target_key="", limit=None, max_atoms=max_atoms, name=names[path])
+            for k, entry in enumerate(found):
                 said = warning_text(warned.pop(os.fspath(path), []))
                 if said and entry.structure is not None:
                     entry.structure.properties = {**(entry.structure.properties or {}), WARNING: said}
-                yield order_entry(entry, max_atoms=max_atoms) if order else entry
+                entry = order_entry(entry, max_atoms=max_atoms) if order else entry
+                yield replace(entry, source=where if single else f"{where}#{k}")
 
     with parser_warnings() as warned:
         return admit_structures(entries(), checks=checks)

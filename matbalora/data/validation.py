@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Reader side
+UNREADABLE = "unreadable"  # not a regular file: missing, a broken link or loop, a FIFO, a device
 UNPARSABLE = "unparsable"
 MISSING_STRUCTURE = "missing_structure"  # a target row whose structure file is absent
 DUPLICATE_ID = "duplicate_id"
@@ -44,6 +45,7 @@ NON_FINITE_TARGET = "non_finite_target"
 NEGATIVE_TARGET = "negative_target"
 
 REASONS: tuple[str, ...] = (
+    UNREADABLE,
     UNPARSABLE,
     MISSING_STRUCTURE,
     DUPLICATE_ID,
