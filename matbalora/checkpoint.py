@@ -7,11 +7,12 @@ tensors. Nothing is ever unpickled from a model folder: weights are safetensors,
 backbone checkpoint named in the config (CHGNet's own format is a torch pickle) is read with
 ``torch.load(weights_only=True)``, which admits tensors and plain containers only (for SevenNet
 checkpoints also numeric numpy arrays, see :func:`matbalora.backbones.sevennet.read_checkpoint`).
+The card is checked (``matbalora.model_card``: size, nesting, types and ranges) before anything is
+built, weights holding NaN or inf are refused, and every refusal names the folder's file.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from matbalora.atomic import atomic_write, sha256_file, write_json
 from matbalora.config import AdapterConfig, HeadConfig, from_dict, to_dict
 from matbalora.model import BACKBONES, BandGapModel, backbone_family
+from matbalora.model_card import MAX_CONFIG_BYTES, check_card, parse_card
 
 FORMAT = "matbalora-model"
 FORMAT_VERSION = 1
@@ -75,14 +77,16 @@ def save_model(model: BandGapModel, folder: str | os.PathLike, *, extra: dict[st
 
 
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The folder's config.json, read within ``model_card``'s size and nesting bounds."""
     path = Path(folder) / CONFIG
     if not path.is_file():
         raise ModelFolderError(f"{path}: missing (not a matbalora model folder)")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelFolderError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        with open(path, encoding="utf-8") as fh:
+            config = parse_card(fh.read(MAX_CONFIG_BYTES + 1))
+    except (ValueError, OSError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ModelFolderError(f"{path}: {exc}") from None
+    if config.get("format") != FORMAT:
         raise ModelFolderError(f"{path}: format is not {FORMAT!r}")
     if config.get("format_version") != FORMAT_VERSION:
         raise ModelFolderError(f"{path}: format_version {config.get('format_version')!r}, expected {FORMAT_VERSION}")
@@ -112,23 +116,37 @@ def load_backbone(folder: str | os.PathLike, backbone: dict[str, Any]) -> torch.
     if ckpt is None:
         return family.load(None)
     if not isinstance(ckpt, str) or not os.path.isfile(ckpt):
-        raise ModelFolderError(f"{ckpt}: backbone checkpoint named in {config_path} does not exist")
+        raise ModelFolderError(f"{str(ckpt)[:200]}: backbone checkpoint named in {config_path} does not exist")
     if backbone.get("checkpoint_sha256") and sha256_file(ckpt) != backbone["checkpoint_sha256"]:
-        raise ModelFolderError(f"{ckpt}: backbone checkpoint differs from the one the model was trained on")
+        raise ModelFolderError(f"{ckpt}: backbone checkpoint differs from the one the model was trained on (named in {config_path})")
     try:
         return family.load(ckpt)  # tensors and plain containers only (numeric numpy arrays for SevenNet)
     except ValueError as exc:
-        raise ModelFolderError(f"{exc}; model folders never unpickle objects") from None
+        raise ModelFolderError(f"{config_path}: {exc}; model folders never unpickle objects") from None
+    except (RuntimeError, KeyError, TypeError, OSError) as exc:  # a checkpoint of another shape or family
+        raise ModelFolderError(f"{config_path}: backbone checkpoint {ckpt} does not load ({type(exc).__name__}: {exc})") from None
+
+
+def _check_finite(weights: Path, state: dict[str, torch.Tensor]) -> None:
+    """Refuse a weight file holding NaN or inf (it would predict NaN for every crystal)."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ModelFolderError(f"{weights}: tensor {name} holds {bad} NaN or infinite values")
 
 
 def load_model_folder(folder: str | os.PathLike) -> tuple[BandGapModel, dict]:
     """Rebuild the model of a folder: its backbone checkpoint, adapters, head and trained weights."""
     config = read_config(folder)
-    weights = verify_weights(folder, config)
     bb = config.get("backbone")
     if not isinstance(bb, dict) or bb.get("name") not in BACKBONES:
         name = bb.get("name") if isinstance(bb, dict) else bb
-        raise ModelFolderError(f"{Path(folder) / CONFIG}: backbone {name!r} is not supported")
+        raise ModelFolderError(f"{Path(folder) / CONFIG}: backbone {str(name)[:80]!r} is not supported")
+    try:
+        check_card(config)  # before anything is built
+    except ValueError as exc:
+        raise ModelFolderError(f"{Path(folder) / CONFIG}: {exc}") from None
+    weights = verify_weights(folder, config)
     backbone = load_backbone(folder, bb)
     found = backbone_family(bb["name"]).backbone_version(backbone)
     if found != bb.get("version"):
@@ -150,6 +168,7 @@ def load_model_folder(folder: str | os.PathLike) -> tuple[BandGapModel, dict]:
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error types
         raise ModelFolderError(f"{weights}: unreadable safetensors file ({exc})") from None
+    _check_finite(weights, state)
     expected = set(trained_state(model))
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:

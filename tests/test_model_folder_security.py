@@ -129,6 +129,8 @@ def test_swapped_backbone_checkpoint(folder, tmp_path):
 
 def test_broken_config_fields_name_the_config(folder):
     _edit_config(folder, head={"hidden": "many", "unknown_key": 1})
+    _refused(folder, str(folder / CONFIG), "head.hidden='many' must be an integer")
+    _edit_config(folder, head={"hidden": 8, "layers": 1, "unknown_key": 1})
     _refused(folder, str(folder / CONFIG), "do not describe a model")
     _edit_config(folder, backbone="chgnet")
     _refused(folder, str(folder / CONFIG), "is not supported")
@@ -180,3 +182,53 @@ class _Payload:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+# ------------------------------------------------------------------ issue 18, item 8: the card is checked first
+
+
+def test_non_finite_weights_are_refused_at_load(folder):
+    """Before: NaN weights (checksum updated) loaded silently and predicted NaN with exit 0."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(folder / WEIGHTS))
+    name = sorted(state)[0]
+    state[name] = state[name].clone().fill_(float("nan"))
+    save_file(state, str(folder / WEIGHTS))
+    _edit_config(folder, weights={WEIGHTS: sha256_file(folder / WEIGHTS)})
+    _refused(folder, str(folder / WEIGHTS), f"tensor {name} holds", "NaN or infinite")
+
+
+@pytest.mark.parametrize(("changes", "needle"), [
+    ({"adapter__rank": 4e6}, "adapter.rank=4000000.0 must be an integer in [1, 256]"),  # before: 10 GB allocated
+    ({"adapter__rank": 4_000_000}, "adapter.rank=4000000 must be an integer"),
+    ({"head__hidden": 10**6}, "head.hidden=1000000 must be an integer in [1, 2048]"),
+    ({"calibration": {"std_scale": 1e-3}}, "calibration.std_scale=0.001 must be a finite number in [0.01, 1e+08]"),
+    ({"calibration": {"std_scale": "wide"}}, "calibration.std_scale='wide'"),  # before: ValueError without the folder
+    ({"calibration": {"std_scale": 2.0, "std_floor": -1}}, "calibration.std_floor=-1"),
+    ({"method": "magic"}, "method='magic' is not one of"),
+])
+def test_card_fields_are_checked_before_anything_is_built(folder, monkeypatch, changes, needle):
+    import matbalora.checkpoint as ckpt
+
+    monkeypatch.setattr(ckpt, "load_backbone", lambda *a: pytest.fail("built a backbone from a bad card"))
+    _edit_config(folder, **changes)
+    _refused(folder, str(folder / CONFIG), needle)
+
+
+def test_deeply_nested_or_huge_card_is_refused(folder):
+    """Before: a deeply nested config.json raised RecursionError."""
+    (folder / CONFIG).write_text('{"format": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    _refused(folder, str(folder / CONFIG), "nested deeper than")
+    (folder / CONFIG).write_text('{"a": ' + "[" * 40 + "]" * 40 + "}")
+    _refused(folder, str(folder / CONFIG), "nested deeper than 32 levels")
+    (folder / CONFIG).write_text(" " * (5 << 20))
+    _refused(folder, str(folder / CONFIG), "characters >")
+
+
+def test_predictor_load_names_the_folder(folder):
+    from matbalora.predict import Predictor
+
+    _edit_config(folder, calibration={"std_scale": float("inf")})
+    with pytest.raises(ModelFolderError, match=str(folder / CONFIG)):
+        Predictor.load(folder)
