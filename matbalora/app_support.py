@@ -2,13 +2,17 @@
 one prediction call per structure, a plain-language reading, and plotly figures.
 
 The Streamlit UI (``app/streamlit_app.py``) only lays these out. Uploaded file names are labels,
-never paths: the bytes are parsed from a private temporary folder under a name chosen here.
+never paths: the bytes are parsed from a private temporary folder under a name chosen here. What a
+page may cost is bounded by ``Limits``: files per page, bytes per file (``.gz`` uploads also after
+decompression), structures, atoms, and the seconds spent parsing each upload and predicting a page.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
+import io
 import math
 import os
 import re
@@ -17,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,9 +51,14 @@ class Limits:
     max_file_mb: int = 2  # per uploaded file, MiB
     max_atoms: int = 200  # per structure
     max_structures: int = 50  # per page (all uploads and examples together)
+    max_files: int = 20  # uploaded files read per page
+    max_decompressed_mb: int = 16  # per .gz upload, after decompression, MiB
+    max_parse_seconds: int = 20  # reading one upload stops after this (each structure's work is bounded too)
+    max_predict_seconds: int = 120  # predicting one page stops after this (cached results cost nothing)
 
     def __post_init__(self) -> None:
-        for name in ("max_file_mb", "max_atoms", "max_structures"):
+        for name in ("max_file_mb", "max_atoms", "max_structures", "max_files", "max_decompressed_mb",
+                     "max_parse_seconds", "max_predict_seconds"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}; must be a positive integer")
@@ -58,8 +68,9 @@ class Limits:
         return self.max_file_mb * 1024 * 1024
 
     def describe(self) -> str:
-        return (f"Up to {self.max_file_mb} MB per file, {self.max_atoms} atoms per structure, "
-                f"{self.max_structures} structures at a time; ordered crystals only (no partial occupancies).")
+        return (f"Up to {self.max_files} files of {self.max_file_mb} MB ({self.max_decompressed_mb} MB once "
+                f"decompressed), {self.max_atoms} atoms per structure, {self.max_structures} structures at a time; "
+                "ordered crystals only (no partial occupancies).")
 
 
 @dataclass(frozen=True)
@@ -107,8 +118,31 @@ def structure_key(structure: Structure) -> str:
     return hashlib.sha256(structure.to_json().encode()).hexdigest()
 
 
+def _gunzip(data: bytes, limit: int) -> bytes | None:
+    """The decompressed bytes of a gzip upload, or None when they exceed ``limit`` (read in
+    blocks, so a gzip bomb never grows past the limit in memory)."""
+    out = bytearray()
+    with gzip.GzipFile(fileobj=io.BytesIO(data)) as fh:
+        while block := fh.read(1 << 20):
+            out += block
+            if len(out) > limit:
+                return None
+    return bytes(out)
+
+
+def _until(deadline: float, entries, stopped: list[bool]):
+    """``entries`` until ``time.monotonic()`` passes ``deadline`` (then ``stopped[0]`` is True)."""
+    for entry in entries:
+        yield entry
+        if time.monotonic() > deadline:
+            stopped[0] = True
+            return
+
+
 def read_upload(name: str, data: bytes, *, limits: Limits = Limits()) -> list[Item]:
-    """The structures in one uploaded file, each checked; a bad file gives one Item with ``error``."""
+    """The structures in one uploaded file, each checked; a bad file gives one Item with ``error``.
+    A ``.gz`` upload is decompressed first, up to ``limits.max_decompressed_mb``; reading stops
+    after ``limits.max_parse_seconds`` (an Item says so)."""
     from matbalora.data.entries import Checks, admit_structures
     from matbalora.data.formats import file_entries
 
@@ -119,21 +153,33 @@ def read_upload(name: str, data: bytes, *, limits: Limits = Limits()) -> list[It
     fmt = detect_format(label)
     if fmt is None:
         return [Item(label, label, error=f"unknown file type; accepted: {ACCEPTED}")]
+    if label.lower().endswith(".gz"):
+        try:
+            data = _gunzip(data, limits.max_decompressed_mb * 2**20)
+        except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
+            return [Item(label, label, error=f"could not be read (not a valid gzip file: {exc})")]
+        if data is None:
+            return [Item(label, label, error=f"decompresses to more than {limits.max_decompressed_mb} MB; "
+                                             f"the limit is {limits.max_decompressed_mb} MB")]
     suffix = {"cif": ".cif", "poscar": ".vasp", "extxyz": ".extxyz", "json": ".json"}[fmt]
-    suffix += ".gz" if label.lower().endswith(".gz") else ""
+    stopped = [False]
     with tempfile.TemporaryDirectory(prefix="matbalora-upload-") as tmp:  # private (0700), random name
         path = Path(tmp) / f"upload{suffix}"
         path.write_bytes(data)
         try:  # read_structures, but stopping after max_structures + 1 entries of a multi-frame file
             entries = file_entries(path, id_key="material_id", target_key="", limit=limits.max_structures + 1,
                                    max_atoms=limits.max_atoms)
-            found = admit_structures(entries, checks=Checks(max_atoms=limits.max_atoms))
+            deadline = time.monotonic() + limits.max_parse_seconds
+            found = admit_structures(_until(deadline, entries, stopped), checks=Checks(max_atoms=limits.max_atoms))
         except (ValueError, OSError) as exc:
             found = [("upload", Rejection("upload", "unparsable", str(exc)))]
     items = []
     if len(found) > limits.max_structures:
         found = found[:limits.max_structures]
         items.append(Item(label, label, error=f"holds more than {limits.max_structures} structures; only the first {limits.max_structures} are used"))
+    if stopped[0]:
+        items.append(Item(label, label, error=f"reading stopped after {limits.max_parse_seconds} s; "
+                                               f"only the first {len(found)} structures are used"))
     for sid, obj in found:
         sid = sid.replace(os.fspath(path), stem)
         sid = stem + sid[len("upload"):] if sid.startswith("upload") else sid
@@ -143,6 +189,27 @@ def read_upload(name: str, data: bytes, *, limits: Limits = Limits()) -> list[It
         else:
             items.append(Item(label, sid, obj, structure_key(obj)))
     return items or [Item(label, label, error="no structure found in the file")]
+
+
+def read_uploads(files: Sequence[tuple[str, bytes]], *, limits: Limits = Limits(), read=None) -> list[Item]:
+    """``read_upload`` of each ``(name, bytes)`` (``read``: a cached wrapper of it, default the
+    function itself); files beyond ``limits.max_files`` are not read, each says so."""
+    read = read or (lambda name, data: read_upload(name, data, limits=limits))
+    items: list[Item] = []
+    for n, (name, data) in enumerate(files):
+        if n < limits.max_files:
+            items.extend(read(name, data))
+        else:
+            label = display_name(name)
+            items.append(Item(label, label, error=f"skipped: more than {limits.max_files} files at a time"))
+    return items
+
+
+def out_of_time(started: float, *, limits: Limits = Limits()) -> str:
+    """The reason a page's predictions stop (``started``: ``time.monotonic()`` at the first), or ""."""
+    if time.monotonic() - started > limits.max_predict_seconds:
+        return f"skipped: this page's prediction time ({limits.max_predict_seconds} s) is used up; upload fewer structures"
+    return ""
 
 
 def collect(items: Sequence[Item], *, limits: Limits = Limits()) -> list[Item]:

@@ -70,6 +70,31 @@ def test_read_upload_disordered_and_too_large_structures(tmp_path):
     assert str(tmp_path) not in item.error and "upload" not in item.error
 
 
+def test_uploads_are_bounded_in_files_decompressed_size_and_time(monkeypatch):
+    """Issue 18, item 4: before, the number of files, a .gz upload's decompressed size and the
+    time spent parsing and predicting were not bounded."""
+    limits = sup.Limits(max_files=2, max_decompressed_mb=1, max_parse_seconds=1, max_predict_seconds=1)
+    cif = silicon().to(fmt="cif").encode()
+    items = sup.read_uploads([(f"s{i}.cif", cif) for i in range(4)], limits=limits)
+    assert [item.error for item in items[2:]] == ["skipped: more than 2 files at a time"] * 2
+    assert all(item.structure is not None for item in items[:2])
+    bomb = gzip.compress(b" " * (2 << 20))  # 2 kB that decompress to 2 MB
+    [item] = sup.read_upload("bomb.json.gz", bomb, limits=limits)
+    assert item.structure is None and "decompresses to more than 1 MB" in item.error
+    clock = iter(range(0, 1000, 2))  # every reading of the clock: 2 s later
+    monkeypatch.setattr(sup.time, "monotonic", lambda: next(clock))
+    from ase.io import write
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    buf = io.StringIO()
+    write(buf, [AseAtomsAdaptor.get_atoms(silicon())] * 5, format="extxyz")
+    found = sup.read_upload("set.extxyz", buf.getvalue().encode(), limits=limits)
+    assert "reading stopped after 1 s" in found[0].error and sum(f.structure is not None for f in found) == 1
+    monkeypatch.undo()
+    started = sup.time.monotonic()
+    assert sup.out_of_time(started, limits=limits) == "" and "prediction time (1 s)" in sup.out_of_time(started - 10, limits=limits)
+
+
 def test_collect_makes_ids_unique_and_caps_the_count():
     si = sup.example("Si (diamond)")
     bad = sup.Item("x.cif", "x", error="could not be read")

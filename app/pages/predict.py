@@ -1,6 +1,7 @@
 """Upload crystals (or pick examples) and compare the BaLoRA and deep-ensemble band-gap intervals."""
 
 import logging
+import time
 
 import streamlit as st
 
@@ -50,7 +51,7 @@ with st.sidebar:
     samples = st.slider("Monte-Carlo samples (BaLoRA)", 4, 256, 32, step=4, key="samples")
     level = st.slider("Interval level", 0.50, 0.99, 0.90, step=0.01, key="level")
 
-items = [item for f in uploads or [] for item in read_upload(f.name, f.getvalue())]
+items = sup.read_uploads([(f.name, f.getvalue()) for f in uploads or []], limits=LIMITS, read=read_upload)
 items = sup.collect(items + [sup.example(name) for name in chosen], limits=LIMITS)
 for item in items:
     if item.structure is None:
@@ -62,7 +63,11 @@ if not good:
 
 preds: dict[str, sup.Prediction | None] = {}
 bar = st.progress(0.0, text="Predicting…") if len(good) > 1 else None
+started = time.monotonic()
 for n, item in enumerate(good):
+    if spent := sup.out_of_time(started, limits=LIMITS):
+        preds[item.id] = sup.Prediction({}, {}, level=level, error=spent)
+        continue
     try:
         preds[item.id] = predict(folder, item.key, item.structure, samples, level)
     except Exception as exc:  # one failing structure must not take the page down
