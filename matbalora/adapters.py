@@ -91,6 +91,8 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.merged = False
         self.row_kind: str | None = None  # set by the backbone: which rows this layer sees
+        #: fold the update into the weight in training forwards too (set by ``BandGapModel.compute_in``)
+        self.fold_in_training = False
 
     @property
     def in_features(self) -> int:
@@ -113,8 +115,11 @@ class LoRALinear(nn.Module):
         return self.base(x) + self.scale * (self.low_rank(self.dropout(x)) @ self.lora_B.T.to(x.dtype))
 
     def foldable(self) -> bool:
-        """True when the update may be folded into the weight: no autograd, no active dropout."""
-        return not torch.is_grad_enabled() and (isinstance(self.dropout, nn.Identity) or not self.dropout.training)
+        """True when the update may be folded into the weight: no active dropout, and no autograd
+        unless ``fold_in_training`` (small layers: one fat matmul and a weight gradient are cheaper
+        than the three skinny rank-r products of activation space, measured in benchmarks/speed.py)."""
+        no_dropout = isinstance(self.dropout, nn.Identity) or not self.dropout.training
+        return no_dropout and (self.fold_in_training or not torch.is_grad_enabled())
 
     def delta_weight(self) -> Tensor:
         """s * B A, the update a merge adds to W0  [out, in]."""
@@ -157,9 +162,14 @@ class BaLoRALinear(LoRALinear):
                 "a merged BaLoRA layer is its posterior mean and gives no uncertainty; unmerge to sample"
             )
         segments = self.context.segments.get(self.row_kind) if self.row_kind else None
-        if self.context.mode == "sample" and self.noise == "per_crystal" and segments is not None and self.foldable():
+        if self.context.mode == "sample" and self.noise == "per_crystal" and segments is not None and LoRALinear.foldable(self):
             return self._folded_draws(x, segments)
         return super().forward(x)
+
+    def foldable(self) -> bool:
+        """Folding ``B M`` into the weight is the posterior mean: right only when not sampling
+        (sampled draws fold per crystal in :meth:`_folded_draws`, or run in activation space)."""
+        return super().foldable() and self.context.mode == "mean"
 
     def _draw_noise(self, n_groups: int, std_ratio: Tensor, gen: torch.Generator | None, like: Tensor) -> Tensor:
         """Noise of A for ``n_groups`` independent draws  [G, r, d_in]: A_g = M + noise_g."""
@@ -167,7 +177,7 @@ class BaLoRALinear(LoRALinear):
         return (self.lora_A * std_ratio[:, None]).unsqueeze(0) * eps
 
     def _folded_draws(self, x: Tensor, segments: list[int]) -> Tensor:
-        """Per-crystal draws with the update folded into one weight per group (no autograd).
+        """Per-crystal draws with the update folded into one weight per group.
 
         x [S * N, d_in] tile-major (see ``NoiseContext``) -> [S * N, d_out]; the same random numbers
         as the activation-space path, so both give the same draws up to float rounding.
@@ -179,7 +189,7 @@ class BaLoRALinear(LoRALinear):
             )
         noise = self._draw_noise(tiles * n_crystals, self.clamped_log_a().exp().sqrt(), self.context.generator, x)
         weights = self.base.weight + torch.matmul(self.scale * self.lora_B, self.lora_A + noise)  # [S * C, out, in]
-        weights = weights.view(tiles, n_crystals, *self.base.weight.shape).transpose(2, 3)
+        weights = weights.to(x.dtype).view(tiles, n_crystals, *self.base.weight.shape).transpose(2, 3)
         x3 = x.view(tiles, -1, x.shape[1])
         bias = self.base.bias
         pieces = [
