@@ -50,6 +50,8 @@ MAX_ID_CHARS = 256
 #: Entries one file may fail to read; then the rest of the file is not read (one more entry says
 #: so). Bounds the memory of a file of millions of 3-byte frames ("0\n\n") to about 60 MB.
 MAX_FAILED_ENTRIES = 100_000
+#: Distinct parser warnings kept per CIF/POSCAR file (they become the structure's warning note).
+MAX_NOTES = 20
 
 
 def escape(text: str) -> str:
@@ -210,7 +212,7 @@ def text_structure_entry(path: str | os.PathLike, fmt: str, *, max_atoms: int, n
 
     entry_id = file_id(path) if name is None else name
     with warnings.catch_warnings(record=True) as caught:  # pymatgen warns for every CIF issue
-        warnings.simplefilter("always")
+        warnings.simplefilter("default")  # each distinct message once per file (a 1 MB line of tokens: one, not 10^6)
         try:
             text = read_text(path, max_chars=MAX_TEXT_CHARS)
             if fmt == "cif":  # what Structure.from_str(text, fmt="cif") runs, with the check in between
@@ -227,8 +229,8 @@ def text_structure_entry(path: str | os.PathLike, fmt: str, *, max_atoms: int, n
             return _failed(entry_id, UNPARSABLE, detail)
     if problem is not None:
         return _failed(entry_id, *problem)
-    for w in caught:
-        log.debug("%s: %s", os.fspath(path), w.message)
+    for message in list(dict.fromkeys(str(w.message) for w in caught))[:MAX_NOTES]:
+        log.debug("%s: %s", os.fspath(path), message)
     return Entry(entry_id, structure)
 
 

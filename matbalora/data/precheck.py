@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from pymatgen.io.cif import CifParser
 
 #: Characters read from a single-structure CIF/POSCAR file at most (larger files are refused).
-MAX_TEXT_CHARS = 64 * 2**20
+MAX_TEXT_CHARS = 8 * 2**20  # a 500-atom CIF is about 50 kB; pymatgen parses about 1 MiB of odd tokens per 1.5 s
 #: Symmetry operations one CIF block may list: the largest space-group order (F m -3 m, conventional).
 MAX_SYMOPS = 192
 #: Blocks of one CIF may expand to this many times ``max_atoms`` in total (pymatgen builds them all).
