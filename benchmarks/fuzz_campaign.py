@@ -11,6 +11,10 @@ turns. Every case runs under a CPU-time bound (SIGPROF) and an address-space cap
 are counted per entry: ``accepted`` (finite prediction), each rejection reason, or ``failure:...``
 (an exception escaped, a time-out, a row the predictor could not handle). Each distinct failure
 keeps its recipe (``--seed``, case index, seed file, mutations) and a line-minimised input.
+The hostile classes of issue 18 take part twice: as mutations (class-lookup JSON, over-long lines,
+repeated CIF operations and blocks, POSCAR count mismatches; an input that must be refused and is
+accepted is a failure), and as a fixed suite (``fuzz_cases.hostile_files``/``hostile_paths``: gzip
+bombs, the issue's CIF, FIFOs, broken links and loops) run once per campaign under the same bounds.
 Results: benchmarks/results/fuzz_campaign.json, written atomically. A case stuck in C code (where
 the alarm cannot reach) ends the run after ``--hang-seconds`` with stack traces, and
 ``fuzz_campaign.inflight.json`` next to the results names that case.
@@ -38,7 +42,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import fuzz_cases as F  # noqa: E402  (tests/ is not a package)
 
 from matbalora.atomic import write_json  # noqa: E402
-from matbalora.data import precheck, validation  # noqa: E402
+from matbalora.data import bounded, formats, precheck, validation  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "fuzz_campaign.json"
 
@@ -64,6 +68,28 @@ def minimise(case: F.Case, signature: str, folder: Path, run) -> bytes:
         else:
             i += 1
     return b"\n".join(lines)
+
+
+def hostile_suite(folder: Path, run) -> dict:
+    """Every fixed hostile input once: files must end in rejections only, paths that are not
+    regular files in ``unreadable`` (a folder of them also reads its one good file)."""
+    cases: list[tuple[str, Path, list[str] | None]] = []
+    for name, data in F.hostile_files().items():
+        (folder / name).write_bytes(data)
+        cases.append((name, folder / name, None))
+    *alone, odd = F.hostile_paths(folder)
+    cases += [(path.name, path, [validation.UNREADABLE]) for path in alone]
+    cases.append(("folder of odd entries", odd, sorted(["accepted"] + [validation.UNREADABLE] * 3)))
+    outcomes: Counter = Counter()
+    failures, seconds = [], {}
+    for name, path, expected in cases:
+        found, spent = run(path)
+        outcomes.update(found)
+        seconds[name] = round(spent, 3)
+        ok = sorted(found) == expected if expected is not None else found and "accepted" not in found
+        if not ok or failures_of(found):
+            failures.append({"input": name, "outcomes": found})
+    return {"cases": len(cases), "outcomes": dict(outcomes.most_common()), "failures": failures, "cpu_seconds": seconds}
 
 
 def versions() -> dict[str, str]:
@@ -109,6 +135,7 @@ def campaign(args: argparse.Namespace, folder: Path) -> dict:
         path = F.write_case(case, folder, index)
         inflight.write_text(json.dumps({"seed": args.seed, "case": index, "format": fmt, "mutations": case.ops}))
         outcomes, seconds = run(path)
+        outcomes = F.judge(case, outcomes)
         path.unlink()
         stats = per_reader[fmt]
         stats["cases"] += 1
@@ -131,6 +158,7 @@ def campaign(args: argparse.Namespace, folder: Path) -> dict:
             print(f"{index + 1} cases, {n_fail} with failures, {time.perf_counter() - start:.0f} s", flush=True)
     wall = time.perf_counter() - start
     inflight.unlink(missing_ok=True)
+    hostile = hostile_suite(folder, run)
     readers = {}
     for fmt, stats in per_reader.items():
         secs = sorted(stats["seconds"])
@@ -161,8 +189,15 @@ def campaign(args: argparse.Namespace, folder: Path) -> dict:
             "max_search_cells": validation.MAX_SEARCH_CELLS,
             "max_cif_symops": precheck.MAX_SYMOPS,
             "max_text_chars": precheck.MAX_TEXT_CHARS,
+            "max_cif_blocks": precheck.MAX_CIF_BLOCKS,
+            "max_cif_op_sites": precheck.MAX_CIF_OP_SITES,
+            "max_line_chars": bounded.MAX_LINE_CHARS,
+            "gzip_cap": f"max({bounded.MIN_GZIP_BYTES} bytes, {bounded.MAX_GZIP_RATIO} x compressed size)",
+            "max_json_chars": formats.MAX_JSON_CHARS,
+            "max_failed_entries_per_file": formats.MAX_FAILED_ENTRIES,
         },
         "wall_seconds": round(wall, 1),
+        "hostile_suite": hostile,
         "outcomes": dict(totals.most_common()),
         "cases_with_failures": sum(f["count"] for f in failures.values()),
         "distinct_failures": list(failures.values()),
@@ -194,6 +229,7 @@ def main() -> None:
     write_json(args.out, result)
     print(f"{result['cases']} cases in {result['wall_seconds']} s: {result['outcomes']}")
     print(f"distinct failures: {len(result['distinct_failures'])} -> {args.out}")
+    print(f"hostile suite: {result['hostile_suite']['cases']} inputs, {len(result['hostile_suite']['failures'])} failures")
 
 
 if __name__ == "__main__":
