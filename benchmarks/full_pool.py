@@ -86,8 +86,14 @@ def eval_data(store) -> PreparedData:
 def train(name: str) -> Path:
     method, adapter, head, overrides, n_train = RECIPES[name]
     torch.set_num_threads(1)
-    store = open_store()
-    train_ids = [i for i in full_pool().train_subset(n_train) if i in store.kept]
+    pool = full_pool()
+    # a subset run may start while the full-pool build is still running: it needs only its own shards
+    store = open_store(allow_missing=n_train is not None)
+    wanted = pool.val + pool.test + pool.train_subset(n_train)
+    missing = {store.locate_position(i) for i in wanted} - set(store.shards)
+    if missing:
+        raise SystemExit(f"{name}: shards {sorted(missing)[:8]} of the prefix store are not built yet; run full_pool_data.py cache")
+    train_ids = [i for i in pool.train_subset(n_train) if i in store.kept]
     cfg = replace(TrainConfig(method=method), **overrides)
     out = RUNS / name
     if (out / "config.json").is_file():
@@ -146,12 +152,66 @@ def evaluate() -> dict:
     return results
 
 
+def forest(sizes: list[str]) -> dict:
+    """Magpie composition features + a 100-tree random forest (std = spread of the trees) trained on
+    the learning-curve subsets, recalibrated on validation, scored on the test crystals (the baseline
+    a materials scientist picks first; matminer + scikit-learn)."""
+    from matminer.featurizers.composition import ElementProperty
+    from pymatgen.core import Composition
+    from sklearn.ensemble import RandomForestRegressor
+
+    from matbalora.calibration import StdScaler, fit_recalibration
+    from matbalora.predict import raw_total_std
+
+    pool = full_pool()
+    frames, ids, _ = raw_frames()
+    row = {sid: i for i, sid in enumerate(ids)}
+    gap = {sid: float(re.search(r"band_gap=(\S+)", frames[row[sid]].comment).group(1)) for sid in pool.ids}
+    formula = {sid: _FORMULA.search(frames[row[sid]].comment).group(1) for sid in pool.ids}
+    feat = ElementProperty.from_preset("magpie")
+    memo: dict[str, list] = {}
+
+    def features(sids):
+        for f in {formula[s] for s in sids} - memo.keys():
+            memo[f] = feat.featurize(Composition(f))
+        return np.nan_to_num(np.array([memo[formula[s]] for s in sids], dtype=float))
+
+    X_val, y_val = features(pool.val), np.array([gap[s] for s in pool.val])
+    X_te, y_te = features(pool.test), np.array([gap[s] for s in pool.test])
+    path = RESULTS / "forest.json"
+    out = json.loads(path.read_text()) if path.is_file() else {}
+    for size in sizes:
+        sids = pool.train_subset(SIZES[size])
+        t0 = time.perf_counter()
+        X = features(sids)
+        rf = RandomForestRegressor(n_estimators=100, n_jobs=1, random_state=0, min_samples_leaf=2).fit(X, [gap[s] for s in sids])
+        seconds = time.perf_counter() - t0
+
+        def predict(X):
+            trees = np.stack([t.predict(X) for t in rf.estimators_])
+            return trees.mean(0), np.maximum(trees.std(0, ddof=1), 1e-6)
+
+        vm, vs = predict(X_val)
+        scaler = StdScaler.from_calibration(fit_recalibration(vm, vs, y_val))
+        mean, raw = predict(X_te)
+        import pandas as pd
+
+        frame = pd.DataFrame({"band_gap": mean, "std": scaler.transform(raw_total_std(raw, np.full_like(raw, np.nan)))})
+        out[size] = {"n_train": len(sids), "train_seconds": seconds, "model": "matminer Magpie + RandomForest(100 trees, min_samples_leaf=2)", **_scores(frame, y_te)}
+        print("forest", size, json.dumps(out[size]), flush=True)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        write_json(path, out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train")
     t.add_argument("names", nargs="+", choices=sorted(RECIPES))
     sub.add_parser("evaluate")
+    f = sub.add_parser("forest")
+    f.add_argument("sizes", nargs="*", default=list(SIZES), choices=list(SIZES))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.cmd == "train":
@@ -159,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
             train(name)
     elif args.cmd == "evaluate":
         evaluate()
+    elif args.cmd == "forest":
+        forest(args.sizes)
 
 
 if __name__ == "__main__":

@@ -130,8 +130,8 @@ def build(worker: int, workers: int) -> Path:
     return root
 
 
-def open_store(*, verify: bool = True) -> PrefixStore:
-    return PrefixStore(store_root(), verify=verify)
+def open_store(*, verify: bool = True, allow_missing: bool = False) -> PrefixStore:
+    return PrefixStore(store_root(), verify=verify, allow_missing=allow_missing)
 
 
 def main(argv: list[str] | None = None) -> None:

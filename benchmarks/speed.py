@@ -374,6 +374,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--no-tune-allocator", action="store_true", help="keep glibc's default mmap thresholds")
     parser.add_argument("--no-unbounded-probe", action="store_true", help="skip (d) with every draw in one pass (slow)")
+    parser.add_argument("--only", choices=["epoch"], default=None, help="run only this part and merge it into --out (epoch: benchmarks/speed_epoch.py)")
     parser.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--max-rows", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -381,6 +382,16 @@ def main() -> None:
     tuned = False if args.no_tune_allocator else tune_cpu_allocator()
     if args.memory_probe:
         _memory_probe_child(args)
+        return
+    if args.only == "epoch":
+        from speed_epoch import epoch_ratio, real_crystals
+
+        result = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        graphs, targets = real_crystals(args.data, args.n)
+        result["training_epoch"] = {"command": " ".join(["OMP_NUM_THREADS=%s" % os.environ.get("OMP_NUM_THREADS", "?"), "python", *sys.argv]),
+                                    "loadavg_start": [round(x, 2) for x in os.getloadavg()], **epoch_ratio(graphs, targets, rounds=args.repeats)}
+        write_json(args.out, result)
+        print(json.dumps(result["training_epoch"], indent=1))
         return
     result = {"command": " ".join(["OMP_NUM_THREADS=%s" % os.environ.get("OMP_NUM_THREADS", "?"), "python", *sys.argv]),
               "loadavg_start": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),

@@ -187,7 +187,9 @@ class Shard:
 class PrefixStore:
     """A finished store: shards opened (and verified) once, crystals addressed by global position."""
 
-    def __init__(self, root: str | os.PathLike, *, verify: bool = True) -> None:
+    def __init__(self, root: str | os.PathLike, *, verify: bool = True, allow_missing: bool = False) -> None:
+        """``allow_missing``: open the shards built so far (a build still running elsewhere); the
+        crystals of missing shards are then not in ``kept``."""
         self.root = Path(root)
         manifest = self.root / MANIFEST
         if not manifest.is_file():
@@ -197,11 +199,11 @@ class PrefixStore:
         self.shard_size = int(self.manifest["shard_size"])
         self.block = int(self.manifest["block"])
         missing = [k for k in range(self.n_shards) if not self.shard_path(k).is_file()]
-        if missing:
+        if missing and not allow_missing:
             raise FileNotFoundError(f"{self.root}: shards {missing[:5]}{'...' if len(missing) > 5 else ''} missing; resume the build")
-        self.shards = [Shard(self.shard_path(k), verify=verify) for k in range(self.n_shards)]
-        #: positions (into ``ids``) of the crystals that were stored; rejected ones are absent
-        self.kept = {sid: (k, j) for k, sh in enumerate(self.shards) for j, sid in enumerate(sh.ids)}
+        self.shards = {k: Shard(self.shard_path(k), verify=verify) for k in range(self.n_shards) if k not in missing}
+        #: (shard, position) of every stored crystal; rejected ones (and those of missing shards) are absent
+        self.kept = {sid: (k, j) for k, sh in self.shards.items() for j, sid in enumerate(sh.ids)}
 
     @property
     def n_shards(self) -> int:
@@ -210,15 +212,21 @@ class PrefixStore:
     def shard_path(self, k: int) -> Path:
         return self.root / f"shard_{k:05d}.safetensors"
 
+    def locate_position(self, sid: str) -> int:
+        """The shard that holds (or would hold) crystal ``sid`` of the manifest."""
+        if not hasattr(self, "_position"):
+            self._position = {i: p for p, i in enumerate(self.ids)}
+        return self._position[sid] // self.shard_size
+
     def rejected(self) -> dict[str, str]:
         """Ids that were not stored -> reason."""
         out: dict[str, str] = {}
-        for sh in self.shards:
+        for sh in self.shards.values():
             out.update(json.loads(sh.meta.get("rejected", "{}")))
         return out
 
     def nbytes(self) -> int:
-        return sum(sh.path.stat().st_size for sh in self.shards)
+        return sum(sh.path.stat().st_size for sh in self.shards.values())
 
     def locate(self, ids: Sequence[str]) -> list[tuple[int, int]]:
         """(shard, position) of each id; KeyError names the first id not stored."""
