@@ -189,7 +189,14 @@ class EnsemblePredictor:
 
     def member_gaps(self, prep: Prepared) -> np.ndarray:
         """[K, n] deterministic predictions of each member."""
-        return np.stack([m.sample(prep, samples=0).gaps[0] for m in self.members])
+        return self.member_outputs(prep)[0]
+
+    def member_outputs(self, prep: Prepared) -> tuple[np.ndarray, np.ndarray | None]:
+        """[K, n] deterministic predictions of each member and, for members with a Gaussian NLL head,
+        [K, n] their aleatoric variances (eV^2); None otherwise."""
+        draws = [m.sample(prep, samples=0) for m in self.members]
+        var = [d.aleatoric_var for d in draws]
+        return np.stack([d.gaps[0] for d in draws]), None if any(v is None for v in var) else np.stack(var)
 
     def predict(self, structures, *, samples: int = 16, level: float = 0.9, ids: Sequence[str] | None = None, seed: int | None = 0) -> pd.DataFrame:
         """Same columns as :meth:`Predictor.predict`; ``samples`` is ignored (one pass per member)."""
@@ -197,5 +204,7 @@ class EnsemblePredictor:
         return self.predict_prepared(prepare(self.model, structures, ids), level=level)
 
     def predict_prepared(self, prep: Prepared, *, samples: int = 16, level: float = 0.9, seed: int | None = 0) -> pd.DataFrame:
-        gaps = self.member_gaps(prep)
-        return _frame(prep, gaps.mean(0), gaps.std(0, ddof=1), np.full(gaps.shape[1], np.nan), self.scaler, level)
+        # Lakshminarayanan et al. (2017): total variance = variance of member means + mean member variance
+        gaps, var = self.member_outputs(prep)
+        alea = np.sqrt(var.mean(0)) if var is not None else np.full(gaps.shape[1], np.nan)
+        return _frame(prep, gaps.mean(0), gaps.std(0, ddof=1), alea, self.scaler, level)
