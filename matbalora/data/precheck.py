@@ -116,6 +116,9 @@ def _work_problem(parser: CifParser, blocks: list) -> tuple[str, str] | None:
     MAX_CIF_OP_SITES (what pymatgen's expansion costs, even when few atoms come out of it)."""
     work = 0
     for name, block in blocks:
+        listed = max((len(_column(block, key)) for key in block.data if "equiv_pos" in key or "symop" in key), default=0)
+        if listed > MAX_SYMOPS:  # before pymatgen parses them (10^6 listed operations: 10 s)
+            return UNPARSABLE, f"CIF block {name!r} lists {listed} symmetry operations; a space group has at most {MAX_SYMOPS}"
         symmetry = _symmetry(parser, block)
         work += (1 if symmetry is None else len(symmetry[0])) * len(_column(block, "_atom_site_label"))
         if work > MAX_CIF_OP_SITES:
