@@ -179,8 +179,17 @@ class EnsemblePredictor:
         path = folder / ENSEMBLE_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing (not an ensemble folder)")
-        config = json.loads(path.read_text(encoding="utf-8"))
-        members = [Predictor.load(folder / name) for name in config["members"]]
+        from matbalora.model_card import check_calibration, parse_card
+
+        try:
+            config = parse_card(path.read_text(encoding="utf-8"))
+            names = config.get("members")
+            if not isinstance(names, list) or not 2 <= len(names) <= 64 or not all(isinstance(n, str) and n and "/" not in n and n not in (".", "..") for n in names):
+                raise ValueError(f"members={names!r} must list 2-64 member folder names")
+            check_calibration(config.get("calibration"))
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        members = [Predictor.load(folder / name) for name in names]
         return cls(members, config)
 
     @property

@@ -111,12 +111,14 @@ def predict_paths(
 ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """Predict files/folders; returns the frame of accepted inputs and ``(path_or_id, reason)`` of rejected ones."""
     items = _items(list(paths), order=order)
-    rejected = [(o.id_or_path, f"{o.reason}: {o.detail}" if o.detail else o.reason) for _, o in items if isinstance(o, Rejection)]
+    rejections = [(sid, o) for sid, o in items if isinstance(o, Rejection)]
+    # error lines name the input's path (``path#k`` for the k-th entry of a multi-structure file)
+    rejected = [(o.source or o.id_or_path, f"{o.reason}: {o.detail}" if o.detail else o.reason) for _, o in rejections]
     if strict and rejected:
         return pd.DataFrame(columns=FILE_COLUMNS), rejected[:1]
     frame = predict_items(items, _predictor(model), _ensemble(ensemble), samples=samples, level=level)
     failed = frame["error"] != ""
-    already = {r[0] for r in rejected}
+    already = {str(sid) for sid, _ in rejections}
     for sid, err in zip(frame.loc[failed, "id"], frame.loc[failed, "error"]):
         if sid not in already:
             rejected.append((str(sid), err))

@@ -224,7 +224,6 @@ def test_rejections_name_their_source_path(tmp_path):
     assert [r.source for r in rejected] == [str(tmp_path / "bad.cif"), f"{tmp_path / 'frames.extxyz'}#4"]
 
 
-@pytest.mark.xfail(strict=True, reason="needs screening.predict_paths to print Rejection.source (requested in issue 18)")
 def test_cli_error_line_names_the_path(tmp_path, shipped_like, capsys):
     (tmp_path / "bad.cif").write_text("data_x\n")
     main(["predict", str(tmp_path / "bad.cif"), "--samples", "2"])
