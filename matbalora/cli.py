@@ -14,6 +14,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from matbalora import __version__
 from matbalora.config import AdapterConfig, HeadConfig, TrainConfig
+from matbalora.defaults import LEVEL, SAMPLES
 
 #: Every command's --help shows each option's default.
 DEFAULTS_SHOWN = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
@@ -56,7 +57,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of the data for validation")
     p.add_argument("--test-fraction", type=float, default=0.1, help="fraction of the data for the test")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the split")
-    p.add_argument("--samples", type=int, default=16, help="Monte-Carlo samples for calibration and test metrics")
+    p.add_argument("--samples", type=int, default=SAMPLES, help="Monte-Carlo samples for calibration and test metrics")
     p.add_argument("--cache", default=None, help="graph cache folder (default: $MATBALORA_CACHE or ~/.cache/matbalora)")
     p.add_argument("--workers", type=int, default=1, help="processes for graph conversion")
     p.add_argument("--backbone", choices=["chgnet", "sevennet"], default="chgnet", help="pretrained backbone family (default: chgnet)")
@@ -96,8 +97,8 @@ def _predict_parser(sub) -> None:
     p.add_argument("paths", nargs="+", help="CIF, POSCAR/CONTCAR, extxyz or pymatgen JSON files, or folders")
     p.add_argument("--model", default=None, help="model folder (default: shipped BaLoRA model)")
     p.add_argument("--ensemble", default=None, nargs="?", const="", help="also predict with a deep ensemble (default folder if no value)")
-    p.add_argument("--samples", type=int, default=16, help="Monte-Carlo samples (0: posterior mean only)")
-    p.add_argument("--level", type=float, default=0.9, help="central interval level")
+    p.add_argument("--samples", type=int, default=SAMPLES, help="Monte-Carlo samples (0: posterior mean only)")
+    p.add_argument("--level", type=float, default=LEVEL, help="central interval level")
     p.add_argument("--out", default=None, help="write .csv or .json (atomically) instead of a table on stdout")
     p.add_argument("--strict", action="store_true", help="stop at the first rejected input")
     p.add_argument("--order", action="store_true", help=ORDER_HELP)
@@ -135,8 +136,8 @@ def _screen_parser(sub) -> None:
     p.add_argument("--out", required=True, help="CSV to append finished chunks to; rerun to resume")
     p.add_argument("--model", default=None, help="model folder (default: shipped BaLoRA model)")
     p.add_argument("--ensemble", default=None, nargs="?", const="", help="also predict with a deep ensemble (default folder if no value)")
-    p.add_argument("--samples", type=int, default=16, help="Monte-Carlo samples (0: posterior mean only)")
-    p.add_argument("--level", type=float, default=0.9, help="central interval level")
+    p.add_argument("--samples", type=int, default=SAMPLES, help="Monte-Carlo samples (0: posterior mean only)")
+    p.add_argument("--level", type=float, default=LEVEL, help="central interval level")
     p.add_argument("--batch-size", type=int, default=256, help="crystals per chunk (one task on a cluster)")
     p.add_argument("--seed", type=int, default=0, help="chunk k draws with seed + k")
     p.add_argument("--scheduler", default=None, metavar="ADDRESS", help="Dask scheduler address, e.g. tcp://host:8786 (default: this process)")
@@ -182,8 +183,8 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--model", default=None, help="model folder (default: shipped BaLoRA model)")
     p.add_argument("--ensemble", default=None, nargs="?", const="", help="also evaluate a deep ensemble (default folder if no value)")
     p.add_argument("--data", required=True, help="labelled data (extxyz, folder + CSV, pymatgen JSON)")
-    p.add_argument("--samples", type=int, default=16, help="Monte-Carlo samples")
-    p.add_argument("--level", type=float, default=0.9, help="central interval level")
+    p.add_argument("--samples", type=int, default=SAMPLES, help="Monte-Carlo samples")
+    p.add_argument("--level", type=float, default=LEVEL, help="central interval level")
     p.add_argument("--max-structures", type=int, default=None, help="use only the first N structures")
     p.add_argument("--out", required=True, help="folder for metrics.json, predictions.csv and plots")
 
