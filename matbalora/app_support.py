@@ -1,5 +1,6 @@
 """Everything the web app shows, as pure functions: uploads -> checked structures and summaries,
-one prediction call per structure, a plain-language reading, and plotly figures.
+one prediction call per structure, the page's predictions under a time bound, and the batch table.
+The readings, figures and model cards are in ``matbalora.app`` (re-exported here).
 
 The Streamlit UI (``app/streamlit_app.py``) only lays these out. Uploaded file names are labels,
 never paths: the bytes are parsed from a private temporary folder under a name chosen here. What a
@@ -13,6 +14,7 @@ import argparse
 import gzip
 import hashlib
 import io
+import logging
 import math
 import os
 import re
@@ -22,23 +24,26 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from matbalora.app.cards import benchmark_images, model_cards  # noqa: F401 - re-exported for callers
+from matbalora.app.figures import cell_figure, interval_figure, samples_figure  # noqa: F401 - re-exported
+from matbalora.app.gaps import GAP_CLASSES, gap_class, reading  # noqa: F401 - re-exported
 from matbalora.data.dataset import Rejection
 from matbalora.data.formats import detect_format, file_id
 
 if TYPE_CHECKING:
     import pandas as pd
-    import plotly.graph_objects as go
     from pymatgen.core import Structure
 
     from matbalora.predict import EnsemblePredictor, Predictor
 
+log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 APP_SCRIPT = REPO / "app" / "streamlit_app.py"
 ACCEPTED = "CIF (.cif), POSCAR/CONTCAR (.vasp, .poscar, or a name starting with POSCAR/CONTCAR), extended XYZ (.extxyz, .xyz), pymatgen JSON (.json); optionally gzipped (.gz)"
@@ -353,110 +358,26 @@ def predict_structure(model: Predictor, ensemble: EnsemblePredictor, structure: 
                       keeper.draws.gaps[:, 0], level, "", time.perf_counter() - start)
 
 
-#: Upper edges (PBE band gap, eV) of the plain-language classes.
-GAP_CLASSES: tuple[tuple[float, str], ...] = (
-    (0.1, "metal"), (1.5, "small-gap semiconductor"), (3.5, "semiconductor"), (math.inf, "wide-gap insulator"))
-
-
-def gap_class(gap: float) -> str:
-    return next(name for edge, name in GAP_CLASSES if max(gap, 0.0) < edge)
-
-
-def reading(band_gap: float, lower: float, upper: float) -> str:
-    """One plain line, e.g. 'likely a metal' or 'a wide-gap insulator; uncertain (could be a semiconductor)'."""
-    if not all(math.isfinite(x) for x in (band_gap, lower, upper)):
-        return "no prediction"
-    names = [name for _, name in GAP_CLASSES]
-    here, low, high = gap_class(band_gap), names.index(gap_class(lower)), names.index(gap_class(upper))
-    if low == high:
-        return f"likely a {here}"
-    others = [name for name in names[low:high + 1] if name != here]
-    return f"a {here}; uncertain (could be {' or '.join('a ' + o for o in others)})"
-
-
-def _pct(level: float) -> str:
-    return f"{100 * level:g}%"
-
-
-def interval_figure(pred: Prediction) -> go.Figure:
-    """BaLoRA and deep-ensemble intervals drawn on one axis, one above the other."""
-    import plotly.graph_objects as go
-
-    fig = go.Figure()
-    for name, row, color in (("BaLoRA", pred.balora, "#d62728"), ("Deep ensemble (5 LoRA)", pred.ensemble, "#1f77b4")):
-        fig.add_trace(go.Scatter(
-            x=[row["band_gap"]], y=[name], mode="markers", marker={"size": 12, "color": color}, name=name,
-            error_x={"type": "data", "symmetric": False, "array": [row["upper"] - row["band_gap"]],
-                     "arrayminus": [row["band_gap"] - row["lower"]], "thickness": 4, "width": 10},
-            hovertemplate=f"{name}: %{{x:.2f}} eV<br>{_pct(pred.level)} interval "
-                          f"{row['lower']:.2f}–{row['upper']:.2f} eV<extra></extra>",
-        ))
-    fig.add_vrect(x0=0, x1=GAP_CLASSES[0][0], fillcolor="grey", opacity=0.15, line_width=0,
-                  annotation_text="metal", annotation_position="top left")
-    high = max(pred.balora["upper"], pred.ensemble["upper"], 1.0)
-    fig.update_layout(title=f"PBE band gap with {_pct(pred.level)} intervals", xaxis_title="band gap (eV)",
-                      xaxis_range=[-0.05 * high, 1.1 * high], showlegend=False, height=260,
-                      margin={"l": 10, "r": 10, "t": 40, "b": 40})
-    return fig
-
-
-def samples_figure(pred: Prediction) -> go.Figure:
-    """Histogram of the BaLoRA Monte-Carlo draws with the mean and the interval marked. The interval
-    is wider than the draws: it comes from their spread recalibrated on validation (scale and floor)."""
-    import plotly.graph_objects as go
-
-    fig = go.Figure(go.Histogram(x=pred.draws, nbinsx=max(5, min(40, len(pred.draws) // 2)),
-                                 marker_color="#d62728", opacity=0.75, name="draws"))
-    b = pred.balora
-    for x, dash, text in ((b["band_gap"], "solid", "mean"), (b["lower"], "dash", "lower"), (b["upper"], "dash", "upper")):
-        fig.add_vline(x=x, line_dash=dash, line_color="black", annotation_text=text)
-    fig.update_layout(title=f"{len(pred.draws)} BaLoRA Monte-Carlo samples (raw spread; the interval is recalibrated on validation)",
-                      xaxis_title="band gap (eV)",
-                      yaxis_title="count", showlegend=False, height=300, margin={"l": 10, "r": 10, "t": 40, "b": 40},
-                      bargap=0.05)
-    return fig
-
-
-def _element_colors() -> dict[str, str]:
-    import pymatgen.vis
-    from monty.serialization import loadfn
-
-    table = loadfn(Path(pymatgen.vis.__file__).parent / "ElementColorSchemes.yaml")["Jmol"]
-    return {el: f"rgb({r},{g},{b})" for el, (r, g, b) in table.items()}
-
-
-def cell_figure(structure: Structure) -> go.Figure:
-    """Interactive 3D unit cell: atoms (with images on the cell faces) coloured by element, cell edges."""
-    import plotly.graph_objects as go
-
-    lat = structure.lattice.matrix
-    frac = np.mod(structure.frac_coords, 1.0)
-    frac[np.isclose(frac, 1.0, atol=1e-4)] = 0.0
-    shifts = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
-    colors = _element_colors()
-    fig = go.Figure()
-    species = [site.specie.symbol for site in structure]
-    for el in sorted(set(species)):
-        rows = [i for i, s in enumerate(species) if s == el]
-        on_face = [frac[i] + s for i in rows for s in shifts if np.all((s == 0) | np.isclose(frac[i], 0.0, atol=1e-4))]
-        xyz = np.array(on_face) @ lat  # [n, 3] Å, each site plus its images on the opposite faces
-        radius = float(getattr(structure[rows[0]].specie, "atomic_radius", None) or 1.0)
-        fig.add_trace(go.Scatter3d(x=xyz[:, 0], y=xyz[:, 1], z=xyz[:, 2], mode="markers", name=el,
-                                   marker={"size": 6 + 8 * radius, "color": colors.get(el, "grey"),
-                                           "line": {"width": 1, "color": "black"}},
-                                   hovertemplate=f"{el}<br>(%{{x:.2f}}, %{{y:.2f}}, %{{z:.2f}}) Å<extra></extra>"))
-    corners = shifts @ lat
-    edges = [(a, b) for a in range(8) for b in range(a + 1, 8) if np.abs(shifts[a] - shifts[b]).sum() == 1]
-    line = np.full((3 * len(edges), 3), np.nan)
-    for n, (a, b) in enumerate(edges):
-        line[3 * n], line[3 * n + 1] = corners[a], corners[b]
-    fig.add_trace(go.Scatter3d(x=line[:, 0], y=line[:, 1], z=line[:, 2], mode="lines", name="cell",
-                               line={"color": "black", "width": 3}, hoverinfo="skip", showlegend=False))
-    axis = {"showbackground": False, "showgrid": False, "zeroline": False, "showticklabels": False, "title": ""}
-    fig.update_layout(scene={"aspectmode": "data", "xaxis": axis, "yaxis": axis, "zaxis": axis,
-                             "camera": {"eye": {"x": 1.9, "y": 1.9, "z": 1.3}}},
-                      height=420, margin={"l": 0, "r": 0, "t": 0, "b": 0}, legend={"itemsizing": "constant"})
-    return fig
+def predict_items(items: Sequence[Item], predict: Callable[[Item], Prediction], *, level: float,
+                  limits: Limits = Limits(), progress: Callable[[int, int], None] | None = None) -> dict[str, Prediction]:
+    """One Prediction per readable item, keyed by id, in order. ``predict(item)`` makes one; one that
+    raises becomes that item's error (logged), and once the page has spent ``limits.max_predict_seconds``
+    the rest are skipped with the reason. ``progress(done, total)`` is called after each."""
+    good = [item for item in items if item.structure is not None]
+    preds: dict[str, Prediction] = {}
+    started = time.monotonic()
+    for n, item in enumerate(good):
+        if spent := out_of_time(started, limits=limits):
+            preds[item.id] = Prediction({}, {}, level=level, error=spent)
+        else:
+            try:
+                preds[item.id] = predict(item)
+            except Exception as exc:  # noqa: BLE001 - one failing structure must not take the page down
+                log.exception("prediction failed for %s", item.id)
+                preds[item.id] = Prediction({}, {}, level=level, error=f"prediction failed: {type(exc).__name__}: {exc}")
+        if progress is not None:
+            progress(n + 1, len(good))
+    return preds
 
 
 def batch_table(rows: Sequence[tuple[Item, Prediction | None]]) -> pd.DataFrame:
@@ -478,33 +399,6 @@ def batch_table(rows: Sequence[tuple[Item, Prediction | None]]) -> pd.DataFrame:
         rec["message"] = item.error or (pred.error if pred is not None else "")
         records.append(rec)
     return pd.DataFrame.from_records(records)
-
-
-def model_cards(models: str | os.PathLike | None = None) -> dict[str, dict]:
-    """The config (model card) of the BaLoRA model and of the ensemble (with its first member's)."""
-    import json
-
-    from matbalora.api import models_dir
-    from matbalora.checkpoint import read_config
-
-    folder = Path(models) if models is not None else models_dir()
-    cards: dict[str, dict] = {}
-    try:
-        cards["BaLoRA"] = read_config(folder / "balora")
-    except (OSError, ValueError) as exc:
-        cards["BaLoRA"] = {"error": str(exc)}
-    try:
-        ens = json.loads((folder / "lora_ensemble" / "ensemble.json").read_text(encoding="utf-8"))
-        cards["Deep ensemble"] = {**ens, "member card": read_config(folder / "lora_ensemble" / ens["members"][0])}
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
-        cards["Deep ensemble"] = {"error": f"{folder / 'lora_ensemble'}: {exc}"}
-    return cards
-
-
-def benchmark_images(root: str | os.PathLike = REPO / "benchmarks") -> list[Path]:
-    """Benchmark plots (PNG/SVG/JPEG) found under ``root``, sorted by path."""
-    root = Path(root)
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".svg", ".jpg", ".jpeg")) if root.is_dir() else []
 
 
 def server_flags(*, port: int | None = None, address: str | None = None, limits: Limits = Limits()) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 
 import pytest
@@ -102,11 +103,42 @@ def test_sessions_do_not_see_each_other(app, monkeypatch):
         assert formula in at.subheader[0].value
 
 
-def test_model_card_page(app):
+def test_model_card_page(app, models):
+    from matbalora import app_support as sup
+
     at = app().run()
     at.switch_page("pages/model_card.py").run()
     assert not at.exception
-    assert [s.value for s in at.subheader][:2] == ["BaLoRA", "Deep ensemble"]
+    assert [h.value for h in at.header] == ["BaLoRA", "Deep ensemble"]
+    mae = sup.model_cards(models)["BaLoRA"]["metrics"]["test"]["mae"]  # the tiny card's, read back
+    metrics = at.table[0].value
+    assert metrics.loc["MAE (eV)"].tolist() == [f"{mae:.3f}"] and list(metrics.columns) == ["all crystals"]
+    recipe = at.table[1].value
+    assert recipe.loc["method", "value"] == "balora"
+    assert [e.label for e in at.expander] == ["Raw model card (JSON)", "Raw model card (JSON)"]
+    assert any("No calibration, parity or sparsification plot" in i.value for i in at.info)
+
+
+def test_screen_page_table_and_csv(app):
+    from ase.io import write
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    buf = io.StringIO()
+    write(buf, [AseAtomsAdaptor.get_atoms(s) for s in (silicon(), rocksalt_nacl(), silicon())], format="extxyz")
+    at = app().run()
+    at.switch_page("pages/screen.py").run()
+    assert not at.exception and "Upload structure files" in at.info[0].value
+    at.file_uploader[0].upload("set.extxyz", buf.getvalue().encode())
+    at.file_uploader[0].upload("junk.cif", b"data_x\nnot a cif")
+    at.run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert sorted(table["structure"]) == ["junk", "set#0", "set#1", "set#2"]
+    gaps = table["balora_band_gap"].dropna().tolist()
+    assert len(gaps) == 3 and gaps == sorted(gaps) and table["balora_band_gap"].isna().tolist()[-1]
+    assert "could not be read" in table["message"].iloc[-1]
+    assert "3 of 4 structures predicted" in at.markdown[0].value
+    assert at.get("download_button")[0].proto.label == "Download CSV"
 
 
 def test_missing_models_say_so(monkeypatch, tmp_path):

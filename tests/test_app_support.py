@@ -164,6 +164,36 @@ def test_models_serve_concurrent_callers_one_at_a_time(models):
     assert got == expected
 
 
+def _prediction(gap, std, level=0.9, draws=(0.8, 1.0, 1.2)):
+    from matbalora.calibration import gaussian_interval
+
+    lo, hi = (float(v) for v in gaussian_interval(gap, std, level))
+    return sup.Prediction({"band_gap": gap, "std": std, "lower": lo, "upper": hi},
+                          {"band_gap": gap + 0.2, "std": std / 2, "lower": max(gap - std, 0.0), "upper": gap + std},
+                          np.array(draws), level)
+
+
+def test_predictive_density_matches_the_clipped_interval():
+    """The curve drawn under the draws holds exactly ``level`` of the mass between the reported bounds."""
+    from scipy.integrate import quad
+
+    from matbalora.app.gaps import mass_at_zero, predictive_density
+
+    for gap, std, level in [(2.0, 0.5, 0.9), (0.05, 0.35, 0.9), (6.0, 2.5, 0.68)]:
+        b = _prediction(gap, std, level).balora
+        inside = quad(lambda x: predictive_density(gap, std, np.array([x]))[0], b["lower"], b["upper"])[0]
+        at_zero = mass_at_zero(gap, std)
+        total = quad(lambda x: predictive_density(gap, std, np.array([x]))[0], 0, gap + 12 * std)[0] + at_zero
+        assert total == pytest.approx(1.0, abs=1e-6)
+        if b["lower"] > 0:
+            assert inside == pytest.approx(level, abs=1e-6)
+        else:  # clipped at 0: the interval holds the mass at 0 eV too, everything up to the upper bound
+            assert inside + at_zero == pytest.approx((1 + level) / 2, abs=1e-6)
+    assert predictive_density(1.0, 0.5, np.array([-0.1]))[0] == 0.0
+    with pytest.raises(ValueError, match="std"):
+        mass_at_zero(1.0, 0.0)
+
+
 def test_figures():
     pred = sup.Prediction({"band_gap": 1.0, "std": 0.2, "lower": 0.7, "upper": 1.4},
                           {"band_gap": 1.2, "std": 0.1, "lower": 1.0, "upper": 1.3}, np.array([0.8, 1.0, 1.2]), 0.9)
@@ -171,12 +201,34 @@ def test_figures():
     assert [t.y[0] for t in fig.data] == ["BaLoRA", "Deep ensemble (5 LoRA)"]
     assert fig.data[0].error_x.array[0] == pytest.approx(0.4) and fig.data[0].error_x.arrayminus[0] == pytest.approx(0.3)
     assert "90% intervals" in fig.layout.title.text
-    hist = sup.samples_figure(pred)
-    assert list(hist.data[0].x) == [0.8, 1.0, 1.2] and len(hist.layout.shapes) == 3
+    assert list(fig.layout.yaxis.ticktext) == ["BaLoRA<br>1.00 eV [0.70, 1.40]", "Deep ensemble (5 LoRA)<br>1.20 eV [1.00, 1.30]"]
     cell = sup.cell_figure(perovskite())  # Sr on the 8 corners, Ti in the body, O on 6 face centres
     counts = {t.name: len(t.x) for t in cell.data if t.mode == "markers"}
     assert counts == {"O": 6, "Sr": 8, "Ti": 1}
     assert np.isfinite(np.array(cell.data[-1].x, dtype=float)).sum() == 24  # 12 edges
+
+
+@pytest.mark.parametrize(("gap", "std"), [(0.0, 0.35), (0.02, 0.33), (1.5, 0.8), (7.5, 1.9)])  # metals to wide gaps
+def test_figures_keep_labels_off_the_data(gap, std):
+    """No text annotation inside the plotting area (where metals and wide gaps put bars and curves):
+    the numbers are tick labels and legend entries, the metal band's label sits above the axes."""
+    pred = _prediction(gap, std, draws=gap + 0.03 * np.random.default_rng(0).standard_normal(16))
+    for fig in (sup.interval_figure(pred), sup.samples_figure(pred)):
+        for ann in fig.layout.annotations:
+            assert ann.yref == "paper" and ann.y >= 1 and ann.yanchor == "bottom", ann.text
+    hist = sup.samples_figure(pred)
+    names = [t.name for t in hist.data]
+    assert any(n.startswith("predictive density") for n in names) and names[-1].startswith("16 Monte-Carlo draws")
+    assert hist.data[-1].yaxis == "y2" and hist.layout.legend.orientation == "h" and hist.layout.legend.y < 0
+    b = pred.balora
+    assert f"interval {b['lower']:.2f}–{b['upper']:.2f} eV" in " ".join(names)
+    density = hist.data[0]
+    assert min(density.x) == 0.0 and max(density.x) >= b["upper"]  # clipped at 0, reaches past the interval
+    shaded = hist.data[1]
+    assert min(shaded.x) >= b["lower"] and max(shaded.x) <= b["upper"]
+    from matbalora.app.gaps import mass_at_zero
+
+    assert any("P(gap = 0 eV)" in n for n in names) == (mass_at_zero(gap, std) >= 0.005)
 
 
 def test_batch_table():
@@ -202,6 +254,41 @@ def test_model_cards_and_benchmark_images(models, tmp_path):
     assert sup.benchmark_images(tmp_path / "absent") == []
 
 
+def test_predict_items_is_bounded_and_survives_failures(monkeypatch):
+    items = [sup.example("Si (diamond)"), sup.Item("x.cif", "x", error="could not be read"), sup.example("Cu (fcc metal)"),
+             sup.example("NaCl (rock salt)")]
+    clock = iter([0.0, 0.0, 1.0, 500.0])  # started, then one reading per readable item
+    monkeypatch.setattr(sup.time, "monotonic", lambda: next(clock))
+    seen = []
+
+    def predict(item):
+        if item.id == "Cu":
+            raise RuntimeError("boom")
+        return sup.Prediction({"band_gap": 1.0}, {}, level=0.9)
+
+    preds = sup.predict_items(items, predict, level=0.9, limits=sup.Limits(max_predict_seconds=10),
+                              progress=lambda done, total: seen.append((done, total)))
+    assert list(preds) == ["Si", "Cu", "NaCl"] and seen == [(1, 3), (2, 3), (3, 3)]
+    assert not preds["Si"].error and "prediction failed: RuntimeError: boom" in preds["Cu"].error
+    assert "prediction time (10 s) is used up" in preds["NaCl"].error
+
+
+def test_app_and_cli_use_one_default_number_of_samples():
+    import inspect
+
+    from matbalora import cli, defaults
+    from matbalora.predict import Predictor
+
+    for argv in (["predict", "x.cif"], ["screen", "x.cif", "--out", "o.csv"], ["evaluate", "--data", "d", "--out", "o"]):
+        args = cli.build_parser().parse_args(argv)
+        assert (args.samples, args.level) == (defaults.SAMPLES, defaults.LEVEL), argv[0]
+    signature = inspect.signature(Predictor.predict).parameters
+    assert (signature["samples"].default, signature["level"].default) == (defaults.SAMPLES, defaults.LEVEL)
+    for page in ("predict.py", "screen.py"):
+        source = (sup.REPO / "app" / "pages" / page).read_text()
+        assert "SAMPLES, step=4" in source and "LEVEL, step=0.01" in source, page
+
+
 def test_launch(monkeypatch, models, tmp_path, capsys):
     assert sup.launch(["--models", str(tmp_path)]) == 2
     assert "no balora or lora_ensemble model folder" in capsys.readouterr().err
@@ -212,3 +299,56 @@ def test_launch(monkeypatch, models, tmp_path, capsys):
     assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4].endswith("app/streamlit_app.py")
     assert {"--server.headless=true", "--browser.gatherUsageStats=false", "--server.port=8765"} <= set(cmd)
     assert cmd[-2:] == ["--theme.base", "dark"] and env["MATBALORA_MODELS"] == str(models.folder)
+
+
+def test_card_tables_with_and_without_non_metal_metrics():
+    from matbalora.app import cards
+
+    full = {"method": "balora", "metrics": {"test": {
+        "mae": 0.4, "coverage_90": 0.9, "spearman": 0.7, "n": 10, "nonmetal_n": 6,
+        "nonmetal_mae": 0.6, "nonmetal_coverage_90": 0.85, "nonmetal_spearman": 0.1, "train_seconds": 632.25},
+        "val": {"mae": 9.9}}}
+    table = cards.metrics_table(full)
+    assert list(table.columns) == ["all crystals (n = 10)", "non-metals (n = 6)", "metals (n = 4, derived)"]
+    assert table.loc["MAE (eV)"].tolist() == ["0.400", "0.600", "0.100"]  # (10 * 0.4 - 6 * 0.6) / 4
+    assert table.loc["90% interval coverage"].tolist() == ["0.900", "0.850", "0.975"]
+    assert table.loc["Spearman(|error|, std)"].tolist() == ["0.700", "0.100", "–"]  # not a mean: not derived
+    assert "9.900" not in table.to_string() and cards.other_numbers(full) == {"train_seconds": "632.2"}
+    plain = {"method": "lora", "metrics": {"test": {"mae": 0.5, "note": "tiny"}}}
+    assert list(cards.metrics_table(plain).columns) == ["all crystals"]
+    assert cards.metrics_table(plain).loc["MAE (eV)"].tolist() == ["0.500"]
+    assert cards.metrics_table({"method": "head"}).empty
+
+
+def test_recipe_reads_the_card(models):
+    from matbalora.app import cards
+
+    found = sup.model_cards(models.folder)
+    recipe = cards.recipe_table(found["BaLoRA"])
+    assert recipe["method"] == "balora" and recipe["backbone"].startswith("chgnet")
+    assert recipe["Bayesian adapters"].startswith("yes") and "adapter rank / alpha" in recipe
+    ens = cards.recipe_table(found["Deep ensemble"])
+    assert ens["method"] == "lora" and ens["members"] == "2" and ens["Bayesian adapters"] == "no"
+    assert ens["recalibration: scale k"] == "1"
+
+
+def test_plots_are_shown_only_for_the_model_that_made_them(tmp_path):
+    import json
+
+    from matbalora.app import cards
+
+    results = tmp_path / "results" / "shipped"
+    (results / "plots").mkdir(parents=True)
+    shipped = {"mae": 0.40180147525, "coverage_90": 0.925, "n": 1000}
+    other = {"mae": 0.457, "coverage_90": 0.926}
+    plots = [f"{name}_{kind}.png" for name in ("balora", "shipped_one") for kind in ("parity", "calibration", "sparsification", "error_vs_std")]
+    for name in plots:
+        (results / "plots" / name).write_bytes(b"png")
+    (results / "mp_gap.json").write_text(json.dumps({"methods": {"balora": other, "shipped_one": shipped}, "plots": plots}))
+    card = {"metrics": {"test": shipped}}
+    got = cards.card_plots(card, tmp_path / "results")
+    assert [p.name for p, _ in got] == ["shipped_one_calibration.png", "shipped_one_parity.png", "shipped_one_sparsification.png"]
+    assert all("method shipped_one, 1000 test crystals" in caption for _, caption in got)
+    assert cards.card_plots({"metrics": {"test": {"mae": 0.40180147525, "coverage_90": 0.93}}}, tmp_path / "results") == []
+    assert cards.card_plots({"metrics": {"test": {"mae": 0.40180147525}}}, tmp_path / "results") == []  # MAE alone is not enough
+    assert cards.benchmark_method(card, tmp_path / "results")[1] == "shipped_one"

@@ -1,44 +1,21 @@
 """Upload crystals (or pick examples) and compare the BaLoRA and deep-ensemble band-gap intervals."""
 
-import logging
-import time
-
 import streamlit as st
 
 from matbalora import app_support as sup
 from matbalora.api import models_dir
+from matbalora.app import cached
+from matbalora.defaults import LEVEL, SAMPLES
 
-log = logging.getLogger("matbalora.app")
-LIMITS = sup.Limits()
+LIMITS = cached.LIMITS
 PLOTLY = {"displaylogo": False}
-
-
-@st.cache_resource(show_spinner="Loading the BaLoRA model and the deep ensemble (once per server)…")
-def load_models(folder: str) -> sup.Models:
-    return sup.load_models(folder)
-
-
-@st.cache_data(max_entries=256, show_spinner=False)
-def read_upload(name: str, data: bytes) -> list[sup.Item]:
-    return sup.read_upload(name, data, limits=LIMITS)
-
-
-@st.cache_data(max_entries=512, show_spinner=False)
-def summarize(key: str, _structure) -> dict:
-    return sup.summarize(_structure)
-
-
-@st.cache_data(max_entries=2048, show_spinner=False)
-def predict(folder: str, key: str, _structure, samples: int, level: float) -> sup.Prediction:
-    return load_models(folder).predict(_structure, samples=samples, level=level)
-
 
 st.title("Band gaps with honest uncertainty")
 st.caption("PBE band gap predicted by BaLoRA (Bayesian low-rank adapters on pretrained CHGNet), "
            "next to a deep ensemble of 5 LoRA models. PBE underestimates measured gaps.")
 folder = str(models_dir())
 try:
-    load_models(folder)
+    models = cached.load_models(folder)
 except (OSError, ValueError) as exc:
     st.error(f"The models could not be loaded: {exc}")
     st.stop()
@@ -48,11 +25,11 @@ with st.sidebar:
                                max_upload_size=LIMITS.max_file_mb, help=f"Accepted: {sup.ACCEPTED}.")
     chosen = st.multiselect("Built-in examples", sup.EXAMPLES, key="examples")
     st.caption(LIMITS.describe())
-    samples = st.slider("Monte-Carlo samples (BaLoRA)", 4, 256, 32, step=4, key="samples")
-    level = st.slider("Interval level", 0.50, 0.99, 0.90, step=0.01, key="level")
+    samples = st.slider("Monte-Carlo samples (BaLoRA)", 4, 256, SAMPLES, step=4, key="samples",
+                        help=f"{SAMPLES} is the command line's default, so both give the same interval")
+    level = st.slider("Interval level", 0.50, 0.99, LEVEL, step=0.01, key="level")
 
-items = sup.read_uploads([(f.name, f.getvalue()) for f in uploads or []], limits=LIMITS, read=read_upload)
-items = sup.collect(items + [sup.example(name) for name in chosen], limits=LIMITS)
+items = sup.collect(cached.read_files(uploads) + [sup.example(name) for name in chosen], limits=LIMITS)
 for item in items:
     if item.structure is None:
         st.error(f"**{item.source}** ({item.id}): {item.error}")
@@ -61,22 +38,7 @@ if not good:
     st.info("Upload CIF, POSCAR or extended-XYZ files in the sidebar, or pick a built-in example.")
     st.stop()
 
-preds: dict[str, sup.Prediction | None] = {}
-bar = st.progress(0.0, text="Predicting…") if len(good) > 1 else None
-started = time.monotonic()
-for n, item in enumerate(good):
-    if spent := sup.out_of_time(started, limits=LIMITS):
-        preds[item.id] = sup.Prediction({}, {}, level=level, error=spent)
-        continue
-    try:
-        preds[item.id] = predict(folder, item.key, item.structure, samples, level)
-    except Exception as exc:  # one failing structure must not take the page down
-        log.exception("prediction failed for %s", item.id)
-        preds[item.id] = sup.Prediction({}, {}, level=level, error=f"prediction failed: {type(exc).__name__}: {exc}")
-    if bar is not None:
-        bar.progress((n + 1) / len(good), text=f"Predicted {n + 1} of {len(good)}")
-if bar is not None:
-    bar.empty()
+preds = cached.predict_all(folder, good, samples=samples, level=level)
 
 tab_one, tab_all = st.tabs(["Structure", f"All structures ({len(items)})"])
 with tab_one:
@@ -88,7 +50,7 @@ with tab_one:
     with left:
         formula = item.structure.composition.reduced_formula
         st.subheader(formula if item.id == formula else f"{item.id} · {formula}")
-        st.table({k: str(v) for k, v in summarize(item.key, item.structure).items()})
+        st.table({k: str(v) for k, v in cached.summarize(item.key, item.structure).items()})
         st.plotly_chart(sup.cell_figure(item.structure), config=PLOTLY, key="cell")
     with right:
         if pred.error:
@@ -104,10 +66,14 @@ with tab_one:
                 col.caption(f"{pct} interval: {row['lower']:.2f} – {row['upper']:.2f} eV (σ = {row['std']:.2f} eV)")
             st.plotly_chart(sup.interval_figure(pred), config=PLOTLY, key="intervals")
             st.plotly_chart(sup.samples_figure(pred), config=PLOTLY, key="samples_hist")
-            st.caption(f"Computed in {pred.seconds:.2f} s ({samples} samples; cached for repeat views).")
+            scaler = models.model.scaler
+            st.caption(f"The draws' raw spread s is recalibrated on validation as σ = √((k s)² + c²) with k = {scaler.factor or 1.0:.3g} "
+                       f"and c = {scaler.floor:.2f} eV; the interval is the central {pct} of the Gaussian with that σ, "
+                       f"clipped at 0 eV (the curve). Computed in {pred.seconds:.2f} s ({samples} samples; cached for repeat views).")
 with tab_all:
     table = sup.batch_table([(item, preds.get(item.id)) for item in items])
     gaps = {c: st.column_config.NumberColumn(c, format="%.3f", help="eV") for c in table.columns if c.startswith(("balora_", "ensemble_"))}
     st.dataframe(table, hide_index=True, column_config=gaps, key="table")
     st.download_button("Download CSV", table.to_csv(index=False), file_name="matbalora_band_gaps.csv",
                        mime="text/csv", key="download")
+    st.caption("Many structures at once: the **Screen many** page.")

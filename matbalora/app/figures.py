@@ -1,0 +1,149 @@
+"""The plotly figures of one result: both intervals on one axis, the BaLoRA draws with the
+predictive distribution their interval comes from, and the 3D unit cell.
+
+Labels sit where data cannot reach them (tick labels, the legend, above the plotting area), so
+metals (everything at 0 eV) and wide gaps (a 10 eV axis) read the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from matbalora.app.gaps import METAL_EDGE, mass_at_zero, predictive_density
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+    from pymatgen.core import Structure
+
+    from matbalora.app_support import Prediction
+
+BALORA_COLOR, ENSEMBLE_COLOR = "#d62728", "#1f77b4"
+MARGIN = {"l": 10, "r": 10, "t": 60, "b": 40}
+
+
+def _pct(level: float) -> str:
+    return f"{100 * level:g}%"
+
+
+def _span(row: dict[str, float]) -> str:
+    return f"{row['band_gap']:.2f} eV [{row['lower']:.2f}, {row['upper']:.2f}]"
+
+
+def _metal_band(fig: go.Figure) -> None:
+    """Grey band 0 .. METAL_EDGE eV, labelled above the plotting area (never over a bar or a curve)."""
+    fig.add_vrect(x0=0, x1=METAL_EDGE, fillcolor="grey", opacity=0.15, line_width=0)
+    fig.add_annotation(x=0, y=1, xref="x", yref="paper", yanchor="bottom", xanchor="left", showarrow=False,
+                       text=f"grey: metal (< {METAL_EDGE:g} eV)", font={"size": 11, "color": "grey"})
+
+
+def interval_figure(pred: Prediction) -> go.Figure:
+    """BaLoRA and deep-ensemble intervals on one axis, one row each; the numbers are the row labels."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    rows = (("BaLoRA", pred.balora, BALORA_COLOR), ("Deep ensemble (5 LoRA)", pred.ensemble, ENSEMBLE_COLOR))
+    for name, row, color in rows:
+        fig.add_trace(go.Scatter(
+            x=[row["band_gap"]], y=[name], mode="markers", marker={"size": 12, "color": color}, name=name,
+            error_x={"type": "data", "symmetric": False, "array": [row["upper"] - row["band_gap"]],
+                     "arrayminus": [row["band_gap"] - row["lower"]], "thickness": 4, "width": 10},
+            hovertemplate=f"{name}: %{{x:.2f}} eV<br>{_pct(pred.level)} interval "
+                          f"{row['lower']:.2f}–{row['upper']:.2f} eV<extra></extra>",
+        ))
+    _metal_band(fig)
+    high = max(pred.balora["upper"], pred.ensemble["upper"], 1.0)
+    fig.update_yaxes(tickvals=[name for name, _, _ in rows],
+                     ticktext=[f"{name}<br>{_span(row)}" for name, row, _ in rows])
+    fig.update_layout(title={"text": f"PBE band gap with {_pct(pred.level)} intervals", "x": 0, "xanchor": "left"},
+                      xaxis_title="band gap (eV)", xaxis_range=[-0.05 * high, 1.08 * high], showlegend=False,
+                      height=280, margin=MARGIN)
+    return fig
+
+
+def samples_figure(pred: Prediction, *, points: int = 400) -> go.Figure:
+    """The BaLoRA draws (histogram, counts on the right axis) over the predictive density the reported
+    numbers come from: N(band_gap, std^2) with the recalibrated std, clipped at 0 eV (left axis), its
+    central interval shaded. Every label is in the legend below the plot."""
+    import plotly.graph_objects as go
+
+    b, draws = pred.balora, np.asarray(pred.draws, dtype=float)
+    mean, std = b["band_gap"], b["std"]
+    fig = go.Figure()
+    high = max(b["upper"], mean + 3.5 * std if math.isfinite(std) else 0.0, float(draws.max(initial=0.0)), 0.5) * 1.05
+    if math.isfinite(std) and std > 0:
+        x = np.linspace(0.0, high, points)
+        y = predictive_density(mean, std, x)
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines", line={"color": "black", "width": 2},
+                                 name=f"predictive density: Gaussian, mean {mean:.2f} eV, σ {std:.2f} eV (recalibrated), clipped at 0",
+                                 hovertemplate="%{x:.2f} eV: %{y:.3f} /eV<extra></extra>"))
+        inside = (x >= b["lower"]) & (x <= b["upper"])
+        fig.add_trace(go.Scatter(x=x[inside], y=y[inside], mode="lines", fill="tozeroy", line={"width": 0},
+                                 fillcolor="rgba(214,39,40,0.18)", hoverinfo="skip",
+                                 name=f"{_pct(pred.level)} interval {b['lower']:.2f}–{b['upper']:.2f} eV"))
+        at_zero = mass_at_zero(mean, std)
+        if at_zero >= 0.005:
+            fig.add_trace(go.Scatter(x=[0.0], y=[0.0], mode="markers", cliponaxis=False,
+                                     marker={"symbol": "triangle-up", "size": 14, "color": "black"},
+                                     name=f"P(gap = 0 eV) = {at_zero:.0%} (the Gaussian's mass below 0, moved to 0)",
+                                     hovertemplate=f"{at_zero:.1%} of the distribution at 0 eV<extra></extra>"))
+        fig.add_trace(go.Scatter(x=[mean, mean], y=[0.0, float(predictive_density(mean, std, [max(mean, 0.0)])[0])],
+                                 mode="lines", line={"color": "black", "dash": "dash"}, name=f"mean {mean:.2f} eV",
+                                 hoverinfo="skip"))
+    if draws.size:
+        fig.add_trace(go.Histogram(x=draws, nbinsx=max(5, min(40, draws.size // 2)), yaxis="y2",
+                                   marker_color=BALORA_COLOR, opacity=0.6,
+                                   name=f"{draws.size} Monte-Carlo draws (raw spread {draws.std(ddof=1) if draws.size > 1 else 0.0:.2f} eV)"))
+    fig.update_layout(
+        title={"text": f"BaLoRA: {draws.size} draws and the distribution behind the interval", "x": 0, "xanchor": "left"},
+        xaxis={"title": "band gap (eV)", "range": [-0.04 * high, high]},
+        yaxis={"title": "density (1/eV)", "rangemode": "tozero"},
+        yaxis2={"title": "draws (count)", "overlaying": "y", "side": "right", "rangemode": "tozero", "showgrid": False},
+        legend={"orientation": "h", "yanchor": "top", "y": -0.25, "x": 0, "font": {"size": 11}},
+        height=420, margin={**MARGIN, "b": 10}, bargap=0.05)
+    return fig
+
+
+def _element_colors() -> dict[str, str]:
+    import pymatgen.vis
+    from monty.serialization import loadfn
+
+    table = loadfn(Path(pymatgen.vis.__file__).parent / "ElementColorSchemes.yaml")["Jmol"]
+    return {el: f"rgb({r},{g},{b})" for el, (r, g, b) in table.items()}
+
+
+def cell_figure(structure: Structure) -> go.Figure:
+    """Interactive 3D unit cell: atoms (with images on the cell faces) coloured by element, cell edges."""
+    import plotly.graph_objects as go
+
+    lat = structure.lattice.matrix
+    frac = np.mod(structure.frac_coords, 1.0)
+    frac[np.isclose(frac, 1.0, atol=1e-4)] = 0.0
+    shifts = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
+    colors = _element_colors()
+    fig = go.Figure()
+    species = [site.specie.symbol for site in structure]
+    for el in sorted(set(species)):
+        rows = [i for i, s in enumerate(species) if s == el]
+        on_face = [frac[i] + s for i in rows for s in shifts if np.all((s == 0) | np.isclose(frac[i], 0.0, atol=1e-4))]
+        xyz = np.array(on_face) @ lat  # [n, 3] Å, each site plus its images on the opposite faces
+        radius = float(getattr(structure[rows[0]].specie, "atomic_radius", None) or 1.0)
+        fig.add_trace(go.Scatter3d(x=xyz[:, 0], y=xyz[:, 1], z=xyz[:, 2], mode="markers", name=el,
+                                   marker={"size": 6 + 8 * radius, "color": colors.get(el, "grey"),
+                                           "line": {"width": 1, "color": "black"}},
+                                   hovertemplate=f"{el}<br>(%{{x:.2f}}, %{{y:.2f}}, %{{z:.2f}}) Å<extra></extra>"))
+    corners = shifts @ lat
+    edges = [(a, b) for a in range(8) for b in range(a + 1, 8) if np.abs(shifts[a] - shifts[b]).sum() == 1]
+    line = np.full((3 * len(edges), 3), np.nan)
+    for n, (a, b) in enumerate(edges):
+        line[3 * n], line[3 * n + 1] = corners[a], corners[b]
+    fig.add_trace(go.Scatter3d(x=line[:, 0], y=line[:, 1], z=line[:, 2], mode="lines", name="cell",
+                               line={"color": "black", "width": 3}, hoverinfo="skip", showlegend=False))
+    axis = {"showbackground": False, "showgrid": False, "zeroline": False, "showticklabels": False, "title": ""}
+    fig.update_layout(scene={"aspectmode": "data", "xaxis": axis, "yaxis": axis, "zaxis": axis,
+                             "camera": {"eye": {"x": 1.9, "y": 1.9, "z": 1.3}}},
+                      height=420, margin={"l": 0, "r": 0, "t": 0, "b": 0}, legend={"itemsizing": "constant"})
+    return fig
