@@ -56,8 +56,8 @@ RECIPES: dict[str, tuple] = {
     **{f"balora_nll_meanmax_beta{b}_10k": ("balora", AdapterConfig(bayesian=True), NLL_MEANMAX,
                                             {**BF16, "epochs": 8, "beta": b, "kl_warmup_steps": 600}, 10_000) for b in (0, 0.01, 0.1, 1)},
     # the full pool
-    "balora_full": ("balora", AdapterConfig(bayesian=True), NLL_MEANMAX, {**BF16, "epochs": 4, "beta": 0.01, "kl_warmup_steps": 2000}, None),
-    **{f"lora_full_seed{s}": ("lora", AdapterConfig(), NLL_MEANMAX, {**BF16, "epochs": 2, "seed": s}, None) for s in range(5)},
+    "balora_full": ("balora", AdapterConfig(bayesian=True), NLL_MEANMAX, {**BF16, "epochs": 1, "beta": 0.01, "kl_warmup_steps": 2000}, None),
+    **{f"lora_full_seed{s}": ("lora", AdapterConfig(), NLL_MEANMAX, {**BF16, "epochs": 1, "seed": s}, None) for s in range(5)},
 }
 
 _FORMULA = re.compile(r"formula=(\S+)")
@@ -106,47 +106,52 @@ def train(name: str) -> Path:
     return out
 
 
+KEYS = ("mae", "rmse", "spearman", "nll", "coverage_90", "mean_interval_width_90", "auc_sparsification_error")
+
+
+def _split_scores(metrics: dict) -> dict:
+    """``{"all": {...}, "nonmetal": {...}}`` from a flat metrics dict (``nonmetal_`` keys)."""
+    return {"all": {k: metrics.get(k) for k in KEYS}, "nonmetal": {k: metrics.get(f"nonmetal_{k}") for k in KEYS}}
+
+
 def _scores(frame, y: np.ndarray) -> dict:
     from matbalora.metrics import evaluate
 
-    out = {}
-    for part, mask in (("all", np.ones(len(y), bool)), ("nonmetal", y > 0)):
-        m = evaluate(frame["band_gap"].to_numpy()[mask], frame["std"].to_numpy()[mask], y[mask])
-        out[part] = {k: m[k] for k in ("mae", "rmse", "spearman", "nll", "coverage_90", "mean_interval_width_90") if k in m}
-    return out
+    return _split_scores(evaluate(frame["band_gap"].to_numpy(), frame["std"].to_numpy(), y))
 
 
 def evaluate() -> dict:
-    """Test metrics (all / non-metals) of every finished run and ensemble, from the model cards'
-    calibration; ensembles of the runs ``lora_*_seedK``."""
-    from matbalora.predict import EnsemblePredictor, Predictor
+    """Test metrics (all / non-metals) of every finished run, from its model card (recalibrated on
+    validation at the end of training), and of the ensembles of the runs ``*_seedK`` (recalibrated
+    together on validation here)."""
     from matbalora.finetune import calibrate_and_score
+    from matbalora.predict import EnsemblePredictor, Predictor
 
-    store = open_store()
-    data = eval_data(store)
-    y = data.targets[data.split.test]
     results = {"protocol": __doc__.split("Protocol")[1].strip(), "runs": {}}
     for name in RECIPES:
         folder = RUNS / name
         if not (folder / "config.json").is_file():
             continue
-        pred = Predictor.load(folder)
-        card = pred.card
-        frame = pred.predict_prepared(data.part("test"), samples=16 if pred.model.is_bayesian else 0)
-        results["runs"][name] = {"n_train": card["data"]["n_train"], "epochs": card["training"]["epochs_run"], "best_val_mae": card["training"]["best_val_mae"],
-                                 "train_seconds": card["training"]["train_seconds"], "std_scale": card["calibration"].get("std_scale"),
-                                 "std_floor": card["calibration"].get("std_floor"), **_scores(frame, y),
-                                 "median_std_epistemic": float(np.nanmedian(frame["std_epistemic"])), "median_std_aleatoric": float(np.nanmedian(frame["std_aleatoric"]))}
+        card = json.loads((folder / "config.json").read_text())
+        tr = card["training"]
+        results["runs"][name] = {"n_train": card["data"]["n_train"], "epochs": tr["epochs_run"], "best_val_mae": tr["best_val_mae"],
+                                 "val_mae_by_epoch": [h["val_mae"] for h in tr["history"]], "train_seconds": tr["train_seconds"],
+                                 "ms_per_crystal_epoch": 1e3 * float(np.mean([h["seconds_per_structure"] for h in tr["history"]])),
+                                 "std_scale": card["calibration"].get("std_scale"), "std_floor": card["calibration"].get("std_floor"),
+                                 **_split_scores(card["metrics"]["test"]), "uncalibrated": _split_scores(card["metrics"].get("test_uncalibrated", {}))}
         print(name, json.dumps(results["runs"][name]["all"]), json.dumps(results["runs"][name]["nonmetal"]), flush=True)
     prefixes = sorted({re.sub(r"_seed\d+$", "", n) for n in RECIPES if re.search(r"_seed\d+$", n)})
+    data = None
     for prefix in prefixes:
         members = sorted(p for p in RUNS.glob(f"{prefix}_seed*") if (p / "config.json").is_file())
         if len(members) < 2:
             continue
+        data = data or eval_data(open_store())
         ens = EnsemblePredictor([Predictor.load(p) for p in members])
-        calibration, _ = calibrate_and_score(ens, data, samples=0)
-        frame = ens.predict_prepared(data.part("test"))
-        results["runs"][f"{prefix}_ensemble{len(members)}"] = {"members": len(members), "std_scale": calibration.get("std_scale"), "std_floor": calibration.get("std_floor"), **_scores(frame, y)}
+        calibration, metrics = calibrate_and_score(ens, data, samples=0)
+        name = f"{prefix}_ensemble{len(members)}"
+        results["runs"][name] = {"members": len(members), "std_scale": calibration.get("std_scale"), "std_floor": calibration.get("std_floor"), **_split_scores(metrics["test"])}
+        print(name, json.dumps(results["runs"][name]["all"]), json.dumps(results["runs"][name]["nonmetal"]), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / "results.json", results)
     return results
@@ -204,12 +209,56 @@ def forest(sizes: list[str]) -> dict:
     return out
 
 
+def ship(balora: str, ensemble_prefix: str) -> None:
+    """Copy run ``balora`` to models/balora and the runs ``{ensemble_prefix}_seedK`` to
+    models/lora_ensemble (members recalibrated together on validation, ensemble.json written)."""
+    from matbalora.finetune import calibrate_and_score
+    from matbalora.predict import ENSEMBLE_FILE, EnsemblePredictor, Predictor
+
+    models = REPO / "models"
+    members = sorted(p for p in RUNS.glob(f"{ensemble_prefix}_seed*") if (p / "config.json").is_file())
+    if not (RUNS / balora / "config.json").is_file() or len(members) < 2:
+        raise SystemExit(f"ship needs a finished {balora} and >= 2 finished {ensemble_prefix}_seedK runs in {RUNS}")
+    store = open_store()
+    data = eval_data(store)
+    ens = EnsemblePredictor([Predictor.load(p) for p in members])
+    calibration, metrics = calibrate_and_score(ens, data, samples=0)
+    staging = models / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    files = ("config.json", "model.safetensors", "split.json")
+    (staging / "balora").mkdir(parents=True)
+    for f in files:
+        shutil.copy2(RUNS / balora / f, staging / "balora" / f)
+    names = [f"member_{k}" for k in range(len(members))]
+    for name, src in zip(names, members):
+        (staging / "lora_ensemble" / name).mkdir(parents=True)
+        for f in files:
+            shutil.copy2(src / f, staging / "lora_ensemble" / name / f)
+    card = json.loads((members[0] / "config.json").read_text())
+    write_json(staging / "lora_ensemble" / ENSEMBLE_FILE, {
+        "members": names, "seeds": [json.loads((m / "config.json").read_text())["training"]["config"]["seed"] for m in members],
+        "method": "lora", "runs": [m.name for m in members], "calibration": calibration, "metrics": metrics, "data": card["data"],
+        "command": f"python benchmarks/full_pool.py train {' '.join(m.name for m in members)} && python benchmarks/full_pool.py ship {balora} {ensemble_prefix}"})
+    for name in ("balora", "lora_ensemble"):  # swap in whole folders
+        old = models / f".old_{name}"
+        shutil.rmtree(old, ignore_errors=True)
+        if (models / name).exists():
+            (models / name).rename(old)
+        (staging / name).rename(models / name)
+        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    print(f"shipped {balora} and {len(members)} members of {ensemble_prefix} into {models}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train")
     t.add_argument("names", nargs="+", choices=sorted(RECIPES))
     sub.add_parser("evaluate")
+    sh = sub.add_parser("ship")
+    sh.add_argument("balora")
+    sh.add_argument("ensemble_prefix")
     f = sub.add_parser("forest")
     f.add_argument("sizes", nargs="*", default=list(SIZES), choices=list(SIZES))
     args = parser.parse_args(argv)
@@ -219,6 +268,8 @@ def main(argv: list[str] | None = None) -> None:
             train(name)
     elif args.cmd == "evaluate":
         evaluate()
+    elif args.cmd == "ship":
+        ship(args.balora, args.ensemble_prefix)
     elif args.cmd == "forest":
         forest(args.sizes)
 
