@@ -53,6 +53,7 @@ def model_cards(models: str | os.PathLike | None = None) -> dict[str, dict]:
     """The config (model card) of the BaLoRA model and of the ensemble (with its first member's)."""
     from matbalora.api import models_dir
     from matbalora.checkpoint import read_config
+    from matbalora.model_card import parse_card
 
     folder = Path(models) if models is not None else models_dir()
     cards: dict[str, dict] = {}
@@ -61,8 +62,11 @@ def model_cards(models: str | os.PathLike | None = None) -> dict[str, dict]:
     except (OSError, ValueError) as exc:
         cards["BaLoRA"] = {"error": str(exc)}
     try:
-        ens = json.loads((folder / "lora_ensemble" / "ensemble.json").read_text(encoding="utf-8"))
-        cards["Deep ensemble"] = {**ens, "member card": read_config(folder / "lora_ensemble" / ens["members"][0])}
+        ens = parse_card((folder / "lora_ensemble" / "ensemble.json").read_text(encoding="utf-8"))  # size and depth bounded
+        first = ens["members"][0]
+        if not isinstance(first, str) or "/" in first or first in ("", ".", ".."):
+            raise ValueError(f"members[0]={first!r} is not a member folder name")
+        cards["Deep ensemble"] = {**ens, "member card": read_config(folder / "lora_ensemble" / first)}
     except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
         cards["Deep ensemble"] = {"error": f"{folder / 'lora_ensemble'}: {exc}"}
     return cards
