@@ -127,3 +127,33 @@ def read_extxyz(path: str | os.PathLike, *, limit: int | None = None) -> list[At
     Raises ValueError on the first malformed frame.
     """
     return [parse_frame(frame) for frame in iter_frames(path, limit=limit)]
+
+
+def write_extxyz(dataset, path: str | os.PathLike, *, id_key: str = "material_id", target_key: str = "band_gap") -> int:
+    """Write a ``BandGapDataset`` as extended XYZ (gzip when ``path`` ends in ``.gz``), one frame per
+    entry with ``id_key`` and ``target_key`` (eV) in its info line, as ``matbalora train --data`` and
+    ``load_dataset`` read it. Written to a temporary file and renamed, so ``path`` is never half written.
+    Returns the number of frames."""
+    import gzip
+    import tempfile
+    from pathlib import Path
+
+    from ase.io import write
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    path = Path(path)
+    buf = io.StringIO()
+    for sid, structure, gap in zip(dataset.ids, dataset.structures, dataset.targets):
+        atoms = AseAtomsAdaptor.get_atoms(structure)
+        atoms.info = {id_key: str(sid), target_key: float(gap)}
+        write(buf, atoms, format="extxyz")
+    data = buf.getvalue().encode("utf-8")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(gzip.compress(data, mtime=0) if path.name.endswith(".gz") else data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return len(dataset)
