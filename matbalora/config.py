@@ -122,6 +122,7 @@ class TrainConfig:
     warmup_steps: int = field(default=20, metadata={"help": "linear warm-up steps before cosine decay"})
     beta: float = field(default=1.0, metadata={"help": "KL weight in the ELBO (0: noise without prior)"})
     kl_warmup_steps: int = field(default=0, metadata={"help": "KL warm-up: the KL weight rises linearly from 0 to beta over this many steps"})
+    head_refit_epochs: int = field(default=0, metadata={"help": "after fine-tuning, train the head alone for up to this many epochs on the training crystals' pooled features (computed once, posterior mean), keeping the epoch with the lowest validation MAE"})
     patience: int = field(default=3, metadata={"help": "early stopping: epochs without validation gain"})
     grad_clip: float = field(default=5.0, metadata={"help": "gradient norm clip"})
     seed: int = field(default=0, metadata={"help": "random seed (init, shuffling, noise)"})
@@ -143,6 +144,8 @@ class TrainConfig:
         _positive("weight_decay", self.weight_decay, allow_zero=True)
         _positive("beta", self.beta, allow_zero=True)
         _positive("grad_clip", self.grad_clip)
+        if not isinstance(self.head_refit_epochs, int) or self.head_refit_epochs < 0:
+            raise ValueError(f"head_refit_epochs={self.head_refit_epochs!r} must be an integer >= 0")
         if not isinstance(self.kl_warmup_steps, int) or self.kl_warmup_steps < 0:
             raise ValueError(f"kl_warmup_steps={self.kl_warmup_steps!r} must be an integer >= 0")
         if self.patience < 1:

@@ -28,7 +28,7 @@ from matbalora.data.splits import Split, grouped_split, random_split
 from matbalora.metrics import evaluate
 from matbalora.model import BandGapModel
 from matbalora.predict import ENSEMBLE_FILE, EnsemblePredictor, Predictor, Prepared
-from matbalora.training import fit
+from matbalora.training import ListBatches, fit, pooled_features_of, refit_head
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +236,15 @@ def train_model(
         resume=resume,
         progress=progress,
     )
+    head_refit = None
+    if train.head_refit_epochs and not model.head_config.standardize:
+        t1 = time.perf_counter()
+        batches = train_batches if not isinstance(train_batches, tuple) else ListBatches(*train_batches)
+        feats = pooled_features_of(model, batches)
+        val_feats = model.pooled_features([data.graphs[i] for i in data.split.val])
+        val_y = torch.as_tensor(data.targets[data.split.val], dtype=torch.float32)
+        head_refit = refit_head(model, feats, (val_feats, val_y), epochs=train.head_refit_epochs, seed=train.seed)
+        head_refit["seconds"] = time.perf_counter() - t1
     predictor = Predictor(model)
     calibration, metrics = calibrate_and_score(predictor, data, samples=samples if model.is_bayesian or model.has_dropout else 0)
     card = {
@@ -250,6 +259,7 @@ def train_model(
             "train_seconds": sum(e["train_seconds"] for e in history["history"]),
             "wall_seconds_this_run": time.perf_counter() - t0,
             "frozen_prefix": {"block": prefix_block_of(data), "seconds": prefix_seconds},
+            "head_refit": head_refit,
             "device": "cpu",
             "torch_threads": torch.get_num_threads(),
             "parameters": model.parameter_counts(),

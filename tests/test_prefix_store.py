@@ -178,3 +178,18 @@ def test_list_batches_and_mean_max_pooling(prefixed):
     feats = mm.pooled_features(prefixes)
     assert feats.shape == (len(prefixes), 2 * model.backbone.atom_fea_dim)
     assert len(list(ListBatches(prefixes, y).epoch(3, torch.Generator().manual_seed(0)))) == 3
+
+
+def test_head_refit_on_pooled_features_never_loses_validation_mae(tmp_path, prefixed):
+    from matbalora.training import pooled_features_of, refit_head
+
+    store = PrefixStore(build(tmp_path / "s", prefixed))
+    ids = sorted(store.kept)
+    model = _fresh(method="lora")
+    feats, y = pooled_features_of(model, StoreBatches(store, ids), batch_size=3)
+    assert feats.shape == (7, 2 * 16) and torch.allclose(torch.sort(y).values, torch.sort(torch.as_tensor(store.targets(ids), dtype=torch.float32)).values)
+    np.testing.assert_allclose(feats[np.argsort(y.numpy())].numpy(), model.pooled_features(store.prefix_graphs([ids[i] for i in np.argsort(store.targets(ids))])).numpy(), atol=1e-5)
+    out = refit_head(model, (feats, y), (feats[:3], y[:3]), epochs=40, lr=1e-2, batch_size=4)
+    assert out["val_mae_after"] < out["val_mae_before"]  # a fresh head fitted to its own crystals improves
+    with torch.no_grad():
+        assert float((model.head(feats[:3])["gap"] - y[:3]).abs().mean()) == pytest.approx(out["val_mae_after"], rel=1e-5)

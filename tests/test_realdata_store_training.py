@@ -1,0 +1,61 @@
+"""The out-of-core recipe end to end on real crystals: pretrained CHGNet 0.3.0, frozen-prefix features
+in an on-disk fp16 store, BaLoRA with a Gaussian NLL head and mean+max pooling trained in bfloat16
+from store batches, a head refit on pooled features, recalibration, model card, reload, prediction."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import MP_GAP
+
+import matbalora
+from matbalora.backbones.chgnet_prefix import compute_prefixes
+from matbalora.backbones.prefix_store import PrefixStore, StoreBatches, build_prefix_store
+from matbalora.config import HeadConfig, TrainConfig
+from matbalora.data.readers import load_dataset
+from matbalora.data.splits import Split
+from matbalora.finetune import PreparedData, train_model
+from matbalora.model import BandGapModel
+
+N_TRAIN, N_VAL = 96, 40
+
+
+@pytest.mark.realdata
+@pytest.mark.pretrained
+def test_store_training_with_nll_head_and_refit(tmp_path):
+    if not MP_GAP.is_file():
+        pytest.skip(f"{MP_GAP} not present")
+    ds = load_dataset(MP_GAP, max_structures=N_TRAIN + N_VAL)
+    backbone = BandGapModel.from_pretrained("balora").backbone
+    ids = list(ds.ids)
+
+    fp32_bytes = []
+
+    def load(positions):
+        graphs = [backbone.graph_converter(ds.structures[p]) for p in positions]
+        prefixes = compute_prefixes(backbone, graphs, 3, progress=False)
+        fp32_bytes.extend(p.nbytes() for p in prefixes)
+        return prefixes, [float(ds.targets[p]) for p in positions], [ids[p] for p in positions], {}
+
+    store = PrefixStore(build_prefix_store(tmp_path / "store", ids=ids, load_shard=load, key="t", block=3, shard_size=64, progress=False))
+    assert store.nbytes() < 0.6 * sum(fp32_bytes)  # fp16 features / int32 indices vs the in-memory fp32 / int64
+    val_ids = ids[N_TRAIN:]
+    graphs = store.prefix_graphs(val_ids)
+    data = PreparedData(ids=val_ids, formulas=[s.composition.reduced_formula for s in ds.structures[N_TRAIN:]], n_atoms=[len(s) for s in ds.structures[N_TRAIN:]],
+                        targets=store.targets(val_ids), graphs=graphs, split=Split(np.zeros(0, np.int64), np.arange(20), np.arange(20, N_VAL), kind="test"),
+                        provenance={"source": str(MP_GAP)})
+    cfg = TrainConfig(method="balora", epochs=2, batch_size=16, beta=0.01, kl_warmup_steps=10, compute_dtype="bfloat16", head_refit_epochs=20)
+    out = train_model(None, tmp_path / "model", train=cfg, head=HeadConfig(loss="nll", pooling="mean_max"), data=data,
+                      train_batches=StoreBatches(store, ids[:N_TRAIN]), samples=4, progress=False)
+    card = json.loads((out / "config.json").read_text())
+    assert card["data"]["n_train"] == N_TRAIN and card["training"]["epochs_run"] == 2
+    refit = card["training"]["head_refit"]
+    assert refit["val_mae_after"] <= refit["val_mae_before"] and refit["epochs_run"] >= 1
+    val_y = data.targets[:20]
+    assert card["metrics"]["val"]["mae"] < float(np.mean(np.abs(val_y - np.mean(store.targets(ids[:N_TRAIN])))))  # beats the mean predictor
+    model = matbalora.load_model(out)
+    df = model.predict(ds.structures[N_TRAIN : N_TRAIN + 4], samples=4)
+    assert np.all(df["std_aleatoric"] > 0) and np.all(df["std_epistemic"] > 0) and np.all(df["std"] >= df["std_aleatoric"] * card["calibration"]["std_scale"] * 0.999)
