@@ -1,4 +1,6 @@
-"""End to end: a real headless Chromium (Debian's, driven by Playwright) against a running server."""
+"""End to end: a real headless Chromium (Debian's, driven by Playwright) against a running server on
+the shipped models: real CIFs uploaded, the rendered numbers compared with ``predict``'s for the same
+file, and the model card page compared with the cards in the model folders."""
 
 from __future__ import annotations
 
@@ -6,8 +8,8 @@ import os
 import re
 
 import pytest
-from app_helpers import CHROMIUM, CHROMIUM_ARGS, make_models, running_app
-from conftest import rocksalt_nacl, silicon
+from app_helpers import CHROMIUM, CHROMIUM_ARGS, running_app
+from conftest import REPO
 
 if os.environ.get("MATBALORA_REQUIRE_BROWSER") == "1":  # CI: a missing browser is a failure, not a skip
     from playwright import sync_api
@@ -18,47 +20,87 @@ else:
     sync_api = pytest.importorskip("playwright.sync_api", reason="needs Playwright for Python (pip install playwright)")
 
 GAP = re.compile(r"Predicted band gap: (\d+\.\d\d) eV")
-WAIT_MS = 90_000
+INTERVAL = re.compile(r"(\d+)% interval: (\d+\.\d\d) – (\d+\.\d\d) eV \(σ = (\d+\.\d\d) eV\)")
+WAIT_MS = 120_000
+CIFS = {"Si": REPO / "data" / "examples" / "Si_diamond.cif", "NaCl": REPO / "data" / "examples" / "NaCl_rocksalt.cif"}
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, tiny_checkpoint):
-    return make_models(tmp_path_factory.mktemp("e2e_models"), tiny_checkpoint)
+def models():
+    from matbalora.api import models_dir
+
+    folder = models_dir()
+    if not ((folder / "balora").is_dir() and (folder / "lora_ensemble").is_dir()):
+        pytest.skip(f"no shipped models in {folder}")
+    return folder
 
 
-def upload(page, path) -> None:
-    page.locator('input[type="file"]').set_input_files(str(path))
+@pytest.fixture(scope="module")
+def server(models, tmp_path_factory):
+    with running_app(models, tmp_path_factory.mktemp("e2e") / "server.log") as url:
+        yield url
 
 
-def test_upload_in_two_browser_sessions(models, tmp_path):
-    from matbalora import app_support as sup
-
-    files = {"Si": tmp_path / "Si.cif", "NaCl": tmp_path / "NaCl.cif"}
-    other = {"Si": "NaCl", "NaCl": "Si"}
-    files["Si"].write_text(silicon().to(fmt="cif"))
-    files["NaCl"].write_text(rocksalt_nacl().to(fmt="cif"))
-    served = sup.load_models(models)
-    expected = {}
-    for formula, path in files.items():
-        [item] = sup.read_upload(path.name, path.read_bytes())
-        expected[formula] = f"{served.predict(item.structure, samples=32, level=0.9).balora['band_gap']:.2f}"
-
-    with running_app(models, tmp_path / "server.log") as url, sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            pages = {formula: browser.new_context().new_page() for formula in files}  # two sessions
-            for page in pages.values():
-                page.goto(url)
-                page.get_by_text("Upload CIF, POSCAR").wait_for(timeout=WAIT_MS)
-            for formula, page in pages.items():  # both uploads in flight at once
-                upload(page, files[formula])
-            for formula, page in pages.items():
-                page.get_by_text(GAP).wait_for(timeout=WAIT_MS)
-                shown = GAP.search(page.get_by_text(GAP).inner_text()).group(1)
-                assert shown == expected[formula], formula
-                assert page.locator("h3", has_text=re.compile(f"^{formula}$")).count() == 1
-                assert page.get_by_text("90% interval:").count() == 2
-                page.locator(".js-plotly-plot").nth(2).wait_for(timeout=WAIT_MS)  # cell, intervals, samples
-                assert page.get_by_text(other[formula], exact=True).count() == 0  # nothing of the other session
+            yield chromium
         finally:
-            browser.close()
+            chromium.close()
+
+
+def expected_numbers(models, path) -> dict[str, str]:
+    """What ``matbalora predict PATH --ensemble`` gives for the file, as the page rounds it."""
+    from matbalora.defaults import LEVEL, SAMPLES
+    from matbalora.screening import predict_paths
+
+    frame, rejected = predict_paths([str(path)], model=models / "balora", ensemble=models / "lora_ensemble",
+                                    samples=SAMPLES, level=LEVEL)
+    assert not rejected and len(frame) == 1
+    row = frame.iloc[0]
+    two = "{:.2f}".format
+    return {"gap": two(row["band_gap"]),
+            "balora": (f"{100 * LEVEL:g}", two(row["lower"]), two(row["upper"]), two(row["std"])),
+            "ensemble": (f"{100 * LEVEL:g}", two(row["ens_lower"]), two(row["ens_upper"]), two(row["ens_std"]))}
+
+
+def test_real_cifs_in_two_sessions_show_predicts_numbers(models, server, browser):
+    expected = {formula: expected_numbers(models, path) for formula, path in CIFS.items()}
+    other = {"Si": "NaCl", "NaCl": "Si"}
+    pages = {formula: browser.new_context().new_page() for formula in CIFS}  # two sessions
+    for page in pages.values():
+        page.goto(server)
+        page.get_by_text("Upload CIF, POSCAR").wait_for(timeout=WAIT_MS)
+    for formula, page in pages.items():  # both uploads in flight at once
+        page.locator('input[type="file"]').set_input_files(str(CIFS[formula]))
+    for formula, page in pages.items():
+        page.get_by_text(GAP).wait_for(timeout=WAIT_MS)
+        assert GAP.search(page.get_by_text(GAP).inner_text()).group(1) == expected[formula]["gap"], formula
+        shown = [INTERVAL.search(t).groups() for t in page.get_by_text(INTERVAL).all_inner_texts()]
+        assert shown == [expected[formula]["balora"], expected[formula]["ensemble"]], formula
+        assert page.locator("h3", has_text=re.compile(rf"(^|· ){formula}$")).count() == 1  # "Si_diamond · Si"
+        page.locator(".js-plotly-plot").nth(2).wait_for(timeout=WAIT_MS)  # cell, intervals, draws
+        assert page.get_by_text(other[formula], exact=True).count() == 0  # nothing of the other session
+
+
+def table_rows(table) -> list[list[str]]:
+    return [[c.strip() for c in row.locator("th, td").all_inner_texts()] for row in table.locator("tr").all()]
+
+
+def test_model_card_page_shows_the_shipped_test_mae(models, server, browser):
+    from matbalora.app.cards import model_cards
+
+    cards = model_cards(models)
+    page = browser.new_context().new_page()
+    page.goto(f"{server}/model_card")
+    page.get_by_text("Data and recipe").nth(1).wait_for(timeout=WAIT_MS)  # both cards laid out
+    # st.table's component loads lazily, after the headers: wait for both metrics tables' MAE rows
+    page.locator("th, td").filter(has_text=re.compile(r"^\s*MAE \(eV\)\s*$")).nth(1).wait_for(timeout=WAIT_MS)
+    shown = []  # the value next to "MAE (eV)" in each table that has that row: the metrics tables, in page order
+    for table in page.locator("table").all():
+        shown += [row[row.index("MAE (eV)") + 1] for row in table_rows(table) if "MAE (eV)" in row]
+    expected = [f"{card['metrics']['test']['mae']:.3f}" for card in cards.values()]  # BaLoRA, then the ensemble
+    assert shown == expected
+    assert page.locator("h2", has_text="BaLoRA").count() == 1 and page.locator("h2", has_text="Deep ensemble").count() == 1
