@@ -250,12 +250,48 @@ def ship(balora: str, ensemble_prefix: str) -> None:
     print(f"shipped {balora} and {len(members)} members of {ensemble_prefix} into {models}")
 
 
+def claims(name: str = "balora_full", lora: str = "lora_full_seed0", sweep: tuple[int, ...] = (2, 4, 8, 16, 32)) -> dict:
+    """What the six claims need beyond the run table: BaLoRA's accuracy and ranking against the number
+    of test-time draws S (the first S of 32 draws per crystal, recalibrated with the card's scaler),
+    where its noise ended up, and its parameter and training-time overhead over LoRA."""
+    from mp_gap_evaluate import noise_summary
+
+    from matbalora.metrics import evaluate as metrics
+    from matbalora.predict import Predictor, raw_total_std
+
+    data = eval_data(open_store())
+    y = data.targets[data.split.test]
+    pred = Predictor.load(RUNS / name)
+    draws = pred.sample(data.part("test"), samples=max(sweep), seed=0)
+    alea = np.sqrt(draws.aleatoric_var) if draws.aleatoric_var is not None else np.full(y.shape, np.nan)
+    out: dict = {"run": name, "samples": {}}
+    for s in sweep:
+        g = draws.gaps[:s]
+        std = pred.scaler.transform(raw_total_std(g.std(0, ddof=1), alea))
+        m = metrics(g.mean(0), std, y)
+        out["samples"][str(s)] = {"mae": m["mae"], "spearman": m["spearman"], "nonmetal_mae": m["nonmetal_mae"], "nonmetal_spearman": m["nonmetal_spearman"],
+                                  "nll": m["nll"], "median_std_epistemic": float(np.median(g.std(0, ddof=1)))}
+        print("S", s, json.dumps(out["samples"][str(s)]), flush=True)
+    epistemic_only = metrics(draws.gaps.mean(0), draws.gaps.std(0, ddof=1), y)
+    out["spearman_epistemic_only"] = {"all": epistemic_only["spearman"], "nonmetal": epistemic_only["nonmetal_spearman"]}
+    aleatoric_only = metrics(draws.gaps.mean(0), alea, y)
+    out["spearman_aleatoric_only"] = {"all": aleatoric_only["spearman"], "nonmetal": aleatoric_only["nonmetal_spearman"]}
+    out["noise"] = noise_summary(pred.model)
+    cards = {n: json.loads((RUNS / n / "config.json").read_text()) for n in (name, lora) if (RUNS / n / "config.json").is_file()}
+    out["parameters"] = {n: c["training"]["parameters"] for n, c in cards.items()}
+    out["ms_per_crystal_epoch"] = {n: 1e3 * float(np.mean([h["seconds_per_structure"] for h in c["training"]["history"]])) for n, c in cards.items()}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json(RESULTS / "claims.json", out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train")
     t.add_argument("names", nargs="+", choices=sorted(RECIPES))
     sub.add_parser("evaluate")
+    sub.add_parser("claims")
     sh = sub.add_parser("ship")
     sh.add_argument("balora")
     sh.add_argument("ensemble_prefix")
@@ -268,6 +304,8 @@ def main(argv: list[str] | None = None) -> None:
             train(name)
     elif args.cmd == "evaluate":
         evaluate()
+    elif args.cmd == "claims":
+        claims()
     elif args.cmd == "ship":
         ship(args.balora, args.ensemble_prefix)
     elif args.cmd == "forest":
