@@ -247,7 +247,27 @@ def ship(balora: str, ensemble_prefix: str) -> None:
         (staging / name).rename(models / name)
         shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(staging, ignore_errors=True)
+    shipped_plots(data, metrics)
     print(f"shipped {balora} and {len(members)} members of {ensemble_prefix} into {models}")
+
+
+def shipped_plots(data: PreparedData, ensemble_metrics: dict) -> None:
+    """Calibration, parity and sparsification plots of the shipped models on the test crystals, and
+    ``results/full_pool/shipped.json`` whose ``methods`` rows are the cards' test metrics (the app's
+    model card page shows plots only next to the card whose numbers they come from)."""
+    from matbalora.evaluation import plot_all
+    from matbalora.predict import EnsemblePredictor, Predictor
+
+    models = REPO / "models"
+    test, y = data.part("test"), data.targets[data.split.test]
+    balora = Predictor.load(models / "balora")
+    rows = {"balora": balora.card["metrics"]["test"], "lora_ensemble": ensemble_metrics["test"]}
+    frames = {"balora": balora.predict_prepared(test, samples=16, seed=0), "lora_ensemble": EnsemblePredictor.load(models / "lora_ensemble").predict_prepared(test)}
+    plots = []
+    for name, frame in frames.items():
+        plots += [p.name for p in plot_all(frame, y, RESULTS / "plots", name)]
+    write_json(RESULTS / "shipped.json", {"methods": rows, "plots": plots, "n_test": len(y),
+                                          "command": "python benchmarks/full_pool.py ship ... (models/balora, models/lora_ensemble on the full-pool test crystals)"})
 
 
 def claims(name: str = "balora_full", lora: str = "lora_full_seed0", sweep: tuple[int, ...] = (2, 4, 8, 16, 32)) -> dict:
