@@ -43,6 +43,9 @@ from matbalora.finetune import PreparedData, train_model  # noqa: E402
 RUNS = REPO / "runs" / "full_pool"
 RESULTS = REPO / "benchmarks" / "results" / "full_pool"
 NLL_MEANMAX = HeadConfig(loss="nll", pooling="mean_max")
+#: the full-pool recipe: L1 on the gap (the 10k NLL run trailed L1 by 0.13 eV validation MAE after one
+#: epoch: 0.66 vs 0.53) plus a Gaussian NLL for the aleatoric variance around the detached gap
+L1NLL_MEANMAX = HeadConfig(loss="l1_nll", pooling="mean_max")
 BF16 = {"compute_dtype": "bfloat16"}
 SIZES = {"2k": 2000, "10k": 10_000, "40k": 40_000, "full": None}
 
@@ -52,12 +55,13 @@ RECIPES: dict[str, tuple] = {
     "lora_l1_mean_10k": ("lora", AdapterConfig(), HeadConfig(), {**BF16, "epochs": 8}, 10_000),
     "lora_nll_mean_10k": ("lora", AdapterConfig(), HeadConfig(loss="nll"), {**BF16, "epochs": 8}, 10_000),
     "lora_nll_meanmax_10k": ("lora", AdapterConfig(), NLL_MEANMAX, {**BF16, "epochs": 8}, 10_000),
+    "lora_l1nll_meanmax_10k": ("lora", AdapterConfig(), L1NLL_MEANMAX, {**BF16, "epochs": 8}, 10_000),
     "lora_nll_meanmax_fp32_10k": ("lora", AdapterConfig(), NLL_MEANMAX, {"epochs": 8}, 10_000),
     **{f"balora_nll_meanmax_beta{b}_10k": ("balora", AdapterConfig(bayesian=True), NLL_MEANMAX,
                                             {**BF16, "epochs": 8, "beta": b, "kl_warmup_steps": 600}, 10_000) for b in (0, 0.01, 0.1, 1)},
     # the full pool
-    "balora_full": ("balora", AdapterConfig(bayesian=True), NLL_MEANMAX, {**BF16, "epochs": 1, "beta": 0.01, "kl_warmup_steps": 2000, "head_refit_epochs": 60}, None),
-    **{f"lora_full_seed{s}": ("lora", AdapterConfig(), NLL_MEANMAX, {**BF16, "epochs": 1, "seed": s, "head_refit_epochs": 60}, None) for s in range(5)},
+    "balora_full": ("balora", AdapterConfig(bayesian=True), L1NLL_MEANMAX, {**BF16, "epochs": 1, "beta": 0.01, "kl_warmup_steps": 2000, "head_refit_epochs": 60}, None),
+    **{f"lora_full_seed{s}": ("lora", AdapterConfig(), L1NLL_MEANMAX, {**BF16, "epochs": 1, "seed": s, "head_refit_epochs": 60}, None) for s in range(5)},
 }
 
 _FORMULA = re.compile(r"formula=(\S+)")

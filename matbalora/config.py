@@ -13,7 +13,7 @@ from typing import Any, Literal, get_args
 Method = Literal["head", "lora", "balora", "full"]
 NoiseMode = Literal["per_crystal", "per_row"]
 HeadOutput = Literal["softplus", "gated"]
-TaskLoss = Literal["l1", "mse", "nll"]
+TaskLoss = Literal["l1", "mse", "nll", "l1_nll"]
 Pooling = Literal["mean", "mean_max"]
 ComputeDtype = Literal["float32", "bfloat16"]
 
@@ -93,7 +93,7 @@ class HeadConfig:
         default="softplus",
         metadata={"help": "softplus(z) or gated: (1 - p_metal) * softplus(z)"},
     )
-    loss: TaskLoss = field(default="l1", metadata={"help": "task loss on the gap"})
+    loss: TaskLoss = field(default="l1", metadata={"help": "task loss on the gap: l1, mse, nll (Gaussian NLL of gap and learned variance), l1_nll (L1 on the gap + Gaussian NLL of the learned variance around the detached gap)"})
     dropout: float = field(default=0.0, metadata={"help": "dropout inside the head"})
     pooling: Pooling = field(default="mean", metadata={"help": "pooling of the final atom features: mean, or mean and max concatenated"})
     standardize: bool = field(default=False, metadata={"help": "z-score the pooled features with training-set statistics of the pretrained backbone (set once before training; for features that vary little across crystals, e.g. MOFs)"})

@@ -21,7 +21,10 @@ class BandGapHead(nn.Module):
     ``softplus``: gap = softplus(z).
     ``gated``: gap = (1 - p_metal) * softplus(z), p_metal = sigmoid(logit); trained with an extra
     binary cross-entropy on ``gap == 0``.
-    With ``loss="nll"`` one more output is a log-variance (heteroscedastic aleatoric noise, eV^2).
+    With ``loss="nll"`` or ``"l1_nll"`` one more output is a log-variance (heteroscedastic aleatoric
+    noise, eV^2). ``nll`` trains gap and variance jointly by the Gaussian NLL (which down-weights the
+    hard crystals in the gap's gradient); ``l1_nll`` trains the gap by L1, as ``l1`` does, and the
+    variance by the Gaussian NLL of the gap's residual with the gap detached.
     """
 
     def __init__(self, in_dim: int, config: HeadConfig) -> None:
@@ -38,11 +41,16 @@ class BandGapHead(nn.Module):
                 layers.append(nn.Dropout(config.dropout))
             width = config.hidden
         self.body = nn.Sequential(*layers)
-        n_out = 1 + (config.output == "gated") + (config.loss == "nll")
+        n_out = 1 + (config.output == "gated") + self.has_variance
         self.out = nn.Linear(width, n_out)
         with torch.no_grad():  # start near the MP mean gap (~1.2 eV) rather than softplus(0)=0.69
             self.out.bias.zero_()
             self.out.bias[0] = 0.7
+
+    @property
+    def has_variance(self) -> bool:
+        """True when the head predicts a heteroscedastic (aleatoric) variance."""
+        return self.config.loss in ("nll", "l1_nll")
 
     @torch.no_grad()
     def set_input_statistics(self, mean: Tensor, std: Tensor) -> None:
@@ -66,7 +74,7 @@ class BandGapHead(nn.Module):
             col += 1
             positive = positive * torch.sigmoid(-out["metal_logit"])
         out["gap"] = positive
-        if self.config.loss == "nll":
+        if self.has_variance:
             out["log_var"] = z[..., col].clamp(*LOG_VAR_RANGE)
         return out
 
@@ -78,8 +86,10 @@ class BandGapHead(nn.Module):
             loss = F.l1_loss(gap, target)
         elif kind == "mse":
             loss = F.mse_loss(gap, target)
-        else:
+        elif kind == "nll":
             loss = F.gaussian_nll_loss(gap, target, out["log_var"].exp(), full=True)
+        else:  # l1_nll
+            loss = F.l1_loss(gap, target) + F.gaussian_nll_loss(gap.detach(), target, out["log_var"].exp(), full=True)
         if "metal_logit" in out:
             loss = loss + F.binary_cross_entropy_with_logits(out["metal_logit"], (target <= 0).to(gap.dtype))
         return loss

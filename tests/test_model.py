@@ -152,3 +152,21 @@ def test_gated_head_never_negative_and_nll_has_variance(crystals):
 def test_method_adapter_mismatch_is_an_error():
     with pytest.raises(ValueError, match="method='lora' needs"):
         BandGapModel(tiny_chgnet(), method="lora", adapter=None, head=HeadConfig())
+
+
+def test_l1_nll_head_trains_the_gap_by_l1_and_the_variance_by_nll():
+    from matbalora.head import BandGapHead
+
+    torch.manual_seed(0)
+    head = BandGapHead(8, HeadConfig(hidden=8, loss="l1_nll"))
+    feats, target = torch.randn(16, 8), torch.rand(16) * 3
+    out = head(feats)
+    assert "log_var" in out and head.has_variance
+    head.loss(out, target).backward()
+    g_gap = {n: p.grad.clone() for n, p in head.named_parameters()}
+    l1 = BandGapHead(8, HeadConfig(hidden=8, loss="l1"))
+    l1.load_state_dict({k: v[:1] if k.startswith("out.") else v for k, v in head.state_dict().items()})
+    torch.nn.functional.l1_loss(l1(feats)["gap"], target).backward()
+    # the gap row of the output layer gets exactly L1's gradient: the NLL term sees a detached gap
+    assert torch.allclose(g_gap["out.weight"][0], l1.out.weight.grad[0], atol=1e-6)
+    assert g_gap["out.weight"][1].abs().sum() > 0  # the variance row learns from the NLL term

@@ -1,7 +1,8 @@
-"""The shipped models on the textbook crystals of the README's main command (issue 4's done-when):
-plausible PBE gaps for Si, NaCl, Cu and Al, intervals that contain them, tight intervals on metals.
+"""The shipped models on the textbook crystals of the README's main command (issues 4 and 14):
+plausible PBE gaps, intervals that contain them, tight intervals on metals, and the issue-14 target:
+diamond, MgO, LiF, corundum, KCl, Si and GaAs within 25 % (or 0.3 eV) of their PBE gaps.
 Guards against re-shipping a model that breaks them; the PBE values are Materials Project's for the
-same structures (``shared/data/mp_gap``)."""
+same structures (``shared/data/mp_gap``; the diamond, corundum and KCl files were written from it)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ from conftest import REPO
 
 EXAMPLES = REPO / "data" / "examples"
 SHIPPED = REPO / "models"
-PBE = {"Si_diamond": 0.61, "NaCl_rocksalt": 5.00, "Cu_fcc": 0.0, "Al_fcc": 0.0}
-#: plausible: within this many eV of PBE (the shipped models' test MAE is ~0.4 eV)
-TOLERANCE = {"Si_diamond": 0.6, "NaCl_rocksalt": 1.2, "Cu_fcc": 0.1, "Al_fcc": 0.1}
+PBE = {"Si_diamond": 0.61, "NaCl_rocksalt": 5.00, "Cu_fcc": 0.0, "Al_fcc": 0.0, "C_diamond": 4.11, "MgO_rocksalt": 4.44,
+       "LiF_rocksalt": 8.72, "Al2O3_corundum": 5.85, "KCl_rocksalt": 5.03, "GaAs_zincblende": 0.19}
+#: issue 14: within 25 % of PBE or 0.3 eV, whichever is larger
+TARGET = ("C_diamond", "MgO_rocksalt", "LiF_rocksalt", "Al2O3_corundum", "KCl_rocksalt", "Si_diamond", "GaAs_zincblende")
+#: (model, crystal) pairs measured outside the target on the shipped models: strict xfail, so the test
+#: fails once they land inside (then remove them here) and the README's table says the same
+KNOWN_MISSES: set[tuple[str, str]] = set()
 
 pytestmark = pytest.mark.skipif(not (SHIPPED / "balora" / "config.json").is_file() or not (SHIPPED / "lora_ensemble").is_dir(),
                                 reason="models/ holds no shipped models")
@@ -26,15 +31,25 @@ def predictions():
 
     structures, ids = [Structure.from_file(EXAMPLES / f"{name}.cif") for name in PBE], list(PBE)
     model, ensemble = matbalora.load_model(SHIPPED / "balora"), matbalora.load_ensemble(SHIPPED / "lora_ensemble")
-    return {"balora": model.predict(structures, ids=ids, samples=16), "ensemble": ensemble.predict(structures, ids=ids)}
+    return {"balora": model.predict(structures, ids=ids, samples=16).set_index("id"), "ensemble": ensemble.predict(structures, ids=ids).set_index("id")}
 
 
 @pytest.mark.parametrize("which", ["balora", "ensemble"])
-def test_textbook_gaps_are_plausible_and_inside_their_intervals(predictions, which):
-    df = predictions[which].set_index("id")
+def test_intervals_hold_the_pbe_gaps_and_metals_are_tight(predictions, which):
+    df = predictions[which]
     for name, pbe in PBE.items():
         row = df.loc[name]
-        assert abs(row["band_gap"] - pbe) <= TOLERANCE[name], f"{which} {name}: {row['band_gap']:.2f} eV vs PBE {pbe}"
         assert row["lower"] <= pbe <= row["upper"], f"{which} {name}: [{row['lower']:.2f}, {row['upper']:.2f}] misses PBE {pbe}"
     for metal in ("Cu_fcc", "Al_fcc"):
+        assert df.loc[metal, "band_gap"] < 0.1, f"{which} {metal}: {df.loc[metal, 'band_gap']:.2f} eV for a metal"
         assert df.loc[metal, "upper"] < 1.0, f"{which} {metal}: interval up to {df.loc[metal, 'upper']:.2f} eV is not tight"
+
+
+@pytest.mark.parametrize("which", ["balora", "ensemble"])
+@pytest.mark.parametrize("name", TARGET)
+def test_textbook_gap_within_25_percent_of_pbe(predictions, which, name, request):
+    if (which, name) in KNOWN_MISSES:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="measured outside the issue-14 target (README table)"))
+    pbe = PBE[name]
+    got = predictions[which].loc[name, "band_gap"]
+    assert abs(got - pbe) <= max(0.25 * pbe, 0.3), f"{which} {name}: {got:.2f} eV vs PBE {pbe}"
