@@ -8,6 +8,7 @@ different seeds (the deep-ensemble baseline) and an ``ensemble.json`` next to th
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shlex
 import sys
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from matbalora.atomic import write_json
-from matbalora.calibration import StdScaler, fit_recalibration, gaussian_interval
+from matbalora.calibration import StdScaler, fit_recalibration
 from matbalora.checkpoint import save_model
 from matbalora.config import AdapterConfig, HeadConfig, TrainConfig, to_dict
 from matbalora.data.graph_cache import GraphCache
@@ -27,7 +28,9 @@ from matbalora.data.readers import load_dataset
 from matbalora.data.splits import Split, grouped_split, random_split
 from matbalora.metrics import evaluate
 from matbalora.model import BandGapModel
-from matbalora.predict import ENSEMBLE_FILE, EnsemblePredictor, Predictor, Prepared
+from matbalora.conformal import MondrianIntervals
+from matbalora.defaults import METAL_THRESHOLD
+from matbalora.predict import ENSEMBLE_FILE, EnsemblePredictor, Predictor, Prepared, summarize, to_frame
 from matbalora.training import ListBatches, fit, pooled_features_of, refit_head
 
 log = logging.getLogger(__name__)
@@ -152,27 +155,62 @@ def _metrics(frame, y_true: np.ndarray) -> dict:
 
 
 def calibrate_and_score(predictor, data: PreparedData, *, samples: int) -> tuple[dict, dict]:
-    """Fit the std recalibration (scale and floor, :class:`StdScaler` with ``floor=True``) and 90%
-    conformal intervals on the recalibrated std, on the validation split; metrics on validation and
-    test (test reported before and after recalibration; one prediction pass per split)."""
-    predictor.scaler = StdScaler(1.0)
-    val = predictor.predict_prepared(data.part("val"), samples=samples)
+    """Fit the std recalibration (scale and floor, :class:`StdScaler` with ``floor=True``), the
+    marginal 90% conformal quantile (``conformal``, kept as a record) and the class-conditional
+    conformal intervals that ``predict`` reports (``mondrian``, :class:`MondrianIntervals`) on the
+    validation split; metrics on validation and test (test before and after recalibration, and
+    ``test_classes``: coverage and width of the Gaussian and the Mondrian 90% intervals per
+    predicted class and per true class). One prediction pass per split."""
+    predictor.scaler, predictor.mondrian = StdScaler(1.0), None
+    val_prep, y_val = data.part("val"), data.targets[data.split.val]
+    val_draws = predictor.gap_draws(val_prep, samples=samples)
+    val = to_frame(val_prep, val_draws, predictor.scaler, None, 0.9)
     calibration: dict = {"std_scale": 1.0, "std_floor": 0.0, "fitted_on": "val", "samples": samples}
-    scaler = predictor.scaler
+    scaler, mondrian = predictor.scaler, None
     if np.all(np.isfinite(val["std"])):
-        y_val = data.targets[data.split.val]
         calibration.update(fit_recalibration(val["band_gap"], val["std"], y_val, level=0.9))
         scaler = StdScaler.from_calibration(calibration)
-    metrics = {"val": _metrics(val, data.targets[data.split.val])}
+        cols = summarize(val_draws, scaler, None, 0.9)
+        mondrian = MondrianIntervals.fit(cols["band_gap"], cols["std"], cols["p_metal"], y_val)
+        calibration["mondrian"] = mondrian.to_dict()
+    metrics = {"val": _metrics(val, y_val)}
     if len(data.split.test):
-        raw = predictor.predict_prepared(data.part("test"), samples=samples)
-        y_test = data.targets[data.split.test]
-        metrics["test_uncalibrated"] = _metrics(raw, y_test)
-        scaled = raw.assign(std=scaler.transform(raw["std"]))
-        lower, upper = gaussian_interval(scaled["band_gap"], scaled["std"], 0.9)
-        metrics["test"] = _metrics(scaled.assign(lower=lower, upper=upper), y_test)
-    predictor.scaler = scaler
+        test_prep, y_test = data.part("test"), data.targets[data.split.test]
+        test_draws = predictor.gap_draws(test_prep, samples=samples)
+        metrics["test_uncalibrated"] = _metrics(to_frame(test_prep, test_draws, StdScaler(1.0), None, 0.9), y_test)
+        gaussian = to_frame(test_prep, test_draws, scaler, None, 0.9)
+        metrics["test"] = _metrics(gaussian, y_test)
+        if mondrian is not None:
+            conformal = to_frame(test_prep, test_draws, scaler, mondrian, 0.9)
+            metrics["test_classes"] = class_coverage(gaussian, conformal, y_test, mondrian)
+            metrics["test"]["coverage_90_mondrian"] = metrics["test_classes"]["all"]["coverage_90_mondrian"]
+            metrics["test"]["mean_interval_width_90_mondrian"] = metrics["test_classes"]["all"]["width_90_mondrian"]
+    predictor.scaler, predictor.mondrian = scaler, mondrian
     return calibration, metrics
+
+
+def class_coverage(gaussian, mondrian_frame, y_true: np.ndarray, mondrian: MondrianIntervals) -> dict:
+    """Coverage and mean width (eV) of the 90% intervals of two frames of the same crystals (the
+    Gaussian one, then the Mondrian one) on all crystals, per predicted class (``predicted <name>``)
+    and per true class (``true metal``, ``true non-metal``, ``true 0-1`` ...)."""
+    pred_class = mondrian.classify(mondrian_frame["band_gap"], mondrian_frame["p_metal"])
+    true_range = 1 + np.searchsorted(mondrian.gap_edges, y_true, side="right")
+    metal = y_true <= METAL_THRESHOLD
+    groups = {"all": np.ones(len(y_true), bool)}
+    groups |= {f"predicted {name}": pred_class == c for c, name in enumerate(mondrian.classes)}
+    groups |= {"true metal": metal, "true non-metal": ~metal}
+    groups |= {f"true {name}": ~metal & (true_range == c) for c, name in enumerate(mondrian.classes) if c}
+    out = {}
+    for name, mask in groups.items():
+        row: dict = {"n": int(mask.sum())}
+        for tag, frame in (("gaussian", gaussian), ("mondrian", mondrian_frame)):
+            lo, hi = frame["lower"].to_numpy()[mask], frame["upper"].to_numpy()[mask]
+            covered = (lo <= y_true[mask]) & (y_true[mask] <= hi)
+            row[f"coverage_90_{tag}"] = float(covered.mean()) if mask.any() else None
+            width = float(np.mean(hi - lo)) if mask.any() else math.nan
+            row[f"width_90_{tag}"] = width if math.isfinite(width) else None  # [0, inf) intervals: a class too small for the level
+        out[name] = row
+    return out
 
 
 def prefix_block_of(data: PreparedData) -> int:

@@ -122,3 +122,32 @@ def check_calibration(calibration: Any) -> None:
             raise ValueError(f"calibration.conformal is {type(conformal).__name__}, expected an object")
         _number("calibration.conformal.q", conformal.get("q"), 0.0, 1e8)
         _number("calibration.conformal.level", conformal.get("level"), 1e-6, 1 - 1e-6)
+    mondrian = calibration.get("mondrian")
+    if mondrian is not None:
+        check_mondrian(mondrian)
+
+
+#: Classes and validation scores per class a Mondrian calibration may hold.
+MAX_MONDRIAN_CLASSES = 16
+MAX_MONDRIAN_SCORES = 10**6
+
+
+def check_mondrian(section: Any) -> None:
+    """ValueError for a ``calibration.mondrian`` that is not lists of plain non-negative numbers."""
+    name = "calibration.mondrian"
+    if not isinstance(section, dict):
+        raise ValueError(f"{name} is {type(section).__name__}, expected an object")
+    scores, edges = section.get("scores"), section.get("gap_edges", [1.0, 3.0])
+    if not isinstance(edges, list) or not 1 <= len(edges) <= MAX_MONDRIAN_CLASSES - 2:
+        raise ValueError(f"{name}.gap_edges must list 1-{MAX_MONDRIAN_CLASSES - 2} gaps (eV)")
+    for k, edge in enumerate(edges):
+        _number(f"{name}.gap_edges[{k}]", edge, 1e-6, 1e3)
+    if not isinstance(scores, list) or len(scores) != len(edges) + 2:
+        raise ValueError(f"{name}.scores must list one array per class ({len(edges) + 2})")
+    for c, values in enumerate(scores):
+        if not isinstance(values, list) or not 1 <= len(values) <= MAX_MONDRIAN_SCORES:
+            raise ValueError(f"{name}.scores[{c}] must list 1-{MAX_MONDRIAN_SCORES} numbers")
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1e8 for v in values):
+            raise ValueError(f"{name}.scores[{c}] must hold finite numbers in [0, 1e8]")
+    _number(f"{name}.metal_p", section.get("metal_p", 0.5), 1e-6, 1.0)
+    _number(f"{name}.metal_threshold", section.get("metal_threshold", 0.05), 0.0, 10.0)

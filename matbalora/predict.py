@@ -1,12 +1,19 @@
 """Predictions with uncertainty as DataFrames: one BaLoRA (or LoRA) model, or a deep ensemble.
 
-Columns (eV): ``id, formula, n_atoms, band_gap, std, lower, upper, std_epistemic, std_aleatoric, error``.
+Columns (eV): ``id, formula, n_atoms, band_gap, std, lower, upper, p_metal, std_epistemic, std_aleatoric, error``
+(and ``p_window`` after ``p_metal`` when a ``window`` is asked for).
 ``std`` is the total standard deviation (epistemic from the Monte-Carlo draws or ensemble members,
 plus aleatoric where the head learned one), recalibrated as ``sqrt((k std)^2 + c^2)`` with the scale
 ``k`` and floor ``c`` fitted on the validation split when the model folder records them
-(:class:`matbalora.calibration.StdScaler`; ``std_epistemic``/``std_aleatoric`` stay raw). ``lower``/``upper`` is the central Gaussian
-interval at ``level``, clipped at 0 eV. Inputs that fail validation keep their row, with NaN numbers
-and the reason in ``error``.
+(:class:`matbalora.calibration.StdScaler`; ``std_epistemic``/``std_aleatoric`` stay raw).
+``lower``/``upper`` is the interval at ``level``, clipped at 0 eV: the class-conditional (Mondrian)
+conformal interval ``band_gap +- q_c std`` when the card's calibration holds one
+(:class:`matbalora.conformal.MondrianIntervals`: 90 % for predicted metals and for each predicted
+gap range separately), otherwise (cards written before it) the central Gaussian interval of
+N(band_gap, std^2). ``p_metal`` (gap <= ``METAL_THRESHOLD`` eV) and ``p_window`` (gap in
+``[lo, hi]`` eV) come from the draws or members, each widened so that their mixture has the mean
+``band_gap`` and the std ``std`` (:mod:`matbalora.probabilities`). Inputs that fail validation
+keep their row, with NaN numbers and the reason in ``error``.
 """
 
 from __future__ import annotations
@@ -21,12 +28,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from matbalora import probabilities
 from matbalora.calibration import StdScaler, gaussian_interval
 from matbalora.checkpoint import load_model_folder
+from matbalora.conformal import MondrianIntervals
 from matbalora.data.validation import DEFAULT_MAX_ATOMS, check_structure
-from matbalora.model import BandGapModel
+from matbalora.model import BandGapModel, GapSamples
 
-COLUMNS = ["id", "formula", "n_atoms", "band_gap", "std", "lower", "upper", "std_epistemic", "std_aleatoric", "error"]
+COLUMNS = ["id", "formula", "n_atoms", "band_gap", "std", "lower", "upper", "p_metal", "std_epistemic", "std_aleatoric", "error"]
 ENSEMBLE_FILE = "ensemble.json"
 
 
@@ -96,30 +105,48 @@ def raw_total_std(epistemic: np.ndarray, aleatoric: np.ndarray) -> np.ndarray:
     return total
 
 
-def _frame(prep: Prepared, mean: np.ndarray, epi: np.ndarray, alea: np.ndarray, scaler: StdScaler, level: float) -> pd.DataFrame:
+def intervals(band_gap: np.ndarray, std: np.ndarray, p_metal: np.ndarray, level: float, mondrian: MondrianIntervals | None) -> tuple[np.ndarray, np.ndarray]:
+    """The one interval ``(lower, upper)`` eV of the predictions: Mondrian conformal when the card has it,
+    else the central Gaussian interval of N(band_gap, std^2); both clipped at 0 eV."""
+    if mondrian is None:
+        return gaussian_interval(band_gap, std, level)
+    return mondrian.interval(band_gap, std, p_metal, level)
+
+
+def summarize(draws: GapSamples, scaler: StdScaler, mondrian: MondrianIntervals | None, level: float,
+              window: tuple[float, float] | None = None) -> dict[str, np.ndarray]:
+    """Columns (``[n]`` each, eV) of the crystals of ``draws`` (``gaps`` [S, n]; S > 1 gives an
+    epistemic spread): band_gap, std, lower, upper, p_metal (and p_window), std_epistemic, std_aleatoric."""
+    gaps = draws.gaps
+    mean = gaps.mean(0)
+    epi = gaps.std(0, ddof=1) if gaps.shape[0] > 1 else np.full(mean.shape, np.nan)
+    alea = np.sqrt(draws.aleatoric_var) if draws.aleatoric_var is not None else np.full(mean.shape, np.nan)
+    std = scaler.transform(raw_total_std(epi, alea))  # recalibrated on validation: sqrt((k total)^2 + floor^2)
+    p_metal = probabilities.p_metal(gaps, std)
+    p_class = p_metal if mondrian is None or mondrian.metal_threshold == probabilities.METAL_THRESHOLD else probabilities.p_metal(gaps, std, threshold=mondrian.metal_threshold)
+    lower, upper = intervals(mean, std, p_class, level, mondrian)
+    cols = {"band_gap": mean, "std": std, "lower": lower, "upper": upper, "p_metal": p_metal}
+    if window is not None:
+        cols["p_window"] = probabilities.p_window(gaps, std, window)
+    return cols | {"std_epistemic": epi, "std_aleatoric": alea}
+
+
+def to_frame(prep: Prepared, draws: GapSamples, scaler: StdScaler, mondrian: MondrianIntervals | None, level: float,
+           window: tuple[float, float] | None = None) -> pd.DataFrame:
     n = len(prep.ids)
-    cols = {k: np.full(n, np.nan) for k in ("band_gap", "std_epistemic", "std_aleatoric")}
     rows = np.asarray(prep.graph_rows, dtype=int)
-    cols["band_gap"][rows] = mean
-    cols["std_epistemic"][rows] = epi
-    cols["std_aleatoric"][rows] = alea
-    std = scaler.transform(raw_total_std(cols["std_epistemic"], cols["std_aleatoric"]))  # recalibrated on validation: sqrt((k total)^2 + floor^2)
-    lower, upper = gaussian_interval(cols["band_gap"], std, level)
-    return pd.DataFrame(
-        {
-            "id": prep.ids,
-            "formula": prep.formulas,
-            "n_atoms": prep.n_atoms,
-            "band_gap": cols["band_gap"],
-            "std": std,
-            "lower": lower,
-            "upper": upper,
-            "std_epistemic": cols["std_epistemic"],
-            "std_aleatoric": cols["std_aleatoric"],
-            "error": prep.errors,
-        },
-        columns=COLUMNS,
-    )
+    cols = {}
+    for name, values in summarize(draws, scaler, mondrian, level, window).items():
+        cols[name] = np.full(n, np.nan)
+        cols[name][rows] = values
+    columns = list(COLUMNS)
+    if window is not None:
+        columns.insert(columns.index("p_metal") + 1, "p_window")
+    return pd.DataFrame({"id": prep.ids, "formula": prep.formulas, "n_atoms": prep.n_atoms, **cols, "error": prep.errors}, columns=columns)
+
+
+def _check_window(window) -> tuple[float, float] | None:
+    return None if window is None else probabilities.check_window(window)
 
 
 def _check_level(level: float) -> None:
@@ -134,6 +161,7 @@ class Predictor:
         self.model = model
         self.config = config or {}
         self.scaler = StdScaler.from_calibration(self.config.get("calibration"))
+        self.mondrian = MondrianIntervals.from_calibration(self.config.get("calibration"))
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> Predictor:
@@ -144,23 +172,28 @@ class Predictor:
     def card(self) -> dict:
         return self.config
 
-    def predict(self, structures, *, samples: int = 16, level: float = 0.9, ids: Sequence[str] | None = None, seed: int | None = 0, max_atoms: int = DEFAULT_MAX_ATOMS) -> pd.DataFrame:
+    def predict(self, structures, *, samples: int = 16, level: float = 0.9, ids: Sequence[str] | None = None, seed: int | None = 0, max_atoms: int = DEFAULT_MAX_ATOMS,
+                window: tuple[float, float] | None = None) -> pd.DataFrame:
         """Structures/Atoms in, one row per input in input order. ``samples=0``: posterior mean only.
-        Structures above ``max_atoms`` are rejected (their row says so)."""
+        Structures above ``max_atoms`` are rejected (their row says so). ``window=(lo, hi)`` eV adds
+        ``p_window``, the probability that the gap lies in ``[lo, hi]``."""
         _check_level(level)
+        _check_window(window)
         prep = prepare(self.model, structures, ids, max_atoms=max_atoms)
-        return self.predict_prepared(prep, samples=samples, level=level, seed=seed)
+        return self.predict_prepared(prep, samples=samples, level=level, seed=seed, window=window)
 
     def sample(self, prep: Prepared, *, samples: int, seed: int | None = 0):
         return self.model.sample_gaps(prep.graphs, samples=samples, seed=seed)
 
-    def predict_prepared(self, prep: Prepared, *, samples: int = 16, level: float = 0.9, seed: int | None = 0) -> pd.DataFrame:
+    def gap_draws(self, prep: Prepared, *, samples: int = 16, seed: int | None = 0) -> GapSamples:
+        """The predictive draws of ``prep``'s valid crystals (``gaps`` [S, n] eV)."""
+        return self.sample(prep, samples=samples, seed=seed)
+
+    def predict_prepared(self, prep: Prepared, *, samples: int = 16, level: float = 0.9, seed: int | None = 0,
+                         window: tuple[float, float] | None = None) -> pd.DataFrame:
         _check_level(level)
-        draws = self.sample(prep, samples=samples, seed=seed)
-        mean = draws.gaps.mean(0)
-        epi = draws.gaps.std(0, ddof=1) if draws.gaps.shape[0] > 1 else np.full(mean.shape, np.nan)
-        alea = np.sqrt(draws.aleatoric_var) if draws.aleatoric_var is not None else np.full(mean.shape, np.nan)
-        return _frame(prep, mean, epi, alea, self.scaler, level)
+        window = _check_window(window)
+        return to_frame(prep, self.gap_draws(prep, samples=samples, seed=seed), self.scaler, self.mondrian, level, window)
 
 
 class EnsemblePredictor:
@@ -172,6 +205,7 @@ class EnsemblePredictor:
         self.members = list(members)
         self.config = config or {}
         self.scaler = StdScaler.from_calibration(self.config.get("calibration"))
+        self.mondrian = MondrianIntervals.from_calibration(self.config.get("calibration"))
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> EnsemblePredictor:
@@ -207,13 +241,21 @@ class EnsemblePredictor:
         var = [d.aleatoric_var for d in draws]
         return np.stack([d.gaps[0] for d in draws]), None if any(v is None for v in var) else np.stack(var)
 
-    def predict(self, structures, *, samples: int = 16, level: float = 0.9, ids: Sequence[str] | None = None, seed: int | None = 0) -> pd.DataFrame:
+    def predict(self, structures, *, samples: int = 16, level: float = 0.9, ids: Sequence[str] | None = None, seed: int | None = 0,
+                window: tuple[float, float] | None = None) -> pd.DataFrame:
         """Same columns as :meth:`Predictor.predict`; ``samples`` is ignored (one pass per member)."""
         _check_level(level)
-        return self.predict_prepared(prepare(self.model, structures, ids), level=level)
+        _check_window(window)
+        return self.predict_prepared(prepare(self.model, structures, ids), level=level, window=window)
 
-    def predict_prepared(self, prep: Prepared, *, samples: int = 16, level: float = 0.9, seed: int | None = 0) -> pd.DataFrame:
+    def gap_draws(self, prep: Prepared, *, samples: int = 16, seed: int | None = 0) -> GapSamples:
+        """The members' predictions (``gaps`` [K, n] eV) and their mean aleatoric variance."""
         # Lakshminarayanan et al. (2017): total variance = variance of member means + mean member variance
         gaps, var = self.member_outputs(prep)
-        alea = np.sqrt(var.mean(0)) if var is not None else np.full(gaps.shape[1], np.nan)
-        return _frame(prep, gaps.mean(0), gaps.std(0, ddof=1), alea, self.scaler, level)
+        return GapSamples(gaps, var.mean(0) if var is not None else None)
+
+    def predict_prepared(self, prep: Prepared, *, samples: int = 16, level: float = 0.9, seed: int | None = 0,
+                         window: tuple[float, float] | None = None) -> pd.DataFrame:
+        _check_level(level)
+        window = _check_window(window)
+        return to_frame(prep, self.gap_draws(prep), self.scaler, self.mondrian, level, window)
