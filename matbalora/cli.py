@@ -90,6 +90,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 ORDER_HELP = "predict a disordered structure as an ordered approximant (pymatgen's OrderDisorderedStructureTransformation), said in the note column"
+WINDOW_HELP = "add a p_window column: the probability that the gap lies in [LO, HI] eV (LO = 0 counts metals; HI may be inf)"
+
+
+def _window(args: argparse.Namespace) -> tuple[float, float] | None:
+    if args.window is None:
+        return None
+    from matbalora.probabilities import check_window
+
+    return check_window(args.window)
 
 
 def _predict_parser(sub) -> None:
@@ -102,6 +111,7 @@ def _predict_parser(sub) -> None:
     p.add_argument("--out", default=None, help="write .csv or .json (atomically) instead of a table on stdout")
     p.add_argument("--strict", action="store_true", help="stop at the first rejected input")
     p.add_argument("--order", action="store_true", help=ORDER_HELP)
+    p.add_argument("--window", type=float, nargs=2, metavar=("LO", "HI"), default=None, help=WINDOW_HELP)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -109,7 +119,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     frame, rejected = predict_paths(
         args.paths, model=args.model, ensemble=(args.ensemble or True) if args.ensemble is not None else False,
-        samples=args.samples, level=args.level, strict=args.strict, order=args.order,
+        samples=args.samples, level=args.level, strict=args.strict, order=args.order, window=_window(args),
     )
     from matbalora.data.formats import escape
 
@@ -144,20 +154,34 @@ def _screen_parser(sub) -> None:
     p.add_argument("--retries", type=int, default=2, help="reruns of a chunk whose task failed (with --scheduler)")
     p.add_argument("--max-atoms", type=int, default=None, help="reject larger structures (default: the data layer's limit)")
     p.add_argument("--order", action="store_true", help=ORDER_HELP)
+    p.add_argument("--window", type=float, nargs=2, metavar=("LO", "HI"), default=None, help=WINDOW_HELP)
+    p.add_argument("--top", type=int, default=None, metavar="N", help="print the N rows of highest p_window (needs --window; --out keeps every row)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _cmd_screen(args: argparse.Namespace) -> int:
-    from matbalora.screening import screen
+    from matbalora.screening import screen, top_by_window
 
+    window = _window(args)
+    if args.top is not None and (window is None or args.top < 1):
+        raise ValueError(f"--top {args.top} needs --window LO HI and N >= 1")
     ensemble = (args.ensemble or True) if args.ensemble is not None else None
     frame = screen(
         args.paths, model=args.model, ensemble=ensemble, samples=args.samples, level=args.level,
         batch_size=args.batch_size, out=args.out, progress=not args.no_progress, seed=args.seed,
-        cluster=args.scheduler, retries=args.retries, order=args.order, **({} if args.max_atoms is None else {"max_atoms": args.max_atoms}),
+        cluster=args.scheduler, retries=args.retries, order=args.order, window=window,
+        **({} if args.max_atoms is None else {"max_atoms": args.max_atoms}),
     )
     failed = int((frame["error"] != "").sum()) if len(frame) else 0
     print(f"wrote {args.out}: {len(frame)} rows, {failed} rejected (see the error column)")
+    if args.top is not None:
+        import pandas as pd
+
+        best = top_by_window(frame, args.top)
+        shown = [c for c in ("id", "formula", "band_gap", "std", "lower", "upper", "p_metal", "p_window") if c in best]
+        print(f"top {len(best)} by P({window[0]:g} eV <= gap <= {window[1]:g} eV):")
+        with pd.option_context("display.max_rows", None, "display.width", 160, "display.float_format", "{:.3f}".format):
+            print(best[shown].to_string(index=False))
     return 0
 
 

@@ -28,9 +28,10 @@ from matbalora.data.doubtful import NOTE, WARNING, ordered_item
 from matbalora.data.readers import read_structures
 from matbalora.data.validation import DEFAULT_MAX_ATOMS
 from matbalora.predict import COLUMNS, ENSEMBLE_FILE, EnsemblePredictor, Predictor, prepare
+from matbalora.probabilities import check_window
 from matbalora.screen_output import TEXT_COLUMNS, append_rows, check_settings, exclusive, of_other_inputs, read_rows, record_settings, to_csv_text
 
-ENSEMBLE_COLUMNS = {"band_gap": "ens_band_gap", "std": "ens_std", "lower": "ens_lower", "upper": "ens_upper"}
+ENSEMBLE_COLUMNS = {"band_gap": "ens_band_gap", "std": "ens_std", "lower": "ens_lower", "upper": "ens_upper", "p_metal": "ens_p_metal", "p_window": "ens_p_window"}
 #: Columns of ``predict_items`` (and of ``screen``'s and ``matbalora predict``'s files), before the ensemble's.
 FILE_COLUMNS = [*COLUMNS, "note", "warning"]
 #: How rows are drawn; recorded with a screen's settings so that a resume under another recipe is refused.
@@ -78,18 +79,20 @@ def _text(obj: Any, key: str) -> str:
 
 def predict_items(
     items: Sequence[tuple[str, Any]], model: Predictor, ensemble: EnsemblePredictor | None, *, samples: int, level: float,
-    seed: int | None = 0, max_atoms: int = DEFAULT_MAX_ATOMS,
+    seed: int | None = 0, max_atoms: int = DEFAULT_MAX_ATOMS, window: tuple[float, float] | None = None,
 ) -> pd.DataFrame:
-    """One row per item (``FILE_COLUMNS``, then the ensemble's); rejected items keep their row with
-    NaNs and the reason in ``error``; ``note`` says what was done to an input (an ordered
-    approximant), ``warning`` what its parser warned about."""
+    """One row per item (``FILE_COLUMNS``, with ``p_window`` after ``p_metal`` when a ``window`` is
+    given, then the ensemble's); rejected items keep their row with NaNs and the reason in ``error``;
+    ``note`` says what was done to an input (an ordered approximant), ``warning`` what its parser
+    warned about."""
     good = [(i, sid, obj) for i, (sid, obj) in enumerate(items) if not isinstance(obj, Rejection)]
     prep = prepare(model.model, [obj for _, _, obj in good], [sid for _, sid, _ in good], max_atoms=max_atoms)
-    frame = model.predict_prepared(prep, samples=samples, level=level, seed=seed)
+    frame = model.predict_prepared(prep, samples=samples, level=level, seed=seed, window=window)
     if ensemble is not None:
-        ens = ensemble.predict_prepared(prep, level=level)
+        ens = ensemble.predict_prepared(prep, level=level, window=window)
         for src, dst in ENSEMBLE_COLUMNS.items():
-            frame[dst] = ens[src].to_numpy()
+            if src in ens:
+                frame[dst] = ens[src].to_numpy()
     full = pd.DataFrame(index=range(len(items)), columns=frame.columns)
     full.loc[[i for i, _, _ in good], :] = frame.to_numpy() if len(frame) else None
     for i, (sid, obj) in enumerate(items):
@@ -108,6 +111,7 @@ def predict_items(
 
 def predict_paths(
     paths: Sequence[str], *, model=None, ensemble=None, samples: int = 16, level: float = 0.9, strict: bool = False, order: bool = False,
+    window: tuple[float, float] | None = None,
 ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """Predict files/folders; returns the frame of accepted inputs and ``(path_or_id, reason)`` of rejected ones."""
     items = _items(list(paths), order=order)
@@ -115,8 +119,8 @@ def predict_paths(
     # error lines name the input's path (``path#k`` for the k-th entry of a multi-structure file)
     rejected = [(o.source or o.id_or_path, f"{o.reason}: {o.detail}" if o.detail else o.reason) for _, o in rejections]
     if strict and rejected:
-        return pd.DataFrame(columns=FILE_COLUMNS), rejected[:1]
-    frame = predict_items(items, _predictor(model), _ensemble(ensemble), samples=samples, level=level)
+        return pd.DataFrame(columns=file_columns(window)), rejected[:1]
+    frame = predict_items(items, _predictor(model), _ensemble(ensemble), samples=samples, level=level, window=window)
     failed = frame["error"] != ""
     already = {str(sid) for sid, _ in rejections}
     for sid, err in zip(frame.loc[failed, "id"], frame.loc[failed, "error"]):
@@ -162,9 +166,32 @@ def _ensemble_id(ensemble: EnsemblePredictor | str | os.PathLike | bool | None) 
     return _fingerprint(config, StdScaler.from_calibration(config.get("calibration")), members)
 
 
-def run_settings(model, ensemble, **options: Any) -> dict[str, Any]:
-    """Everything a screen's rows depend on, as recorded beside its output and compared on resume."""
-    return {"rows": ROW_RECIPE, "model": _model_id(model), "ensemble": _ensemble_id(ensemble), **options}
+def run_settings(model, ensemble, *, window: tuple[float, float] | None = None, **options: Any) -> dict[str, Any]:
+    """Everything a screen's rows depend on, as recorded beside its output and compared on resume.
+    ``window`` (eV) is recorded as ``[lo, hi]`` or None, so a resume with another window (or with one
+    where the rows have none) is refused; a record without it counts as None (no ``p_window``)."""
+    return {"rows": ROW_RECIPE, "model": _model_id(model), "ensemble": _ensemble_id(ensemble),
+            "window": None if window is None else list(window), **options}
+
+
+def file_columns(window: tuple[float, float] | None = None) -> list[str]:
+    """``FILE_COLUMNS``, with ``p_window`` after ``p_metal`` when a window is asked for."""
+    if window is None:
+        return list(FILE_COLUMNS)
+    k = FILE_COLUMNS.index("p_metal") + 1
+    return [*FILE_COLUMNS[:k], "p_window", *FILE_COLUMNS[k:]]
+
+
+def screen_columns(window: tuple[float, float] | None = None, *, ensemble: bool = False) -> list[str]:
+    """The columns of a screen's rows: ``file_columns(window)``, then the ensemble's."""
+    columns = file_columns(window)
+    return columns + ([dst for src, dst in ENSEMBLE_COLUMNS.items() if src in columns] if ensemble else [])
+
+
+def top_by_window(frame: pd.DataFrame, top: int | None) -> pd.DataFrame:
+    """The rows of ``frame`` with a ``p_window``, highest first (ties in input order), the first ``top`` of them."""
+    ranked = frame[frame["p_window"].notna()].sort_values("p_window", ascending=False, kind="stable")
+    return (ranked if top is None else ranked.head(top)).reset_index(drop=True)
 
 
 def screen(
@@ -182,8 +209,14 @@ def screen(
     retries: int = 2,
     max_atoms: int = DEFAULT_MAX_ATOMS,
     order: bool = False,
+    window: tuple[float, float] | None = None,
+    top: int | None = None,
 ) -> pd.DataFrame:
     """Predict many inputs in chunks. ``ensemble``: None/False none, True the shipped one, or a folder.
+
+    ``window=(lo, hi)`` eV adds ``p_window`` (probability that the gap lies in ``[lo, hi]``); with
+    ``top=N`` the returned frame holds the N rows of highest ``p_window``, highest first (``out``
+    still gets every row, in input order).
 
     With ``out`` (a .csv path), each chunk is appended as soon as it is done and a rerun resumes
     after the last complete row; a finished screen is not recomputed. The run settings (model and
@@ -201,6 +234,15 @@ def screen(
     ``BandGapModel.sample_gaps`` either way; the limit only bounds the time of one structure).
     ``order``: a disordered structure is predicted as an ordered approximant, said in its ``note``.
     """
+    window = None if window is None else check_window(window)
+    if top is not None and (window is None or isinstance(top, bool) or not isinstance(top, int) or top < 1):
+        raise ValueError(f"top={top!r} needs a window and must be an integer >= 1")
+    frame = _screen_all(inputs, model=model, ensemble=ensemble, samples=samples, level=level, batch_size=batch_size, out=out,
+                        progress=progress, seed=seed, cluster=cluster, retries=retries, max_atoms=max_atoms, order=order, window=window)
+    return frame if top is None else top_by_window(frame, top)
+
+
+def _screen_all(inputs, *, model, ensemble, samples, level, batch_size, out, progress, seed, cluster, retries, max_atoms, order, window) -> pd.DataFrame:
     chunk = batch_size or 256
     if chunk < 1:
         raise ValueError(f"batch_size={batch_size!r} must be >= 1")
@@ -208,12 +250,12 @@ def screen(
     if out_path is not None and out_path.suffix.lower() != ".csv":
         raise ValueError(f"out={os.fspath(out)!r}: screening appends rows, use a .csv file")
     rows = partial(_chunk_rows, model=model, ensemble=ensemble, cluster=cluster, retries=retries,
-                   options={"samples": samples, "level": level, "max_atoms": max_atoms})
+                   options={"samples": samples, "level": level, "max_atoms": max_atoms, "window": window})
     if out_path is None:
-        return _screen(_items(inputs, max_atoms, order=order), rows, chunk=chunk, seed=seed, progress=progress)
+        return _screen(_items(inputs, max_atoms, order=order), rows, chunk=chunk, seed=seed, progress=progress, columns=file_columns(window))
     with exclusive(out_path):
         items = _items(inputs, max_atoms, order=order)
-        settings = run_settings(model, ensemble, samples=samples, level=level, seed=seed, batch_size=chunk, max_atoms=max_atoms, order=order)
+        settings = run_settings(model, ensemble, samples=samples, level=level, seed=seed, batch_size=chunk, max_atoms=max_atoms, order=order, window=window)
         done = read_rows(out_path)
         if done is None:
             record_settings(out_path, settings)
@@ -221,10 +263,14 @@ def screen(
             check_settings(out_path, settings)
             if of_other_inputs(done, [sid for sid, _ in items]):
                 raise ValueError(f"{out_path} holds rows of other inputs; use a new out file")
-        return _screen(items, rows, chunk=chunk, seed=seed, progress=progress, out=out_path, done=done)
+            expected = screen_columns(window, ensemble=ensemble is not None and ensemble is not False)
+            if list(done.columns) != expected:
+                raise ValueError(f"{out_path} has the columns of another version ({', '.join(done.columns)}); use a new out file")
+        return _screen(items, rows, chunk=chunk, seed=seed, progress=progress, out=out_path, done=done, columns=file_columns(window))
 
 
-def _screen(items: list, rows, *, chunk: int, seed: int | None, progress: bool, out: Path | None = None, done: pd.DataFrame | None = None) -> pd.DataFrame:
+def _screen(items: list, rows, *, chunk: int, seed: int | None, progress: bool, out: Path | None = None, done: pd.DataFrame | None = None,
+            columns: list[str] = FILE_COLUMNS) -> pd.DataFrame:
     """The ``done`` rows, then those of the other ``items`` from ``rows(jobs)``, appended to ``out`` chunk by chunk."""
     n_done = 0 if done is None else len(done)
     first = n_done // chunk * chunk  # the chunk holding row n_done is recomputed whole (same seed); only its new rows are kept
@@ -242,7 +288,7 @@ def _screen(items: list, rows, *, chunk: int, seed: int | None, progress: bool, 
         bar.update(len(part))
     bar.close()
     if not frames:
-        return pd.DataFrame(columns=FILE_COLUMNS)
+        return pd.DataFrame(columns=columns)
     return pd.concat(frames, ignore_index=True)
 
 
