@@ -16,6 +16,7 @@ import pandas as pd
 from matbalora.atomic import write_json, write_text
 from matbalora.calibration import ConformalIntervals
 from matbalora.data.readers import load_dataset
+from matbalora.defaults import LEVEL, SAMPLES
 from matbalora.metrics import evaluate
 from matbalora.plots import calibration_curve, error_vs_std, parity, save_figure, sparsification_curve
 from matbalora.predict import EnsemblePredictor, Predictor, prepare, raw_total_std
@@ -69,8 +70,8 @@ def evaluate_on_data(
     *,
     model: Predictor,
     ensemble: EnsemblePredictor | None = None,
-    samples: int = 16,
-    level: float = 0.9,
+    samples: int = SAMPLES,
+    level: float = LEVEL,
     max_structures: int | None = None,
     plots: bool = True,
 ) -> dict:

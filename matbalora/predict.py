@@ -33,6 +33,7 @@ from matbalora.calibration import StdScaler, gaussian_interval
 from matbalora.checkpoint import load_model_folder
 from matbalora.conformal import MondrianIntervals
 from matbalora.data.validation import DEFAULT_MAX_ATOMS, check_structure
+from matbalora.defaults import LEVEL, SAMPLES
 from matbalora.model import BandGapModel, GapSamples
 
 COLUMNS = ["id", "formula", "n_atoms", "band_gap", "std", "lower", "upper", "p_metal", "std_epistemic", "std_aleatoric", "error"]
@@ -172,7 +173,7 @@ class Predictor:
     def card(self) -> dict:
         return self.config
 
-    def predict(self, structures, *, samples: int = 16, level: float = 0.9, ids: Sequence[str] | None = None, seed: int | None = 0, max_atoms: int = DEFAULT_MAX_ATOMS,
+    def predict(self, structures, *, samples: int = SAMPLES, level: float = LEVEL, ids: Sequence[str] | None = None, seed: int | None = 0, max_atoms: int = DEFAULT_MAX_ATOMS,
                 window: tuple[float, float] | None = None) -> pd.DataFrame:
         """Structures/Atoms in, one row per input in input order. ``samples=0``: posterior mean only.
         Structures above ``max_atoms`` are rejected (their row says so). ``window=(lo, hi)`` eV adds
@@ -185,11 +186,11 @@ class Predictor:
     def sample(self, prep: Prepared, *, samples: int, seed: int | None = 0):
         return self.model.sample_gaps(prep.graphs, samples=samples, seed=seed)
 
-    def gap_draws(self, prep: Prepared, *, samples: int = 16, seed: int | None = 0) -> GapSamples:
+    def gap_draws(self, prep: Prepared, *, samples: int = SAMPLES, seed: int | None = 0) -> GapSamples:
         """The predictive draws of ``prep``'s valid crystals (``gaps`` [S, n] eV)."""
         return self.sample(prep, samples=samples, seed=seed)
 
-    def predict_prepared(self, prep: Prepared, *, samples: int = 16, level: float = 0.9, seed: int | None = 0,
+    def predict_prepared(self, prep: Prepared, *, samples: int = SAMPLES, level: float = LEVEL, seed: int | None = 0,
                          window: tuple[float, float] | None = None) -> pd.DataFrame:
         _check_level(level)
         window = _check_window(window)
@@ -241,20 +242,20 @@ class EnsemblePredictor:
         var = [d.aleatoric_var for d in draws]
         return np.stack([d.gaps[0] for d in draws]), None if any(v is None for v in var) else np.stack(var)
 
-    def predict(self, structures, *, samples: int = 16, level: float = 0.9, ids: Sequence[str] | None = None, seed: int | None = 0,
+    def predict(self, structures, *, samples: int = SAMPLES, level: float = LEVEL, ids: Sequence[str] | None = None, seed: int | None = 0,
                 window: tuple[float, float] | None = None) -> pd.DataFrame:
         """Same columns as :meth:`Predictor.predict`; ``samples`` is ignored (one pass per member)."""
         _check_level(level)
         _check_window(window)
         return self.predict_prepared(prepare(self.model, structures, ids), level=level, window=window)
 
-    def gap_draws(self, prep: Prepared, *, samples: int = 16, seed: int | None = 0) -> GapSamples:
+    def gap_draws(self, prep: Prepared, *, samples: int = SAMPLES, seed: int | None = 0) -> GapSamples:
         """The members' predictions (``gaps`` [K, n] eV) and their mean aleatoric variance."""
         # Lakshminarayanan et al. (2017): total variance = variance of member means + mean member variance
         gaps, var = self.member_outputs(prep)
         return GapSamples(gaps, var.mean(0) if var is not None else None)
 
-    def predict_prepared(self, prep: Prepared, *, samples: int = 16, level: float = 0.9, seed: int | None = 0,
+    def predict_prepared(self, prep: Prepared, *, samples: int = SAMPLES, level: float = LEVEL, seed: int | None = 0,
                          window: tuple[float, float] | None = None) -> pd.DataFrame:
         _check_level(level)
         window = _check_window(window)

@@ -27,6 +27,7 @@ from matbalora.data.dataset import Rejection
 from matbalora.data.doubtful import NOTE, WARNING, ordered_item
 from matbalora.data.readers import read_structures
 from matbalora.data.validation import DEFAULT_MAX_ATOMS
+from matbalora.defaults import LEVEL, SAMPLES
 from matbalora.predict import COLUMNS, ENSEMBLE_FILE, EnsemblePredictor, Predictor, prepare
 from matbalora.probabilities import check_window
 from matbalora.screen_output import TEXT_COLUMNS, append_rows, check_settings, exclusive, of_other_inputs, read_rows, record_settings, to_csv_text
@@ -110,7 +111,7 @@ def predict_items(
 
 
 def predict_paths(
-    paths: Sequence[str], *, model=None, ensemble=None, samples: int = 16, level: float = 0.9, strict: bool = False, order: bool = False,
+    paths: Sequence[str], *, model=None, ensemble=None, samples: int = SAMPLES, level: float = LEVEL, strict: bool = False, order: bool = False,
     window: tuple[float, float] | None = None,
 ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """Predict files/folders; returns the frame of accepted inputs and ``(path_or_id, reason)`` of rejected ones."""
@@ -199,8 +200,8 @@ def screen(
     *,
     model: Predictor | str | None = None,
     ensemble: EnsemblePredictor | str | bool | None = None,
-    samples: int = 16,
-    level: float = 0.9,
+    samples: int = SAMPLES,
+    level: float = LEVEL,
     batch_size: int | None = None,
     out: str | os.PathLike | None = None,
     progress: bool = True,
