@@ -33,9 +33,10 @@ import numpy as np
 
 from matbalora.app.cards import benchmark_images, model_cards  # noqa: F401 - re-exported for callers
 from matbalora.app.figures import cell_figure, interval_figure, samples_figure  # noqa: F401 - re-exported
-from matbalora.app.gaps import GAP_CLASSES, gap_class, reading  # noqa: F401 - re-exported
+from matbalora.app.gaps import probabilities_text, reading  # noqa: F401 - re-exported
 from matbalora.data.dataset import Rejection
 from matbalora.data.formats import detect_format, file_id
+from matbalora.defaults import LEVEL
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -295,18 +296,20 @@ def summarize(structure: Structure) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Prediction:
-    """BaLoRA and deep-ensemble predictions for one structure (eV).
+    """BaLoRA and deep-ensemble predictions for one structure.
 
-    ``balora``/``ensemble``: band_gap, std, lower, upper; ``draws``: [S] the Monte-Carlo band gaps
-    behind ``balora``; ``error``: why there is no prediction; ``seconds``: wall time of the call.
+    ``balora``/``ensemble``: the columns of ``predict`` as returned: band_gap, std, lower, upper (eV),
+    p_metal and, when ``window`` (lo, hi) eV was asked for, p_window; ``draws``: [S] the Monte-Carlo
+    band gaps behind ``balora`` (eV); ``error``: why there is no prediction; ``seconds``: wall time.
     """
 
     balora: dict[str, float]
     ensemble: dict[str, float]
     draws: np.ndarray = field(default_factory=lambda: np.empty(0))
-    level: float = 0.9
+    level: float = LEVEL
     error: str = ""
     seconds: float = 0.0
+    window: tuple[float, float] | None = None
 
 
 @dataclass
@@ -322,9 +325,11 @@ class Models:
     folder: Path
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def predict(self, structure: Structure, *, samples: int, level: float, seed: int = 0) -> Prediction:
+    def predict(self, structure: Structure, *, samples: int, level: float, window: tuple[float, float] | None = None,
+                seed: int = 0) -> Prediction:
         with self.lock:
-            return predict_structure(self.model, self.ensemble, structure, samples=samples, level=level, seed=seed)
+            return predict_structure(self.model, self.ensemble, structure, samples=samples, level=level,
+                                     window=window, seed=seed)
 
 
 def load_models(models: str | os.PathLike | None = None) -> Models:
@@ -336,26 +341,35 @@ def load_models(models: str | os.PathLike | None = None) -> Models:
     return Models(load_model(folder / "balora"), load_ensemble(folder / "lora_ensemble"), folder)
 
 
+#: The columns of ``predict`` a Prediction keeps for each model (and ``p_window`` with a window).
+PREDICTION_KEYS: tuple[str, ...] = ("band_gap", "std", "lower", "upper", "p_metal")
+#: The gap window (eV) the pages start with.
+WINDOW: tuple[float, float] = (1.0, 2.0)
+
+
 def predict_structure(model: Predictor, ensemble: EnsemblePredictor, structure: Structure, *,
-                      samples: int, level: float, seed: int = 0) -> Prediction:
-    """Both predictions for one structure, and the Monte-Carlo draws behind the BaLoRA row."""
+                      samples: int, level: float, window: tuple[float, float] | None = None, seed: int = 0) -> Prediction:
+    """Both predictions for one structure (``window``: (lo, hi) eV for ``p_window``), and the
+    Monte-Carlo draws behind the BaLoRA row."""
     from matbalora.predict import Predictor, prepare
+    from matbalora.probabilities import check_window
 
     class KeepDraws(Predictor):  # the same model; remembers the draws predict_prepared summarises
         def sample(self, prep, *, samples, seed=0):
             self.draws = super().sample(prep, samples=samples, seed=seed)
             return self.draws
 
+    window = None if window is None else check_window(window)
     start = time.perf_counter()
     prep = prepare(model.model, [structure], ["upload"])
     keeper = KeepDraws(model.model, model.config)
-    ours = keeper.predict_prepared(prep, samples=samples, level=level, seed=seed).iloc[0]
+    ours = keeper.predict_prepared(prep, samples=samples, level=level, seed=seed, window=window).iloc[0]
     if ours["error"]:
-        return Prediction({}, {}, level=level, error=ours["error"], seconds=time.perf_counter() - start)
-    theirs = ensemble.predict_prepared(prep, level=level).iloc[0]
-    keys = ("band_gap", "std", "lower", "upper")
+        return Prediction({}, {}, level=level, error=ours["error"], seconds=time.perf_counter() - start, window=window)
+    theirs = ensemble.predict_prepared(prep, level=level, window=window).iloc[0]
+    keys = PREDICTION_KEYS + (("p_window",) if window is not None else ())
     return Prediction({k: float(ours[k]) for k in keys}, {k: float(theirs[k]) for k in keys},
-                      keeper.draws.gaps[:, 0], level, "", time.perf_counter() - start)
+                      keeper.draws.gaps[:, 0], level, "", time.perf_counter() - start, window)
 
 
 def predict_items(items: Sequence[Item], predict: Callable[[Item], Prediction], *, level: float,
@@ -380,22 +394,29 @@ def predict_items(items: Sequence[Item], predict: Callable[[Item], Prediction], 
     return preds
 
 
-def batch_table(rows: Sequence[tuple[Item, Prediction | None]]) -> pd.DataFrame:
-    """One row per item for the sortable table and its CSV (gaps in eV, level from the predictions)."""
+def batch_table(rows: Sequence[tuple[Item, Prediction | None]], *, window: tuple[float, float] | None = None) -> pd.DataFrame:
+    """One row per item for the sortable table and its CSV: gaps, bounds and std in eV, ``p_metal``
+    and, with ``window`` (the one the predictions were made with), ``p_window`` of both models, the
+    reading, the level and the window's edges (eV)."""
     import pandas as pd
 
+    keys = ("band_gap", "lower", "upper", "std", "p_metal") + (("p_window",) if window is not None else ())
     records = []
     for item, pred in rows:
         ok = item.structure is not None and pred is not None and not pred.error
+        if ok and pred.window != window:
+            raise ValueError(f"the prediction of {item.id!r} has window={pred.window!r}, the table window={window!r}")
         rec: dict[str, Any] = {"file": item.source, "structure": item.id,
                                "formula": item.structure.composition.reduced_formula if item.structure else "",
                                "atoms": len(item.structure) if item.structure else None}
         for prefix, part in (("balora", "balora"), ("ensemble", "ensemble")):
             values = getattr(pred, part) if ok else {}
-            for key in ("band_gap", "lower", "upper", "std"):
+            for key in keys:
                 rec[f"{prefix}_{key}"] = values.get(key, math.nan)
-        rec["reading"] = reading(rec["balora_band_gap"], rec["balora_lower"], rec["balora_upper"]) if ok else ""
+        rec["reading"] = reading(pred.balora, level=pred.level, window=window) if ok else ""
         rec["level"] = pred.level if ok else math.nan
+        if window is not None:
+            rec["window_lo"], rec["window_hi"] = window
         rec["message"] = item.error or (pred.error if pred is not None else "")
         records.append(rec)
     return pd.DataFrame.from_records(records)

@@ -43,18 +43,52 @@ def test_first_render(app):
     assert len(at.file_uploader) == 1 and "200 atoms per structure" in texts(at)
 
 
-def test_upload_shows_both_intervals(app):
+def expected_rows(models, data: bytes, window) -> tuple[dict, dict]:
+    """What ``predict`` gives (at the app's defaults and ``window``) for the crystal in the CIF ``data``
+    as the app reads it: the BaLoRA row and the ensemble row."""
+    from matbalora import app_support as sup
+    from matbalora.api import load_ensemble, load_model
+    from matbalora.defaults import LEVEL, SAMPLES
+
+    (item,) = sup.read_upload("Si.cif", data)
+    balora = load_model(models / "balora").predict([item.structure], samples=SAMPLES, level=LEVEL, window=window)
+    ensemble = load_ensemble(models / "lora_ensemble").predict([item.structure], level=LEVEL, window=window)
+    return balora.iloc[0].to_dict(), ensemble.iloc[0].to_dict()
+
+
+def test_upload_shows_both_intervals_and_the_probabilities_in_words(app, models):
+    data = cif(silicon())
     at = app().run()
-    at.file_uploader[0].upload("Si.cif", cif(silicon()), "chemical/x-cif")
+    at.file_uploader[0].upload("Si.cif", data, "chemical/x-cif")
     at.run()
     assert not at.exception and not at.error
     shown = texts(at)
     assert "Predicted band gap:" in shown and "Reading: " in shown
     assert [m.label for m in at.metric] == ["BaLoRA", "Deep ensemble (5 LoRA)"]
     assert sum("90% interval:" in c.value for c in at.caption) == 2
-    table = at.dataframe[0].value
-    assert table.loc[0, "formula"] == "Si" and table.loc[0, "balora_lower"] <= table.loc[0, "balora_upper"]
-    assert table[["balora_band_gap", "ensemble_band_gap"]].notna().all().all()
+    for window, event, span in (((1.0, 2.0), "1 eV ≤ gap ≤ 2 eV", "in 1–2 eV"), ((0.0, 1.5), "0 eV ≤ gap ≤ 1.5 eV", "in 0–1.5 eV")):
+        if window != (1.0, 2.0):  # the page starts at 1-2 eV; then the user picks another window
+            at.number_input(key="window_lo").set_value(window[0])
+            at.number_input(key="window_hi").set_value(window[1])
+            at.run()
+            assert not at.exception
+        balora, ensemble = expected_rows(models, data, window)
+        captions = [c.value for c in at.caption]
+        for row in (balora, ensemble):
+            assert f"P(metal) = {row['p_metal']:.2f}; P({event}) = {row['p_window']:.2f}" in captions, (window, captions)
+        (info,) = [i.value for i in at.info]
+        assert f"to be a metal (P = {balora['p_metal']:.2f})" in info, info
+        assert f"to have a gap {span} (P = {balora['p_window']:.2f})" in info, info
+        assert f"90% interval {balora['lower']:.2f}–{balora['upper']:.2f} eV" in info, info
+        assert "could be" not in info
+        table = at.dataframe[0].value
+        assert table.loc[0, "formula"] == "Si" and (table.loc[0, "window_lo"], table.loc[0, "window_hi"]) == window
+        for prefix, row in (("balora", balora), ("ensemble", ensemble)):
+            for key in ("band_gap", "lower", "upper", "p_metal", "p_window"):
+                assert table.loc[0, f"{prefix}_{key}"] == pytest.approx(row[key], abs=1e-6), (prefix, key)
+    at.number_input(key="window_hi").set_value(0.0).run()  # an empty window: said so, no window probability
+    assert not at.exception and any("from < to" in w.value for w in at.warning)
+    assert not any("P(0 eV ≤ gap" in c.value for c in at.caption) and "balora_p_window" not in at.dataframe[0].value
 
 
 def test_bad_uploads_show_messages_and_the_rest_work(app):
@@ -134,11 +168,20 @@ def test_screen_page_table_and_csv(app):
     assert not at.exception
     table = at.dataframe[0].value
     assert sorted(table["structure"]) == ["junk", "set#0", "set#1", "set#2"]
-    gaps = table["balora_band_gap"].dropna().tolist()
-    assert len(gaps) == 3 and gaps == sorted(gaps) and table["balora_band_gap"].isna().tolist()[-1]
+    p_window = table["balora_p_window"].dropna().tolist()  # most likely in the window first
+    assert len(p_window) == 3 and p_window == sorted(p_window, reverse=True) and table["balora_band_gap"].isna().tolist()[-1]
+    assert {"balora_p_metal", "ensemble_p_metal", "ensemble_p_window", "window_lo", "window_hi"} <= set(table.columns)
+    assert (table["window_lo"].iloc[0], table["window_hi"].iloc[0]) == (1.0, 2.0)
     assert "could not be read" in table["message"].iloc[-1]
-    assert "3 of 4 structures predicted" in at.markdown[0].value
+    assert "3 of 4 structures predicted" in at.markdown[0].value and "P(gap in 1–2 eV)" in at.markdown[0].value
     assert at.get("download_button")[0].proto.label == "Download CSV"
+    at.number_input(key="batch_window_lo").set_value(2.5)
+    at.number_input(key="batch_window_hi").set_value(6.0)
+    at.run()
+    table = at.dataframe[0].value
+    p_window = table["balora_p_window"].dropna().tolist()
+    assert not at.exception and (table["window_lo"].iloc[0], table["window_hi"].iloc[0]) == (2.5, 6.0)
+    assert p_window == sorted(p_window, reverse=True) and "P(gap in 2.5–6 eV)" in at.markdown[0].value
 
 
 def test_missing_models_say_so(monkeypatch, tmp_path):

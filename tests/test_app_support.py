@@ -124,28 +124,54 @@ def test_summarize():
     assert (ga["formula"], ga["space group"], ga["cell formula"]) == ("Ga2O3", "C2/m (12)", "Ga8O12")
 
 
-@pytest.mark.parametrize(("gap", "lo", "hi", "text"), [
-    (0.0, 0.0, 0.05, "likely a metal"),
-    (0.05, 0.0, 0.8, "a metal; uncertain (could be a small-gap semiconductor)"),
-    (2.0, 1.8, 2.5, "likely a semiconductor"),
-    (5.0, 3.0, 7.0, "a wide-gap insulator; uncertain (could be a semiconductor)"),
-    (0.5, 0.0, 4.0, "a small-gap semiconductor; uncertain (could be a metal or a semiconductor or a wide-gap insulator)"),
-    (float("nan"), 0.0, 1.0, "no prediction"),
+def _row(gap, lo, hi, p_metal, p_window=None):
+    row = {"band_gap": gap, "std": 0.3, "lower": lo, "upper": hi, "p_metal": p_metal}
+    return row if p_window is None else row | {"p_window": p_window}
+
+
+@pytest.mark.parametrize(("row", "window", "text"), [
+    (_row(1.9, 1.2, 3.1, 0.03, 0.712), (1.0, 2.0),
+     "very unlikely to be a metal (P = 0.03); likely to have a gap in 1–2 eV (P = 0.71); 90% interval 1.20–3.10 eV"),
+    (_row(0.0, 0.0, 0.05, 0.996), None, "virtually certain to be a metal (P = 1.00); 90% interval 0.00–0.05 eV"),
+    (_row(0.4, 0.0, 1.4, 0.45, 0.2), (1.5, float("inf")),
+     "about as likely as not to be a metal (P = 0.45); unlikely to have a gap above 1.5 eV (P = 0.20); 90% interval 0.00–1.40 eV"),
+    (_row(5.0, 3.0, 7.0, 0.004, 0.0), (1.0, 2.0),
+     "exceptionally unlikely to be a metal (P = 0.00); exceptionally unlikely to have a gap in 1–2 eV (P = 0.00); 90% interval 3.00–7.00 eV"),
+    (_row(float("nan"), 0.0, 1.0, 0.5), None, "no prediction"),
 ])
-def test_reading(gap, lo, hi, text):
-    assert sup.reading(gap, lo, hi) == text
+def test_reading_is_built_from_the_probabilities_and_the_interval(row, window, text):
+    assert sup.reading(row, level=0.9, window=window) == text
+
+
+def test_probabilities_text():
+    assert sup.probabilities_text(_row(1.9, 1.2, 3.1, 0.031, 0.7149), (1.0, 2.0)) == "P(metal) = 0.03; P(1 eV ≤ gap ≤ 2 eV) = 0.71"
+    assert sup.probabilities_text(_row(1.9, 1.2, 3.1, 0.031, 0.7), None) == "P(metal) = 0.03"
+    assert sup.probabilities_text(_row(1.9, 1.2, 3.1, 0.5, 0.25), (1.5, float("inf"))) == "P(metal) = 0.50; P(gap ≥ 1.5 eV) = 0.25"
+    assert sup.probabilities_text({}, (1.0, 2.0)) == ""
+    from matbalora.app.gaps import likelihood
+
+    assert [likelihood(p) for p in (1.0, 0.9, 0.66, 0.5, 0.1, 0.01, 0.0)] == [
+        "virtually certain", "very likely", "likely", "about as likely as not", "unlikely", "very unlikely", "exceptionally unlikely"]
+    with pytest.raises(ValueError, match="probability"):
+        likelihood(1.5)
 
 
 def test_predict_structure(models):
-    pred = models.predict(perovskite(), samples=16, level=0.8)
+    window = (0.5, 2.0)
+    pred = models.predict(perovskite(), samples=16, level=0.8, window=window)
     b, e = pred.balora, pred.ensemble
     assert pred.draws.shape == (16,) and pred.draws.std() > 0 and not pred.error and pred.level == 0.8
+    assert pred.window == window and set(b) == set(e) == {"band_gap", "std", "lower", "upper", "p_metal", "p_window"}
     assert b["band_gap"] == pytest.approx(pred.draws.mean(), abs=1e-9)  # the draws behind the row
     assert b["lower"] <= b["band_gap"] <= b["upper"] and e["lower"] <= e["band_gap"] <= e["upper"]
-    direct = models.ensemble.predict([perovskite()], level=0.8).iloc[0]
-    assert e["band_gap"] == pytest.approx(direct["band_gap"]) and e["upper"] == pytest.approx(direct["upper"])
+    for row, predictor in ((b, models.model), (e, models.ensemble)):  # every number as predict returns it
+        direct = predictor.predict([perovskite()], samples=16, level=0.8, window=window).iloc[0]
+        assert row == pytest.approx({k: float(direct[k]) for k in row}, abs=1e-6)
+    assert "p_window" not in models.predict(perovskite(), samples=16, level=0.8).balora
     lone = Structure(Lattice.cubic(20.0), ["Si"], [[0, 0, 0]])
     assert "isolated_atom" in models.predict(lone, samples=4, level=0.9).error
+    with pytest.raises(ValueError, match="window"):
+        models.predict(perovskite(), samples=4, level=0.9, window=(2.0, 1.0))
 
 
 def test_models_serve_concurrent_callers_one_at_a_time(models):
@@ -164,37 +190,52 @@ def test_models_serve_concurrent_callers_one_at_a_time(models):
     assert got == expected
 
 
-def _prediction(gap, std, level=0.9, draws=(0.8, 1.0, 1.2)):
+def _prediction(gap, std, level=0.9, draws=(0.8, 1.0, 1.2), lower=None, upper=None):
+    from matbalora import probabilities
     from matbalora.calibration import gaussian_interval
 
     lo, hi = (float(v) for v in gaussian_interval(gap, std, level))
-    return sup.Prediction({"band_gap": gap, "std": std, "lower": lo, "upper": hi},
-                          {"band_gap": gap + 0.2, "std": std / 2, "lower": max(gap - std, 0.0), "upper": gap + std},
+    p_metal = float(probabilities.p_metal(np.asarray(draws)[:, None], [std])[0])
+    return sup.Prediction({"band_gap": gap, "std": std, "lower": lo if lower is None else lower,
+                           "upper": hi if upper is None else upper, "p_metal": p_metal},
+                          {"band_gap": gap + 0.2, "std": std / 2, "lower": max(gap - std, 0.0), "upper": gap + std, "p_metal": 0.0},
                           np.array(draws), level)
 
 
-def test_predictive_density_matches_the_clipped_interval():
-    """The curve drawn under the draws holds exactly ``level`` of the mass between the reported bounds."""
+def test_predictive_density_is_the_mixture_behind_p_metal_and_p_window(models):
+    """The curve under the draws, with its mass at 0 eV, is the distribution ``predict``'s
+    ``p_metal`` and ``p_window`` come from: its integrals over the metal band and the window are them."""
     from scipy.integrate import quad
 
     from matbalora.app.gaps import mass_at_zero, predictive_density
+    from matbalora.defaults import METAL_THRESHOLD
 
-    for gap, std, level in [(2.0, 0.5, 0.9), (0.05, 0.35, 0.9), (6.0, 2.5, 0.68)]:
-        b = _prediction(gap, std, level).balora
-        inside = quad(lambda x: predictive_density(gap, std, np.array([x]))[0], b["lower"], b["upper"])[0]
-        at_zero = mass_at_zero(gap, std)
-        total = quad(lambda x: predictive_density(gap, std, np.array([x]))[0], 0, gap + 12 * std)[0] + at_zero
-        assert total == pytest.approx(1.0, abs=1e-6)
-        if b["lower"] > 0:
-            assert inside == pytest.approx(level, abs=1e-6)
-        else:  # clipped at 0: the interval holds the mass at 0 eV too, everything up to the upper bound
-            assert inside + at_zero == pytest.approx((1 + level) / 2, abs=1e-6)
-    assert predictive_density(1.0, 0.5, np.array([-0.1]))[0] == 0.0
+    def mass(draws, std, lo, hi):
+        return quad(lambda x: predictive_density(draws, std, np.array([x]))[0], lo, hi, limit=200)[0]
+
+    window = (0.5, 1.5)
+    pred = models.predict(perovskite(), samples=16, level=0.9, window=window)
+    cases = [(pred.draws, pred.balora["std"], pred.balora["p_metal"], pred.balora["p_window"])]
+    from matbalora import probabilities
+
+    for draws, std in [([0.02, 0.05, 0.1], 0.35), ([2.0, 2.4, 1.8, 2.2], 0.6), ([6.0], 2.5)]:
+        d = np.asarray(draws)[:, None]
+        cases.append((draws, std, probabilities.p_metal(d, [std])[0], probabilities.p_window(d, [std], window)[0]))
+    for draws, std, p_metal, p_window in cases:
+        at_zero = mass_at_zero(draws, std)
+        top = float(np.max(draws)) + 12 * std
+        assert mass(draws, std, 0, top) + at_zero == pytest.approx(1.0, abs=1e-6)
+        assert mass(draws, std, 0, METAL_THRESHOLD) + at_zero == pytest.approx(p_metal, abs=1e-6)
+        assert mass(draws, std, *window) == pytest.approx(p_window, abs=1e-6)
+    assert predictive_density([1.0], 0.5, np.array([-0.1]))[0] == 0.0
+    assert np.isnan(predictive_density([0.0, 2.0], 0.1, np.array([1.0]))).all()  # std below the draws' spread: no density
     with pytest.raises(ValueError, match="std"):
-        mass_at_zero(1.0, 0.0)
+        mass_at_zero([1.0], 0.0)
 
 
 def test_figures():
+    from matbalora.defaults import METAL_THRESHOLD
+
     pred = sup.Prediction({"band_gap": 1.0, "std": 0.2, "lower": 0.7, "upper": 1.4},
                           {"band_gap": 1.2, "std": 0.1, "lower": 1.0, "upper": 1.3}, np.array([0.8, 1.0, 1.2]), 0.9)
     fig = sup.interval_figure(pred)
@@ -206,6 +247,25 @@ def test_figures():
     counts = {t.name: len(t.x) for t in cell.data if t.mode == "markers"}
     assert counts == {"O": 6, "Sr": 8, "Ti": 1}
     assert np.isfinite(np.array(cell.data[-1].x, dtype=float)).sum() == 24  # 12 edges
+    for figure in (fig, sup.samples_figure(pred)):  # the grey metal band is where p_metal counts a metal
+        (band,) = figure.layout.shapes
+        assert (band.x0, band.x1) == (0, METAL_THRESHOLD)
+        assert f"metal (≤ {METAL_THRESHOLD:g} eV)" in figure.layout.annotations[0].text
+
+
+def test_figures_draw_the_interval_predict_returned(models):
+    """Both figures show ``lower``/``upper`` as ``predict`` returns them, here an asymmetric
+    (conformal-like) interval that no Gaussian of ``std`` gives, and a real prediction's."""
+    asymmetric = _prediction(1.0, 0.3, draws=[0.9, 1.0, 1.1], lower=0.41, upper=1.87)
+    real = models.predict(perovskite(), samples=16, level=0.9, window=(1.0, 2.0))
+    for pred in (asymmetric, real):
+        b = pred.balora
+        bar = sup.interval_figure(pred).data[0].error_x
+        assert b["band_gap"] - bar.arrayminus[0] == pytest.approx(b["lower"], abs=1e-12)
+        assert b["band_gap"] + bar.array[0] == pytest.approx(b["upper"], abs=1e-12)
+        shaded = next(t for t in sup.samples_figure(pred).data if t.fill == "tozeroy")
+        assert (min(shaded.x), max(shaded.x)) == (b["lower"], b["upper"])
+        assert f"interval {b['lower']:.2f}–{b['upper']:.2f} eV" in shaded.name
 
 
 @pytest.mark.parametrize(("gap", "std"), [(0.0, 0.35), (0.02, 0.33), (1.5, 0.8), (7.5, 1.9)])  # metals to wide gaps
@@ -228,18 +288,29 @@ def test_figures_keep_labels_off_the_data(gap, std):
     assert min(shaded.x) >= b["lower"] and max(shaded.x) <= b["upper"]
     from matbalora.app.gaps import mass_at_zero
 
-    assert any("P(gap = 0 eV)" in n for n in names) == (mass_at_zero(gap, std) >= 0.005)
+    assert any("P(gap = 0 eV)" in n for n in names) == (mass_at_zero(pred.draws, std) >= 0.005)
 
 
-def test_batch_table():
+def test_batch_table(models):
+    from matbalora.app.gaps import likelihood
+
     good = sup.example("Si (diamond)")
-    pred = sup.Prediction({"band_gap": 1.0, "std": 0.1, "lower": 0.8, "upper": 1.2},
-                          {"band_gap": 1.1, "std": 0.1, "lower": 0.9, "upper": 1.3}, np.ones(3), 0.9)
+    window = (1.0, 2.0)
+    pred = models.predict(good.structure, samples=8, level=0.9, window=window)
     bad = sup.Item("junk.cif", "junk", error="could not be read")
-    table = sup.batch_table([(good, pred), (bad, None)])
-    assert table["structure"].tolist() == ["Si", "junk"] and table.loc[0, "reading"] == "likely a small-gap semiconductor"
-    assert table.loc[1, "message"] == "could not be read" and np.isnan(table.loc[1, "balora_band_gap"])
-    assert "ensemble_upper" in table.columns and table.loc[0, "level"] == 0.9
+    table = sup.batch_table([(good, pred), (bad, None)], window=window)
+    assert table["structure"].tolist() == ["Si", "junk"]
+    for prefix, row in (("balora", pred.balora), ("ensemble", pred.ensemble)):  # the CSV holds predict's numbers
+        for key in ("band_gap", "lower", "upper", "std", "p_metal", "p_window"):
+            assert table.loc[0, f"{prefix}_{key}"] == row[key], (prefix, key)
+    assert table.loc[0, "reading"] == sup.reading(pred.balora, level=0.9, window=window)
+    assert table.loc[0, "reading"].startswith(f"{likelihood(pred.balora['p_metal'])} to be a metal")
+    assert (table.loc[0, "window_lo"], table.loc[0, "window_hi"], table.loc[0, "level"]) == (1.0, 2.0, 0.9)
+    assert table.loc[1, "message"] == "could not be read" and np.isnan(table.loc[1, "balora_p_window"])
+    plain = sup.batch_table([(good, models.predict(good.structure, samples=8, level=0.9))])
+    assert "balora_p_metal" in plain.columns and "balora_p_window" not in plain.columns and "window_lo" not in plain.columns
+    with pytest.raises(ValueError, match="window"):
+        sup.batch_table([(good, pred)], window=(0.0, 1.0))
 
 
 def test_model_cards_and_benchmark_images(models, tmp_path):

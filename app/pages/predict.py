@@ -4,8 +4,8 @@ import streamlit as st
 
 from matbalora import app_support as sup
 from matbalora.api import models_dir
-from matbalora.app import cached
-from matbalora.defaults import LEVEL, SAMPLES
+from matbalora.app import cached, widgets
+from matbalora.defaults import LEVEL, METAL_THRESHOLD, SAMPLES
 
 LIMITS = cached.LIMITS
 PLOTLY = {"displaylogo": False}
@@ -28,6 +28,7 @@ with st.sidebar:
     samples = st.slider("Monte-Carlo samples (BaLoRA)", 4, 256, SAMPLES, step=4, key="samples",
                         help=f"{SAMPLES} is the command line's default, so both give the same interval")
     level = st.slider("Interval level", 0.50, 0.99, LEVEL, step=0.01, key="level")
+    window = widgets.window_inputs("")
 
 items = sup.collect(cached.read_files(uploads) + [sup.example(name) for name in chosen], limits=LIMITS)
 for item in items:
@@ -38,7 +39,7 @@ if not good:
     st.info("Upload CIF, POSCAR or extended-XYZ files in the sidebar, or pick a built-in example.")
     st.stop()
 
-preds = cached.predict_all(folder, good, samples=samples, level=level)
+preds = cached.predict_all(folder, good, samples=samples, level=level, window=window)
 
 tab_one, tab_all = st.tabs(["Structure", f"All structures ({len(items)})"])
 with tab_one:
@@ -59,21 +60,26 @@ with tab_one:
             b, e = pred.balora, pred.ensemble
             pct = f"{100 * level:g}%"
             st.markdown(f"### Predicted band gap: {b['band_gap']:.2f} eV")
-            st.info(f"Reading: {sup.reading(b['band_gap'], b['lower'], b['upper'])}.")
+            st.info(f"Reading: {sup.reading(b, level=level, window=window)}.")
             c1, c2 = st.columns(2)
             for col, name, row in ((c1, "BaLoRA", b), (c2, "Deep ensemble (5 LoRA)", e)):
                 col.metric(name, f"{row['band_gap']:.2f} eV")
                 col.caption(f"{pct} interval: {row['lower']:.2f} – {row['upper']:.2f} eV (σ = {row['std']:.2f} eV)")
+                col.caption(sup.probabilities_text(row, window))
             st.plotly_chart(sup.interval_figure(pred), config=PLOTLY, key="intervals")
             st.plotly_chart(sup.samples_figure(pred), config=PLOTLY, key="samples_hist")
             scaler = models.model.scaler
+            interval = (f"band gap ± q σ with q fitted on validation for each predicted class (metal; gap 0–1, 1–3, > 3 eV), "
+                        f"so it holds {pct} per class" if models.model.mondrian is not None else
+                        f"the central {pct} of the Gaussian N(band gap, σ²)")
             st.caption(f"The draws' raw spread s is recalibrated on validation as σ = √((k s)² + c²) with k = {scaler.factor or 1.0:.3g} "
-                       f"and c = {scaler.floor:.2f} eV; the interval is the central {pct} of the Gaussian with that σ, "
-                       f"clipped at 0 eV (the curve). Computed in {pred.seconds:.2f} s ({samples} samples; cached for repeat views).")
+                       f"and c = {scaler.floor:.2f} eV. The curve is the predictive distribution: the draws, each widened so that "
+                       f"together they have that σ, with the mass below 0 eV at 0 eV; P(metal) is its mass at or below "
+                       f"{METAL_THRESHOLD:g} eV (the grey band) and P(window) its mass in the window. The interval is {interval}, "
+                       f"clipped at 0 eV. Computed in {pred.seconds:.2f} s ({samples} samples; cached for repeat views).")
 with tab_all:
-    table = sup.batch_table([(item, preds.get(item.id)) for item in items])
-    gaps = {c: st.column_config.NumberColumn(c, format="%.3f", help="eV") for c in table.columns if c.startswith(("balora_", "ensemble_"))}
-    st.dataframe(table, hide_index=True, column_config=gaps, key="table")
+    table = sup.batch_table([(item, preds.get(item.id)) for item in items], window=window)
+    st.dataframe(table, hide_index=True, column_config=widgets.column_config(table), key="table")
     st.download_button("Download CSV", table.to_csv(index=False), file_name="matbalora_band_gaps.csv",
                        mime="text/csv", key="download")
     st.caption("Many structures at once: the **Screen many** page.")

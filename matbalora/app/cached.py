@@ -27,8 +27,9 @@ def summarize(key: str, _structure) -> dict:
 
 
 @st.cache_data(max_entries=2048, show_spinner=False)
-def predict(folder: str, key: str, _structure, samples: int, level: float) -> sup.Prediction:
-    return load_models(folder).predict(_structure, samples=samples, level=level)
+def predict(folder: str, key: str, _structure, samples: int, level: float,
+            window: tuple[float, float] | None = None) -> sup.Prediction:
+    return load_models(folder).predict(_structure, samples=samples, level=level, window=window)
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
@@ -41,11 +42,13 @@ def read_files(uploads) -> list[sup.Item]:
     return sup.read_uploads([(f.name, f.getvalue()) for f in uploads or []], limits=LIMITS, read=read_upload)
 
 
-def predict_all(folder: str, items: list[sup.Item], *, samples: int, level: float) -> dict[str, sup.Prediction]:
-    """Predictions of the readable ``items`` under the page's time bound, with a progress bar."""
+def predict_all(folder: str, items: list[sup.Item], *, samples: int, level: float,
+                window: tuple[float, float] | None = None) -> dict[str, sup.Prediction]:
+    """Predictions (``p_window`` for ``window``, eV) of the readable ``items`` under the page's time
+    bound, with a progress bar."""
     good = [item for item in items if item.structure is not None]
     bar = st.progress(0.0, text="Predicting…") if len(good) > 1 else None
-    preds = sup.predict_items(good, lambda item: predict(folder, item.key, item.structure, samples, level), level=level,
+    preds = sup.predict_items(good, lambda item: predict(folder, item.key, item.structure, samples, level, window), level=level,
                               limits=LIMITS, progress=bar and (lambda done, total: bar.progress(done / total, text=f"Predicted {done} of {total}")))
     if bar is not None:
         bar.empty()

@@ -1,5 +1,7 @@
 """The plotly figures of one result: both intervals on one axis, the BaLoRA draws with the
-predictive distribution their interval comes from, and the 3D unit cell.
+predictive distribution their probabilities come from, and the 3D unit cell. Intervals are drawn
+from ``lower``/``upper`` as ``predict`` returns them, and the metal band is ``METAL_THRESHOLD`` wide,
+the edge ``p_metal`` counts below.
 
 Labels sit where data cannot reach them (tick labels, the legend, above the plotting area), so
 metals (everything at 0 eV) and wide gaps (a 10 eV axis) read the same way.
@@ -13,7 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from matbalora.app.gaps import METAL_EDGE, mass_at_zero, predictive_density
+from matbalora.app.gaps import mass_at_zero, predictive_density
+from matbalora.defaults import METAL_THRESHOLD
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -34,10 +37,11 @@ def _span(row: dict[str, float]) -> str:
 
 
 def _metal_band(fig: go.Figure) -> None:
-    """Grey band 0 .. METAL_EDGE eV, labelled above the plotting area (never over a bar or a curve)."""
-    fig.add_vrect(x0=0, x1=METAL_EDGE, fillcolor="grey", opacity=0.15, line_width=0)
+    """Grey band 0 .. METAL_THRESHOLD eV (where ``p_metal`` counts a metal), labelled above the
+    plotting area (never over a bar or a curve)."""
+    fig.add_vrect(x0=0, x1=METAL_THRESHOLD, fillcolor="grey", opacity=0.15, line_width=0)
     fig.add_annotation(x=0, y=1, xref="x", yref="paper", yanchor="bottom", xanchor="left", showarrow=False,
-                       text=f"grey: metal (< {METAL_EDGE:g} eV)", font={"size": 11, "color": "grey"})
+                       text=f"grey: metal (≤ {METAL_THRESHOLD:g} eV)", font={"size": 11, "color": "grey"})
 
 
 def interval_figure(pred: Prediction) -> go.Figure:
@@ -65,40 +69,43 @@ def interval_figure(pred: Prediction) -> go.Figure:
 
 
 def samples_figure(pred: Prediction, *, points: int = 400) -> go.Figure:
-    """The BaLoRA draws (histogram, counts on the right axis) over the predictive density the reported
-    numbers come from: N(band_gap, std^2) with the recalibrated std, clipped at 0 eV (left axis), its
-    central interval shaded. Every label is in the legend below the plot."""
+    """The BaLoRA draws (histogram, counts on the right axis) over the predictive mixture that
+    ``p_metal``/``p_window`` come from (each draw widened so the mixture has mean band_gap and the
+    recalibrated std; left axis, its mass below 0 eV marked at 0 eV), the reported interval
+    ``lower``..``upper`` shaded under it. Every label is in the legend below the plot."""
     import plotly.graph_objects as go
 
     b, draws = pred.balora, np.asarray(pred.draws, dtype=float)
     mean, std = b["band_gap"], b["std"]
     fig = go.Figure()
     high = max(b["upper"], mean + 3.5 * std if math.isfinite(std) else 0.0, float(draws.max(initial=0.0)), 0.5) * 1.05
-    if math.isfinite(std) and std > 0:
-        x = np.linspace(0.0, high, points)
-        y = predictive_density(mean, std, x)
+    usable = draws.size > 0 and math.isfinite(std) and std > 0
+    x = np.union1d(np.linspace(0.0, high, points), [b["lower"], b["upper"]])  # the bounds exactly on the grid
+    y = predictive_density(draws, std, x) if usable else np.full(x.shape, np.nan)
+    if np.all(np.isfinite(y)):
         fig.add_trace(go.Scatter(x=x, y=y, mode="lines", line={"color": "black", "width": 2},
-                                 name=f"predictive density: Gaussian, mean {mean:.2f} eV, σ {std:.2f} eV (recalibrated), clipped at 0",
+                                 name=f"predictive density: the draws widened to σ {std:.2f} eV (recalibrated), gap ≥ 0",
                                  hovertemplate="%{x:.2f} eV: %{y:.3f} /eV<extra></extra>"))
         inside = (x >= b["lower"]) & (x <= b["upper"])
         fig.add_trace(go.Scatter(x=x[inside], y=y[inside], mode="lines", fill="tozeroy", line={"width": 0},
                                  fillcolor="rgba(214,39,40,0.18)", hoverinfo="skip",
                                  name=f"{_pct(pred.level)} interval {b['lower']:.2f}–{b['upper']:.2f} eV"))
-        at_zero = mass_at_zero(mean, std)
+        at_zero = mass_at_zero(draws, std)
         if at_zero >= 0.005:
             fig.add_trace(go.Scatter(x=[0.0], y=[0.0], mode="markers", cliponaxis=False,
                                      marker={"symbol": "triangle-up", "size": 14, "color": "black"},
-                                     name=f"P(gap = 0 eV) = {at_zero:.0%} (the Gaussian's mass below 0, moved to 0)",
+                                     name=f"P(gap = 0 eV) = {at_zero:.0%} (the mass below 0, moved to 0)",
                                      hovertemplate=f"{at_zero:.1%} of the distribution at 0 eV<extra></extra>"))
-        fig.add_trace(go.Scatter(x=[mean, mean], y=[0.0, float(predictive_density(mean, std, [max(mean, 0.0)])[0])],
+        fig.add_trace(go.Scatter(x=[mean, mean], y=[0.0, float(predictive_density(draws, std, [max(mean, 0.0)])[0])],
                                  mode="lines", line={"color": "black", "dash": "dash"}, name=f"mean {mean:.2f} eV",
                                  hoverinfo="skip"))
     if draws.size:
         fig.add_trace(go.Histogram(x=draws, nbinsx=max(5, min(40, draws.size // 2)), yaxis="y2",
                                    marker_color=BALORA_COLOR, opacity=0.6,
                                    name=f"{draws.size} Monte-Carlo draws (raw spread {draws.std(ddof=1) if draws.size > 1 else 0.0:.2f} eV)"))
+    _metal_band(fig)
     fig.update_layout(
-        title={"text": f"BaLoRA: {draws.size} draws and the distribution behind the interval", "x": 0, "xanchor": "left"},
+        title={"text": f"BaLoRA: {draws.size} draws and the predictive distribution", "x": 0, "xanchor": "left"},
         xaxis={"title": "band gap (eV)", "range": [-0.04 * high, high]},
         yaxis={"title": "density (1/eV)", "rangemode": "tozero"},
         yaxis2={"title": "draws (count)", "overlaying": "y", "side": "right", "rangemode": "tozero", "showgrid": False},
