@@ -92,5 +92,7 @@ def test_screening_notebook(notebook_env, tmp_path):
     assert "12 structures from the data file" in text  # the shipped sample
     assert "broken_overlapping_atoms" in text and "overlapping_atoms" in text
     assert "same rows as before: True" in text
+    assert "top 20 by p_window, read back from the finished screen" in text  # the shortlist ranks by p_window
+    assert "candidates have P(1.5 eV <= gap <= 3.0 eV) >= 0.5" in text and "sum of p_window" in text
     assert "shortlist.csv" in text
     assert n_images(nb) == 1
