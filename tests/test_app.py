@@ -91,6 +91,35 @@ def test_upload_shows_both_intervals_and_the_probabilities_in_words(app, models)
     assert not any("P(0 eV ≤ gap" in c.value for c in at.caption) and "balora_p_window" not in at.dataframe[0].value
 
 
+def test_class_conditional_intervals_are_shown_as_predict_returns_them(monkeypatch, models, tmp_path):
+    """A card with Mondrian conformal intervals: the page shows predict's (asymmetric in q per class,
+    not the Gaussian of std) lower/upper and says how they were made."""
+    import json
+    import shutil
+
+    from matbalora.conformal import MondrianIntervals
+
+    folder = tmp_path / "models"
+    shutil.copytree(models, folder)
+    config = json.loads((folder / "balora" / "config.json").read_text())
+    scores = [[0.5, 1.0, 1.5], [0.2, 0.4, 0.6, 3.0], [0.1, 0.3], [2.0, 2.5]]  # metal, 0-1, 1-3, >3 eV
+    config["calibration"]["mondrian"] = MondrianIntervals(scores).to_dict()
+    (folder / "balora" / "config.json").write_text(json.dumps(config))
+    monkeypatch.setenv("MATBALORA_MODELS", str(folder))
+    data = cif(silicon())
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+    at.file_uploader[0].upload("Si.cif", data, "chemical/x-cif")
+    at.run()
+    assert not at.exception and not at.error
+    balora, _ = expected_rows(folder, data, (1.0, 2.0))
+    gaussian = expected_rows(models, data, (1.0, 2.0))[0]
+    assert (balora["lower"], balora["upper"]) != pytest.approx((gaussian["lower"], gaussian["upper"]))  # the card's intervals
+    captions = [c.value for c in at.caption]
+    assert f"90% interval: {balora['lower']:.2f} – {balora['upper']:.2f} eV (σ = {balora['std']:.2f} eV)" in captions
+    assert any("for each predicted class (metal; gap 0-1, 1-3, >3 eV), so it holds 90% per class" in c for c in captions)
+    assert at.dataframe[0].value.loc[0, "balora_upper"] == pytest.approx(balora["upper"], abs=1e-6)
+
+
 def test_bad_uploads_show_messages_and_the_rest_work(app):
     disordered = silicon()
     disordered.replace_species({"Si": {"Si": 0.5, "Ge": 0.5}})

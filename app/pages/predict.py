@@ -69,8 +69,9 @@ with tab_one:
             st.plotly_chart(sup.interval_figure(pred), config=PLOTLY, key="intervals")
             st.plotly_chart(sup.samples_figure(pred), config=PLOTLY, key="samples_hist")
             scaler = models.model.scaler
-            interval = (f"band gap ± q σ with q fitted on validation for each predicted class (metal; gap 0–1, 1–3, > 3 eV), "
-                        f"so it holds {pct} per class" if models.model.mondrian is not None else
+            classes = models.model.mondrian and models.model.mondrian.classes
+            interval = (f"band gap ± q σ with q fitted on validation for each predicted class ({classes[0]}; gap "
+                        f"{', '.join(classes[1:])} eV), so it holds {pct} per class" if classes else
                         f"the central {pct} of the Gaussian N(band gap, σ²)")
             st.caption(f"The draws' raw spread s is recalibrated on validation as σ = √((k s)² + c²) with k = {scaler.factor or 1.0:.3g} "
                        f"and c = {scaler.floor:.2f} eV. The curve is the predictive distribution: the draws, each widened so that "
