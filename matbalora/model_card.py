@@ -33,6 +33,7 @@ MAX_LIST_ITEMS = 64
 #: Fits on real validation data gave k from 1 to 1e6 (a near-zero raw spread); a k below 0.01 would
 #: shrink the model's own spread a hundredfold, which no fit has produced.
 STD_SCALE_RANGE = (1e-2, 1e8)
+MIN_STD_SCALE_WITH_FLOOR = 1e-6
 MAX_STD_FLOOR = 100.0
 
 
@@ -114,13 +115,18 @@ def check_calibration(calibration: Any) -> None:
         return
     if not isinstance(calibration, dict):
         raise ValueError(f"calibration is {type(calibration).__name__}, expected an object")
-    _number("calibration.std_scale", calibration.get("std_scale", 1.0), *STD_SCALE_RANGE)
     _number("calibration.std_floor", calibration.get("std_floor", 0.0), 0.0, MAX_STD_FLOOR)
+    # without a floor, a tiny scale makes zero-width intervals; with one, widths stay >= the floor and a
+    # small k is a real fit (a head whose learned aleatoric sigma is far too wide on a small split)
+    low = STD_SCALE_RANGE[0] if not calibration.get("std_floor") else MIN_STD_SCALE_WITH_FLOOR
+    _number("calibration.std_scale", calibration.get("std_scale", 1.0), low, STD_SCALE_RANGE[1])
     conformal = calibration.get("conformal")
     if conformal is not None:
         if not isinstance(conformal, dict):
             raise ValueError(f"calibration.conformal is {type(conformal).__name__}, expected an object")
-        _number("calibration.conformal.q", conformal.get("q"), 0.0, 1e8)
+        q = conformal.get("q")
+        if not (isinstance(q, float) and q == math.inf):  # inf: a validation split too small for the level (ConformalIntervals)
+            _number("calibration.conformal.q", q, 0.0, 1e8)
         _number("calibration.conformal.level", conformal.get("level"), 1e-6, 1 - 1e-6)
     mondrian = calibration.get("mondrian")
     if mondrian is not None:

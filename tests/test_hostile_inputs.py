@@ -200,7 +200,7 @@ def test_newline_in_a_file_name_cannot_fake_an_error_line(tmp_path, shipped_like
     path.write_text("data_x\n")
     assert main(["predict", str(path), "--samples", "2"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: a\\nerror: fake: unparsable"), err
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path}/a\\nerror: fake.cif: unparsable"), err  # the path, escaped
     (got,) = read_structures(path)
     assert got[0] == "a\\nerror: fake" and got[1].source == str(tmp_path / "a\\nerror: fake.cif")
 
