@@ -261,9 +261,10 @@ def fit(
 
 
 @torch.no_grad()
-def pooled_features_of(model: BandGapModel, batches, *, batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """The head's inputs [n, d] (deterministic: posterior mean, no dropout) and targets [n] eV of every
-    crystal of a batch source (:class:`ListBatches` or ``StoreBatches``), in one pass."""
+def pooled_features_of(model: BandGapModel, batches, *, batch_size: int = 128, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's inputs [n, d] (deterministic: posterior mean, no dropout) and targets [n] eV of the
+    crystals of a batch source (:class:`ListBatches` or ``StoreBatches``), in one pass; ``limit``: stop
+    after about this many (a seeded random choice of batches)."""
     was_training = model.training
     model.train(False)
     feats, ys = [], []
@@ -272,6 +273,8 @@ def pooled_features_of(model: BandGapModel, batches, *, batch_size: int = 128) -
             for batch, y in batches.epoch(batch_size, torch.Generator().manual_seed(0)):
                 feats.append(model.family.crystal_features(model.backbone, batch, samples=1, context=model.context, pooling=model.head_config.pooling)[0])
                 ys.append(y)
+                if limit is not None and sum(len(v) for v in ys) >= limit:
+                    break
     finally:
         model.train(was_training)
     return torch.cat(feats), torch.cat(ys)
