@@ -60,8 +60,8 @@ RECIPES: dict[str, tuple] = {
     **{f"balora_nll_meanmax_beta{b}_10k": ("balora", AdapterConfig(bayesian=True), NLL_MEANMAX,
                                             {**BF16, "epochs": 8, "beta": b, "kl_warmup_steps": 600}, 10_000) for b in (0, 0.01, 0.1, 1)},
     # the full pool
-    "balora_full": ("balora", AdapterConfig(bayesian=True), L1NLL_MEANMAX, {**BF16, "epochs": 1, "beta": 0.01, "kl_warmup_steps": 2000, "head_refit_epochs": 60}, None),
-    **{f"lora_full_seed{s}": ("lora", AdapterConfig(), L1NLL_MEANMAX, {**BF16, "epochs": 1, "seed": s, "head_refit_epochs": 60}, None) for s in range(5)},
+    "balora_full": ("balora", AdapterConfig(bayesian=True), L1NLL_MEANMAX, {**BF16, "epochs": 1, "beta": 0.01, "kl_warmup_steps": 2000, "head_refit_epochs": 300}, None),
+    **{f"lora_full_seed{s}": ("lora", AdapterConfig(), L1NLL_MEANMAX, {**BF16, "epochs": 1, "seed": s, "head_refit_epochs": 300}, None) for s in range(5)},
 }
 
 _FORMULA = re.compile(r"formula=(\S+)")

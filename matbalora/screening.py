@@ -57,6 +57,10 @@ def _items(inputs: Any, max_atoms: int = DEFAULT_MAX_ATOMS, *, order: bool = Fal
     if isinstance(inputs, (str, os.PathLike)) or hasattr(inputs, "lattice") or hasattr(inputs, "cell"):
         inputs = [inputs]
     items: list[tuple[str, Any]] = []
+    inputs = list(inputs)
+    if inputs and all(isinstance(obj, (str, os.PathLike)) for obj in inputs):
+        # one call: files that share a name in different folders get their paths as ids
+        return read_structures(inputs, max_atoms=max_atoms, order=order)
     for pos, obj in enumerate(inputs):
         if isinstance(obj, (str, os.PathLike)):
             try:

@@ -254,3 +254,17 @@ def test_every_hostile_input_stays_within_the_stated_bounds(tmp_path):
     for name, (outcomes, seconds, _) in results.items():
         assert outcomes and all(o in V.REASONS for o in outcomes), (name, outcomes)
         assert seconds < CPU_BOUND_S, (name, seconds)
+
+
+def test_cli_inputs_sharing_a_stem_in_two_folders_get_their_paths_as_ids(tmp_path, shipped_like, capsys):
+    from pymatgen.core import Lattice, Structure
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        Structure(Lattice.cubic(5.43), ["Si", "Si"], [[0, 0, 0], [0.25, 0.25, 0.25]]).to(filename=str(tmp_path / folder / "Si.cif"))
+    out = tmp_path / "out.csv"
+    assert main(["predict", str(tmp_path / "a" / "Si.cif"), str(tmp_path / "b" / "Si.cif"), "--samples", "2", "--out", str(out)]) == 0
+    import pandas as pd
+
+    ids = pd.read_csv(out)["id"].tolist()
+    assert len(ids) == 2 and len(set(ids)) == 2, ids
