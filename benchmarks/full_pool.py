@@ -142,6 +142,7 @@ def evaluate() -> dict:
                                  "val_mae_by_epoch": [h["val_mae"] for h in tr["history"]], "train_seconds": tr["train_seconds"],
                                  "ms_per_crystal_epoch": 1e3 * float(np.mean([h["seconds_per_structure"] for h in tr["history"]])),
                                  "std_scale": card["calibration"].get("std_scale"), "std_floor": card["calibration"].get("std_floor"),
+                                 "refit_val_mae": (tr.get("head_refit") or {}).get("val_mae_after"), "test_classes": card["metrics"].get("test_classes"),
                                  **_split_scores(card["metrics"]["test"]), "uncalibrated": _split_scores(card["metrics"].get("test_uncalibrated", {}))}
         print(name, json.dumps(results["runs"][name]["all"]), json.dumps(results["runs"][name]["nonmetal"]), flush=True)
     prefixes = sorted({re.sub(r"_seed\d+$", "", n) for n in RECIPES if re.search(r"_seed\d+$", n)})
@@ -154,7 +155,8 @@ def evaluate() -> dict:
         ens = EnsemblePredictor([Predictor.load(p) for p in members])
         calibration, metrics = calibrate_and_score(ens, data, samples=0)
         name = f"{prefix}_ensemble{len(members)}"
-        results["runs"][name] = {"members": len(members), "std_scale": calibration.get("std_scale"), "std_floor": calibration.get("std_floor"), **_split_scores(metrics["test"])}
+        results["runs"][name] = {"members": len(members), "std_scale": calibration.get("std_scale"), "std_floor": calibration.get("std_floor"),
+                                 "test_classes": metrics.get("test_classes"), **_split_scores(metrics["test"])}
         print(name, json.dumps(results["runs"][name]["all"]), json.dumps(results["runs"][name]["nonmetal"]), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / "results.json", results)
