@@ -64,7 +64,7 @@ def test_upload_shows_both_intervals_and_the_probabilities_in_words(app, models)
     assert not at.exception and not at.error
     shown = texts(at)
     assert "Predicted band gap:" in shown and "Reading: " in shown
-    assert [m.label for m in at.metric] == ["BaLoRA", "Deep ensemble (5 LoRA)"]
+    assert [m.label for m in at.metric] == ["BaLoRA", "Deep ensemble (LoRA)"]
     assert sum("90% interval:" in c.value for c in at.caption) == 2
     for window, event, span in (((1.0, 2.0), "1 eV ≤ gap ≤ 2 eV", "in 1–2 eV"), ((0.0, 1.5), "0 eV ≤ gap ≤ 1.5 eV", "in 0–1.5 eV")):
         if window != (1.0, 2.0):  # the page starts at 1-2 eV; then the user picks another window

@@ -78,6 +78,7 @@ def test_real_cifs_in_two_sessions_show_predicts_numbers(models, server, browser
     for formula, page in pages.items():
         page.get_by_text(GAP).wait_for(timeout=WAIT_MS)
         assert GAP.search(page.get_by_text(GAP).inner_text()).group(1) == expected[formula]["gap"], formula
+        page.get_by_text(INTERVAL).nth(1).wait_for(timeout=WAIT_MS)  # the page renders progressively: both captions
         shown = [INTERVAL.search(t).groups() for t in page.get_by_text(INTERVAL).all_inner_texts()]
         assert shown == [expected[formula]["balora"], expected[formula]["ensemble"]], formula
         assert page.locator("h3", has_text=re.compile(rf"(^|· ){formula}$")).count() == 1  # "Si_diamond · Si"

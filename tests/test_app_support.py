@@ -239,10 +239,10 @@ def test_figures():
     pred = sup.Prediction({"band_gap": 1.0, "std": 0.2, "lower": 0.7, "upper": 1.4},
                           {"band_gap": 1.2, "std": 0.1, "lower": 1.0, "upper": 1.3}, np.array([0.8, 1.0, 1.2]), 0.9)
     fig = sup.interval_figure(pred)
-    assert [t.y[0] for t in fig.data] == ["BaLoRA", "Deep ensemble (5 LoRA)"]
+    assert [t.y[0] for t in fig.data] == ["BaLoRA", "Deep ensemble (LoRA)"]
     assert fig.data[0].error_x.array[0] == pytest.approx(0.4) and fig.data[0].error_x.arrayminus[0] == pytest.approx(0.3)
     assert "90% intervals" in fig.layout.title.text
-    assert list(fig.layout.yaxis.ticktext) == ["BaLoRA<br>1.00 eV [0.70, 1.40]", "Deep ensemble (5 LoRA)<br>1.20 eV [1.00, 1.30]"]
+    assert list(fig.layout.yaxis.ticktext) == ["BaLoRA<br>1.00 eV [0.70, 1.40]", "Deep ensemble (LoRA)<br>1.20 eV [1.00, 1.30]"]
     cell = sup.cell_figure(perovskite())  # Sr on the 8 corners, Ti in the body, O on 6 face centres
     counts = {t.name: len(t.x) for t in cell.data if t.mode == "markers"}
     assert counts == {"O": 6, "Sr": 8, "Ti": 1}

@@ -12,7 +12,7 @@ PLOTLY = {"displaylogo": False}
 
 st.title("Band gaps with honest uncertainty")
 st.caption("PBE band gap predicted by BaLoRA (Bayesian low-rank adapters on pretrained CHGNet), "
-           "next to a deep ensemble of 5 LoRA models. PBE underestimates measured gaps.")
+           "next to a deep ensemble of LoRA models. PBE underestimates measured gaps.")
 folder = str(models_dir())
 try:
     models = cached.load_models(folder)
@@ -62,7 +62,7 @@ with tab_one:
             st.markdown(f"### Predicted band gap: {b['band_gap']:.2f} eV")
             st.info(f"Reading: {sup.reading(b, level=level, window=window)}.")
             c1, c2 = st.columns(2)
-            for col, name, row in ((c1, "BaLoRA", b), (c2, "Deep ensemble (5 LoRA)", e)):
+            for col, name, row in ((c1, "BaLoRA", b), (c2, "Deep ensemble (LoRA)", e)):
                 col.metric(name, f"{row['band_gap']:.2f} eV")
                 col.caption(f"{pct} interval: {row['lower']:.2f} – {row['upper']:.2f} eV (σ = {row['std']:.2f} eV)")
                 col.caption(sup.probabilities_text(row, window))

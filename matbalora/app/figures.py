@@ -49,7 +49,7 @@ def interval_figure(pred: Prediction) -> go.Figure:
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    rows = (("BaLoRA", pred.balora, BALORA_COLOR), ("Deep ensemble (5 LoRA)", pred.ensemble, ENSEMBLE_COLOR))
+    rows = (("BaLoRA", pred.balora, BALORA_COLOR), ("Deep ensemble (LoRA)", pred.ensemble, ENSEMBLE_COLOR))
     for name, row, color in rows:
         fig.add_trace(go.Scatter(
             x=[row["band_gap"]], y=[name], mode="markers", marker={"size": 12, "color": color}, name=name,
