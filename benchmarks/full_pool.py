@@ -167,8 +167,6 @@ def forest(sizes: list[str]) -> dict:
     """Magpie composition features + a 100-tree random forest (std = spread of the trees) trained on
     the learning-curve subsets, recalibrated on validation, scored on the test crystals (the baseline
     a materials scientist picks first; matminer + scikit-learn)."""
-    from matminer.featurizers.composition import ElementProperty
-    from pymatgen.core import Composition
     from sklearn.ensemble import RandomForestRegressor
 
     from matbalora.calibration import StdScaler, fit_recalibration
@@ -179,13 +177,12 @@ def forest(sizes: list[str]) -> dict:
     row = {sid: i for i, sid in enumerate(ids)}
     gap = {sid: float(re.search(r"band_gap=(\S+)", frames[row[sid]].comment).group(1)) for sid in pool.ids}
     formula = {sid: _FORMULA.search(frames[row[sid]].comment).group(1) for sid in pool.ids}
-    feat = ElementProperty.from_preset("magpie")
-    memo: dict[str, list] = {}
+    from mp_gap_data import MagpieFeatures
+
+    magpie = MagpieFeatures()
 
     def features(sids):
-        for f in {formula[s] for s in sids} - memo.keys():
-            memo[f] = feat.featurize(Composition(f))
-        return np.nan_to_num(np.array([memo[formula[s]] for s in sids], dtype=float))
+        return magpie([formula[s] for s in sids])
 
     X_val, y_val = features(pool.val), np.array([gap[s] for s in pool.val])
     X_te, y_te = features(pool.test), np.array([gap[s] for s in pool.test])

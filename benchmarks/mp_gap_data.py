@@ -81,3 +81,21 @@ def load_benchmark_data(sizes: SplitSizes, model: BandGapModel, *, path: Path = 
         split=split,
         provenance=dict(ds.provenance, rejected=ds.rejection_counts(), n_loaded=len(ds)),
     )
+
+
+class MagpieFeatures:
+    """Magpie composition features (matminer ``ElementProperty``), memoised per formula: the inputs
+    of the composition random forest every benchmark compares with."""
+
+    def __init__(self) -> None:
+        from matminer.featurizers.composition import ElementProperty
+
+        self.featurizer = ElementProperty.from_preset("magpie")
+        self.memo: dict[str, list] = {}
+
+    def __call__(self, formulas) -> np.ndarray:
+        from pymatgen.core import Composition
+
+        for f in set(formulas) - self.memo.keys():
+            self.memo[f] = self.featurizer.featurize(Composition(f))
+        return np.nan_to_num(np.array([self.memo[f] for f in formulas], dtype=float))

@@ -202,17 +202,11 @@ def evaluate_composition_baseline(data, y: np.ndarray, out: dict) -> None:
     """Magpie composition features + a 100-tree random forest; std = spread of the trees. Trained on
     the benchmark's training split (``composition_baseline``) and, for scale, on
     ``LARGE_BASELINE_TRAIN`` crystals of the other folds (``composition_baseline_large``)."""
-    from matminer.featurizers.composition import ElementProperty
-    from pymatgen.core import Composition
     from sklearn.ensemble import RandomForestRegressor
 
-    feat = ElementProperty.from_preset("magpie")
-    memo: dict[str, list] = {}
+    from mp_gap_data import MagpieFeatures
 
-    def features(formulas):
-        for f in set(formulas) - memo.keys():
-            memo[f] = feat.featurize(Composition(f))
-        return np.nan_to_num(np.array([memo[f] for f in formulas], dtype=float))
+    features = MagpieFeatures()
 
     y_val = data.targets[data.split.val]
     X_val = features([data.formulas[i] for i in data.split.val])

@@ -77,8 +77,6 @@ def forest(pool, test_ids: list[str], window: tuple[float, float], n_train: int,
     """Magpie features + 100 trees (as benchmarks/mp_gap_evaluate.py), std recalibrated on validation."""
     import re
 
-    from matminer.featurizers.composition import ElementProperty
-    from pymatgen.core import Composition
     from sklearn.ensemble import RandomForestRegressor
 
     frames, all_ids, _ = raw_frames()
@@ -88,13 +86,9 @@ def forest(pool, test_ids: list[str], window: tuple[float, float], n_train: int,
         comments = [frames[where[s]].comment for s in ids]
         return [re.search(r"formula=(\S+)", c).group(1) for c in comments], np.array([float(re.search(r"band_gap=(\S+)", c).group(1)) for c in comments])
 
-    feat = ElementProperty.from_preset("magpie")
-    memo: dict[str, list] = {}
+    from mp_gap_data import MagpieFeatures
 
-    def features(formulas):
-        for f in set(formulas) - memo.keys():
-            memo[f] = feat.featurize(Composition(f))
-        return np.nan_to_num(np.array([memo[f] for f in formulas], dtype=float))
+    features = MagpieFeatures()
 
     (f_tr, y_tr), (f_val, y_val), (f_te, _) = rows(pool.train_subset(n_train)), rows(pool.val[:n_val]), rows(test_ids)
     t0 = time.perf_counter()
