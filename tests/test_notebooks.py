@@ -77,7 +77,7 @@ def n_images(nb: nbformat.NotebookNode) -> int:
 def test_compare_uncertainty_notebook(notebook_env, tmp_path):
     nb = execute("compare_uncertainty.ipynb", tmp_path)
     text = outputs_text(nb)
-    assert "data/mp_gap_sample/mp_gap_sample.extxyz.gz" in text  # runs on the shipped sample, with or without ../shared
+    assert "mp_gap.extxyz.gz" in text  # says which data file it read: ../shared/data in place (the sample is no longer tracked)
     assert "12 fold-0 test crystals" in text
     assert "most certain #1" in text and "least certain #1" in text
     assert "On these 12 test crystals" in text
@@ -89,7 +89,7 @@ def test_compare_uncertainty_notebook(notebook_env, tmp_path):
 def test_screening_notebook(notebook_env, tmp_path):
     nb = execute("screening.ipynb", tmp_path)
     text = outputs_text(nb)
-    assert "12 structures from the data file" in text  # the shipped sample
+    assert "12 structures from the data file" in text
     assert "broken_overlapping_atoms" in text and "overlapping_atoms" in text
     assert "same rows as before: True" in text
     assert "top 20 by p_window, read back from the finished screen" in text  # the shortlist ranks by p_window
