@@ -59,10 +59,20 @@ RECIPES: dict[str, tuple] = {
     "lora_nll_meanmax_fp32_10k": ("lora", AdapterConfig(), NLL_MEANMAX, {"epochs": 8}, 10_000),
     **{f"balora_nll_meanmax_beta{b}_10k": ("balora", AdapterConfig(bayesian=True), NLL_MEANMAX,
                                             {**BF16, "epochs": 8, "beta": b, "kl_warmup_steps": 600}, 10_000) for b in (0, 0.01, 0.1, 1)},
+    # the learning curve of the full-pool recipe (l1_nll + mean_max, head refit): about the same number of
+    # crystal passes (~80,000) at 10k, 40k and full (one epoch), 40,000 at 2k; early stopping on validation
+    **{f"{m}_curve_{size}": (m, AdapterConfig(bayesian=m == "balora"), L1NLL_MEANMAX,
+                             {**BF16, "epochs": ep, "head_refit_epochs": 300, **({"beta": 0.01, "kl_warmup_steps": kl} if m == "balora" else {})}, SIZES[size])
+       for m in ("lora", "balora") for size, ep, kl in (("2k", 20, 600), ("10k", 8, 600), ("40k", 2, 2000))},
     # the full pool
     "balora_full": ("balora", AdapterConfig(bayesian=True), L1NLL_MEANMAX, {**BF16, "epochs": 1, "beta": 0.01, "kl_warmup_steps": 2000, "head_refit_epochs": 300}, None),
     **{f"lora_full_seed{s}": ("lora", AdapterConfig(), L1NLL_MEANMAX, {**BF16, "epochs": 1, "seed": s, "head_refit_epochs": 300}, None) for s in range(5)},
+    # warm restarts (WARM_STARTS): two more epochs from the one-epoch models, the KL already at full weight
+    "balora_full_3ep": ("balora", None, None, {**BF16, "epochs": 2, "beta": 0.01, "kl_warmup_steps": 0, "head_refit_epochs": 300}, None),
+    **{f"lora_full_3ep_seed{s}": ("lora", None, None, {**BF16, "epochs": 2, "seed": s, "head_refit_epochs": 300}, None) for s in range(5)},
 }
+#: run -> the finished run it warm-starts from (its weights, adapters and head; a fresh cosine schedule)
+WARM_STARTS = {"balora_full_3ep": "balora_full", **{f"lora_full_3ep_seed{s}": f"lora_full_seed{s}" for s in range(5)}}
 
 _FORMULA = re.compile(r"formula=(\S+)")
 
@@ -103,9 +113,12 @@ def train(name: str) -> Path:
     if (out / "config.json").is_file():
         print(f"{name}: finished already ({out})")
         return out
+    init = RUNS / WARM_STARTS[name] if name in WARM_STARTS else None
+    if init is not None and not (init / "config.json").is_file():
+        raise SystemExit(f"{name}: warm-starts from {init}, which is not finished; train {WARM_STARTS[name]} first")
     t0 = time.perf_counter()
     train_model(None, out, train=cfg, adapter=adapter, head=head, data=eval_data(store), train_batches=StoreBatches(store, train_ids),
-                resume=(out / "checkpoint").is_dir(), samples=16, progress=True)
+                resume=(out / "checkpoint").is_dir(), samples=16, progress=True, init_from=init)
     print(f"{name}: {len(train_ids)} crystals, {time.perf_counter() - t0:.0f} s -> {out}")
     return out
 
@@ -138,7 +151,8 @@ def evaluate() -> dict:
             continue
         card = json.loads((folder / "config.json").read_text())
         tr = card["training"]
-        results["runs"][name] = {"n_train": card["data"]["n_train"], "epochs": tr["epochs_run"], "best_val_mae": tr["best_val_mae"],
+        results["runs"][name] = {"n_train": card["data"]["n_train"], "epochs": tr.get("total_epochs", tr["epochs_run"]),
+                                 "warm_start": (tr.get("init_from") or {}).get("folder"), "best_val_mae": tr["best_val_mae"],
                                  "val_mae_by_epoch": [h["val_mae"] for h in tr["history"]], "train_seconds": tr["train_seconds"],
                                  "ms_per_crystal_epoch": 1e3 * float(np.mean([h["seconds_per_structure"] for h in tr["history"]])),
                                  "std_scale": card["calibration"].get("std_scale"), "std_floor": card["calibration"].get("std_floor"),

@@ -21,7 +21,7 @@ import torch
 
 from matbalora.atomic import write_json
 from matbalora.calibration import StdScaler, fit_recalibration
-from matbalora.checkpoint import save_model
+from matbalora.checkpoint import load_model_folder, save_model
 from matbalora.config import AdapterConfig, HeadConfig, TrainConfig, to_dict
 from matbalora.data.graph_cache import GraphCache
 from matbalora.data.readers import load_dataset
@@ -244,6 +244,7 @@ def train_model(
     backbone: str = "chgnet",
     backbone_checkpoint: str | None = None,
     train_batches=None,
+    init_from: str | os.PathLike | None = None,
 ) -> Path:
     """Fine-tune one model and write its folder (weights, config with model card, split).
 
@@ -252,11 +253,23 @@ def train_model(
 
     ``backbone`` names the family (``chgnet`` or ``sevennet``), ``backbone_checkpoint`` a checkpoint
     file of it (default: the one inside its wheel). Without an ``adapter``, LoRA/BaLoRA adapters go on
-    that family's default targets."""
+    that family's default targets.
+
+    ``init_from`` (a model folder) warm-starts from that model's architecture and trained weights
+    (``adapter``, ``head`` and ``backbone`` are then taken from it): ``train.epochs`` more epochs with
+    a fresh warm-up + cosine schedule (a warm restart)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(train.seed)
-    model = BandGapModel.from_pretrained(train.method, adapter=adapter, head=head or HeadConfig(), checkpoint=backbone_checkpoint, backbone=backbone)
+    if init_from is not None:
+        model, init_card = load_model_folder(init_from)
+        if model.method != train.method:
+            raise ValueError(f"init_from={init_from}: a {model.method} model cannot warm-start {train.method} training")
+        init = {"folder": str(init_from), "epochs_run": init_card.get("training", {}).get("epochs_run"),
+                "previous_epochs": _previous_epochs(init_card)}
+    else:
+        model = BandGapModel.from_pretrained(train.method, adapter=adapter, head=head or HeadConfig(), checkpoint=backbone_checkpoint, backbone=backbone)
+        init = None
     if data is None:
         if spec is None:
             raise ValueError("train_model needs a DataSpec or prepared data")
@@ -302,6 +315,8 @@ def train_model(
             "wall_seconds_this_run": time.perf_counter() - t0,
             "frozen_prefix": {"block": prefix_block_of(data), "seconds": prefix_seconds},
             "head_refit": head_refit,
+            "init_from": init,
+            "total_epochs": len(history["history"]) + (init["previous_epochs"] if init else 0),
             "device": "cpu",
             "torch_threads": torch.get_num_threads(),
             "parameters": model.parameter_counts(),
@@ -312,6 +327,12 @@ def train_model(
     save_model(model, out, extra=card)
     log.info("saved %s (test MAE %s)", out, metrics.get("test", {}).get("mae"))
     return out
+
+
+def _previous_epochs(card: dict) -> int:
+    """Epochs behind a model folder, its own warm starts included."""
+    training = card.get("training", {})
+    return int(training.get("total_epochs", training.get("epochs_run", 0)) or 0)
 
 
 def train_ensemble(spec: DataSpec, out: str | os.PathLike, *, members: int, train: TrainConfig, seeds: list[int] | None = None, **kwargs) -> Path:

@@ -59,3 +59,13 @@ def test_store_training_with_nll_head_and_refit(tmp_path):
     model = matbalora.load_model(out)
     df = model.predict(ds.structures[N_TRAIN : N_TRAIN + 4], samples=4)
     assert np.all(df["std_aleatoric"] > 0) and np.all(df["std_epistemic"] > 0) and np.all(df["std"] >= df["std_aleatoric"] * card["calibration"]["std_scale"] * 0.999)
+
+    # a warm restart continues from the folder's weights: its first epoch starts where the cold run ended
+    warm = train_model(None, tmp_path / "warm", train=TrainConfig(method="balora", epochs=1, batch_size=16, beta=0.01, compute_dtype="bfloat16"), data=data,
+                       train_batches=StoreBatches(store, ids[:N_TRAIN]), samples=4, progress=False, init_from=out)
+    warm_card = json.loads((warm / "config.json").read_text())
+    assert warm_card["training"]["total_epochs"] == 4 and warm_card["training"]["init_from"]["folder"] == str(out)
+    assert warm_card["head"] == card["head"] and warm_card["adapter"] == card["adapter"]
+    assert warm_card["training"]["history"][0]["train_loss"] < card["training"]["history"][0]["train_loss"]
+    with pytest.raises(ValueError, match="cannot warm-start"):
+        train_model(None, tmp_path / "bad", train=TrainConfig(method="lora", epochs=1), data=data, train_batches=StoreBatches(store, ids[:N_TRAIN]), init_from=out, progress=False)
