@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal
 
@@ -54,6 +54,8 @@ class NoiseContext:
         self.segments: dict[str, list[int]] = {}  # row kind -> rows of each crystal in one tile
         self.tiles: int = 1  # S: the batch is repeated this many times, tile-major
         self.generator: torch.Generator | None = None
+        #: per-crystal noise drawn before a forward (``drawn``): BaLoRA layer -> eps [S * C, r, d_in]
+        self.bank: dict[nn.Module, Tensor] = {}
 
     def clear_rows(self) -> None:
         """Forget the row layout of the last forward."""
@@ -69,6 +71,15 @@ class NoiseContext:
             yield
         finally:
             self.mode, self.generator = old
+
+    @contextmanager
+    def drawn(self, bank: dict[nn.Module, Tensor]) -> Iterator[None]:
+        """Use the noise in ``bank`` (see :func:`noise_bank`) instead of the generator for one forward."""
+        old, self.bank = self.bank, bank
+        try:
+            yield
+        finally:
+            self.bank = old
 
 
 def neg_kl_log_uniform(log_a: Tensor) -> Tensor:
@@ -173,7 +184,11 @@ class BaLoRALinear(LoRALinear):
 
     def _draw_noise(self, n_groups: int, std_ratio: Tensor, gen: torch.Generator | None, like: Tensor) -> Tensor:
         """Noise of A for ``n_groups`` independent draws  [G, r, d_in]: A_g = M + noise_g."""
-        eps = torch.randn((n_groups, *self.lora_A.shape), generator=gen, dtype=self.lora_A.dtype, device=like.device)
+        eps = self.context.bank.get(self)
+        if eps is None:
+            eps = torch.randn((n_groups, *self.lora_A.shape), generator=gen, dtype=self.lora_A.dtype, device=like.device)
+        elif eps.shape[0] != n_groups:
+            raise RuntimeError(f"the noise bank holds {eps.shape[0]} draws, the forward needs {n_groups}")
         return (self.lora_A * std_ratio[:, None]).unsqueeze(0) * eps
 
     def _folded_draws(self, x: Tensor, segments: list[int]) -> Tensor:
@@ -342,6 +357,21 @@ def inject_adapters(
         setattr(parent, child, adapter)
         wrapped[path] = adapter
     return wrapped
+
+
+def noise_bank(model: nn.Module, seeds: Sequence[Sequence[int]]) -> dict[nn.Module, Tensor]:
+    """Standard-normal noise for every BaLoRA layer of ``model``, one generator per (draw, crystal).
+
+    ``seeds`` [S][C]: the seed of draw s of crystal c. Each generator fills all layers in module order,
+    so a crystal's draws depend on its seeds only, not on the crystals it is batched with, nor on how its
+    draws are split into passes. Returns layer -> eps [S * C, r, d_in], tile-major (row s * C + c)."""
+    layers = [m for m in model.modules() if isinstance(m, BaLoRALinear)]
+    if not layers:
+        return {}
+    sizes = [m.lora_A.numel() for m in layers]
+    total = sum(sizes)
+    eps = torch.stack([torch.randn(total, generator=torch.Generator().manual_seed(int(x))) for row in seeds for x in row])
+    return {m: chunk.reshape(-1, *m.lora_A.shape) for m, chunk in zip(layers, eps.split(sizes, dim=1))}
 
 
 def adapters_of(model: nn.Module) -> list[LoRALinear]:

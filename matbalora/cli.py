@@ -149,7 +149,7 @@ def _screen_parser(sub) -> None:
     p.add_argument("--samples", type=int, default=SAMPLES, help="Monte-Carlo samples (0: posterior mean only)")
     p.add_argument("--level", type=float, default=LEVEL, help="central interval level")
     p.add_argument("--batch-size", type=int, default=256, help="crystals per chunk (one task on a cluster)")
-    p.add_argument("--seed", type=int, default=0, help="chunk k draws with seed + k")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the Monte-Carlo draws (with the crystal, it fixes every draw)")
     p.add_argument("--scheduler", default=None, metavar="ADDRESS", help="Dask scheduler address, e.g. tcp://host:8786 (default: this process)")
     p.add_argument("--retries", type=int, default=2, help="reruns of a chunk whose task failed (with --scheduler)")
     p.add_argument("--max-atoms", type=int, default=None, help="reject larger structures (default: the data layer's limit)")

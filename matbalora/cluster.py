@@ -13,8 +13,9 @@ across nodes, and its HPC batch-scheduler story is scripts rather than a maintai
 actors would hold the model, which Dask gets from a per-process cache (:func:`cached_predictor`).
 
 How a screen runs (``matbalora.screen(..., cluster=...)``): the client reads and validates the
-inputs, cuts them into chunks of ``batch_size`` crystals and submits chunk k with seed ``seed + k``,
-exactly as the single-process screen does, so the rows are the same. At most ``window`` chunks are
+inputs, cuts them into chunks of ``batch_size`` crystals and submits each as one task, exactly as
+the single-process screen does; a crystal's draws depend only on the crystal and the seed, so the
+rows are the same. At most ``window`` chunks are
 in flight; the client collects them in input order and appends each to the output as it arrives.
 A chunk whose task raises is rerun (``retries``), a chunk on a lost worker is rerun by the scheduler;
 either way the client writes each chunk once, so nothing is lost or duplicated, and a killed client

@@ -16,10 +16,12 @@ from matbalora.adapters import (
     NoiseContext,
     adapters_of,
     mark_only_adapters_trainable,
+    noise_bank,
     total_kl,
 )
 from matbalora.backbones import chgnet as chgnet_backbone
 from matbalora.config import AdapterConfig, HeadConfig, Method
+from matbalora.data.crystal_key import draw_seed
 from matbalora.head import BandGapHead
 
 #: Backbone families by name: the module that loads, converts and runs each one.
@@ -280,6 +282,7 @@ class BandGapModel(nn.Module):
         seed: int | None = 0,
         batch_size: int = 64,
         max_rows: int = DEFAULT_MAX_ROWS,
+        keys: Sequence[str] | None = None,
     ) -> GapSamples:
         """Monte-Carlo band gaps for ``graphs``.
 
@@ -288,10 +291,14 @@ class BandGapModel(nn.Module):
         on a model with dropout, MC dropout; on any other model the pass is deterministic -> [1, n].
         Passes hold at most ``batch_size`` crystals and ``max_rows`` feature rows counted over all
         draws (see :func:`plan_passes`), so memory is bounded by atoms and bonds, not crystals.
-        The draws depend on the seed and on how the crystals fall into passes.
+        With ``keys`` (one per graph, e.g. :func:`~matbalora.data.crystal_key.crystal_key`), the BaLoRA
+        draws of a crystal depend only on its key and the seed: the same in any batch and any order.
+        Without keys they depend on the seed and on how the crystals fall into passes.
         """
         if samples < 0:
             raise ValueError(f"samples={samples!r} must be >= 0")
+        if keys is not None and len(keys) != len(graphs):
+            raise ValueError(f"keys has {len(keys)} entries for {len(graphs)} graphs")
         self.eval()
         stochastic = samples > 0 and (self.is_bayesian or self.has_dropout)
         n_draws = samples if stochastic else 1
@@ -302,11 +309,18 @@ class BandGapModel(nn.Module):
         rows = [self.family.graph_rows(g) for g in graphs]
         passes = plan_passes(rows, draws=n_draws, max_rows=max_rows, max_crystals=batch_size)
         outputs: dict[tuple[int, int], list[dict[str, Tensor]]] = {}  # crystals -> their passes, draws in order
+        keyed = mode == "sample" and keys is not None
+        key_seed = seed if seed is not None else int(torch.randint(0, 2**62, (1,)))
         self.set_dropout(stochastic and self.has_dropout)
         try:
             with self.context.sampling(mode, generator=gen):
                 for step in passes:
-                    out = self(graphs[step.start : step.stop], samples=step.draws)
+                    first = sum(o["gap"].shape[0] for o in outputs.get((step.start, step.stop), []))  # draws done for these crystals
+                    bank = {}
+                    if keyed:
+                        bank = noise_bank(self.backbone, [[draw_seed(k, key_seed, first + s) for k in keys[step.start : step.stop]] for s in range(step.draws)])
+                    with self.context.drawn(bank):
+                        out = self(graphs[step.start : step.stop], samples=step.draws)
                     outputs.setdefault((step.start, step.stop), []).append(out)
         finally:
             self.set_dropout(False)

@@ -32,6 +32,7 @@ from matbalora import probabilities
 from matbalora.calibration import StdScaler, gaussian_interval
 from matbalora.checkpoint import load_model_folder
 from matbalora.conformal import MondrianIntervals
+from matbalora.data.crystal_key import crystal_key
 from matbalora.data.validation import DEFAULT_MAX_ATOMS, check_structure
 from matbalora.defaults import LEVEL, SAMPLES
 from matbalora.model import BandGapModel, GapSamples
@@ -50,6 +51,8 @@ class Prepared:
     errors: list[str]
     graphs: list = field(default_factory=list)
     graph_rows: list[int] = field(default_factory=list)
+    #: per graph: the crystal's key (``crystal_key``), which seeds its draws; empty: positional draws
+    keys: list[str] = field(default_factory=list)
 
 
 def as_structure(obj: Any):
@@ -91,8 +94,9 @@ def prepare(model: BandGapModel, structures: Iterable, ids: Sequence[str] | None
         reason = None if found is None else f"{found[0]}: {found[1]}"
         if reason is None:
             try:
-                prep.graphs.append(model.structure_to_graph(struct, graph_id=sid))
-                prep.graph_rows.append(row)
+                graph = model.structure_to_graph(struct, graph_id=sid)
+                key = crystal_key(struct)
+                prep.graphs.append(graph), prep.graph_rows.append(row), prep.keys.append(key)
             except Exception as exc:  # the converter rejects e.g. isolated atoms
                 reason = f"graph conversion failed: {exc}"
         prep.errors.append(reason or "")
@@ -184,7 +188,8 @@ class Predictor:
         return self.predict_prepared(prep, samples=samples, level=level, seed=seed, window=window)
 
     def sample(self, prep: Prepared, *, samples: int, seed: int | None = 0):
-        return self.model.sample_gaps(prep.graphs, samples=samples, seed=seed)
+        keys = prep.keys if len(prep.keys) == len(prep.graphs) and prep.keys else None
+        return self.model.sample_gaps(prep.graphs, samples=samples, seed=seed, keys=keys)
 
     def gap_draws(self, prep: Prepared, *, samples: int = SAMPLES, seed: int | None = 0) -> GapSamples:
         """The predictive draws of ``prep``'s valid crystals (``gaps`` [S, n] eV)."""

@@ -36,7 +36,7 @@ ENSEMBLE_COLUMNS = {"band_gap": "ens_band_gap", "std": "ens_std", "lower": "ens_
 #: Columns of ``predict_items`` (and of ``screen``'s and ``matbalora predict``'s files), before the ensemble's.
 FILE_COLUMNS = [*COLUMNS, "note", "warning"]
 #: How rows are drawn; recorded with a screen's settings so that a resume under another recipe is refused.
-ROW_RECIPE = "chunk k draws with seed + k"
+ROW_RECIPE = "draws seeded by the crystal key and seed"
 
 
 def _predictor(model: Predictor | str | os.PathLike | None) -> Predictor:
@@ -227,9 +227,9 @@ def screen(
     after the last complete row; a finished screen is not recomputed. The run settings (model and
     ensemble fingerprints, ``samples``, ``level``, ``seed``, ``batch_size``, ``max_atoms``,
     ``order``) are recorded beside ``out`` (``screen_output``) and a resume under other settings, or
-    for other inputs, is refused; so is a second screen writing ``out`` while one runs. Chunk k's
-    Monte-Carlo draws use seed ``seed + k``, so a resumed screen writes exactly the rows of an
-    uninterrupted one.
+    for other inputs, is refused; so is a second screen writing ``out`` while one runs. A crystal's
+    Monte-Carlo draws depend only on the crystal (``crystal_key``) and ``seed``, so a resumed or
+    distributed screen writes exactly the rows of an uninterrupted one, and each row equals ``predict``'s.
 
     ``cluster``: a Dask ``distributed.Client``, a scheduler address (``'tcp://host:8786'``) or a
     cluster object: chunks run as tasks on its workers (``model``/``ensemble`` must then be folder
@@ -278,15 +278,12 @@ def _screen(items: list, rows, *, chunk: int, seed: int | None, progress: bool, 
             columns: list[str] = FILE_COLUMNS) -> pd.DataFrame:
     """The ``done`` rows, then those of the other ``items`` from ``rows(jobs)``, appended to ``out`` chunk by chunk."""
     n_done = 0 if done is None else len(done)
-    first = n_done // chunk * chunk  # the chunk holding row n_done is recomputed whole (same seed); only its new rows are kept
-    # chunk k draws with seed + k: a resumed or distributed screen reproduces the same rows
-    starts = range(first, len(items), chunk) if n_done < len(items) else ()
-    jobs = [(items[start : start + chunk], None if seed is None else seed + start // chunk) for start in starts]
+    # a crystal's draws depend on the crystal and the seed only: a resume starts at the first missing row
+    jobs = [(items[start : start + chunk], seed) for start in range(n_done, len(items), chunk)]
     frames = [done] if n_done else []
-    skip = n_done - first
     bar = tqdm(total=len(items), initial=n_done, desc="screening", unit="crystal", disable=not progress)
     for part in rows(jobs):
-        part, skip = part.iloc[skip:].reset_index(drop=True), 0
+        part = part.reset_index(drop=True)
         if out is not None:
             append_rows(out, part, header=not frames)
         frames.append(part)
