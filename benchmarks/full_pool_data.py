@@ -89,7 +89,7 @@ def store_root(backbone_version: str = "0.3.0") -> Path:
 
 
 def _loader(backbone):
-    from matbalora.backbones.chgnet_prefix import compute_prefixes
+    from matbalora.backbones.chgnet import compute_prefixes
 
     frames, ids, _ = raw_frames()
     where = {sid: i for i, sid in enumerate(ids)}

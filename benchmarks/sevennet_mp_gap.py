@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mp_gap_data import MP_GAP, REPO, SplitSizes, read_frames, select_rows  # noqa: E402
 
-from matbalora.backbones.sevennet_prefix import compute_prefixes, prefix_block  # noqa: E402
+from matbalora.backbones.sevennet import compute_prefixes, prefix_block  # noqa: E402
 from matbalora.calibration import StdScaler  # noqa: E402
 from matbalora.data.graph_cache import GraphCache  # noqa: E402
 from matbalora.finetune import default_cache_dir  # noqa: E402

@@ -216,7 +216,7 @@ def train_ratio(args, graphs) -> dict:
     """(c) one optimiser step (forward with one draw, ELBO, backward, AdamW) on 32 crystals: BaLoRA vs
     LoRA on cached frozen-prefix features (how ``fit`` trains the default placement) and on graphs;
     cached features vs graphs; adapters in every block vs the default."""
-    from matbalora.backbones.chgnet_prefix import compute_prefixes, prefix_block
+    from matbalora.backbones.chgnet import compute_prefixes, prefix_block
 
     models = {m: balora_model(method=m) for m in ("lora", "balora")}
     models["lora_every_block"] = balora_model(last_blocks=0, method="lora")

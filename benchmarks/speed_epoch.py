@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from matbalora.backbones.chgnet_prefix import compute_prefixes
+from matbalora.backbones.chgnet import compute_prefixes
 from matbalora.backbones.prefix_store import PrefixStore, StoreBatches, build_prefix_store
 from matbalora.config import TrainConfig
 from matbalora.model import BandGapModel

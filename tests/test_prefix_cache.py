@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from matbalora.backbones.chgnet_prefix import PrefixGraph, compute_prefixes, prefix_block
+from matbalora.backbones.chgnet import PrefixGraph, compute_prefixes, prefix_block
 from matbalora.config import AdapterConfig, HeadConfig
 from matbalora.model import BandGapModel
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_prefix_cache import graphs_of, late_model
 
-from matbalora.backbones.chgnet_prefix import collate_prefixes, compute_prefixes
+from matbalora.backbones.chgnet import collate_prefixes, compute_prefixes
 from matbalora.backbones.prefix_store import CorruptShardError, PrefixStore, Shard, StoreBatches, build_prefix_store
 from matbalora.config import HeadConfig, TrainConfig
 from matbalora.model import BandGapModel

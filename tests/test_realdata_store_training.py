@@ -12,7 +12,7 @@ import pytest
 from conftest import MP_GAP
 
 import matbalora
-from matbalora.backbones.chgnet_prefix import compute_prefixes
+from matbalora.backbones.chgnet import compute_prefixes
 from matbalora.backbones.prefix_store import PrefixStore, StoreBatches, build_prefix_store
 from matbalora.config import HeadConfig, TrainConfig
 from matbalora.data.readers import load_dataset

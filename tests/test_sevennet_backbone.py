@@ -251,7 +251,7 @@ def test_one_draw_per_crystal_makes_supercells_agree(tiny_sevennet):
 
 
 def test_prefix_cache_gives_the_same_features(tiny_sevennet):
-    from matbalora.backbones.sevennet_prefix import compute_prefixes, prefix_block
+    from matbalora.backbones.sevennet import compute_prefixes, prefix_block
 
     model = randomize(make("balora", tiny_sevennet), log_a=-0.5)
     graphs = [model.structure_to_graph(s) for s in (distorted(), silicon(), perovskite())]
