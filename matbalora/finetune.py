@@ -330,7 +330,8 @@ def _previous_epochs(card: dict) -> int:
 
 
 def train_ensemble(spec: DataSpec, out: str | os.PathLike, *, members: int, train: TrainConfig, seeds: list[int] | None = None, **kwargs) -> Path:
-    """K models (default LoRA) on one split with different seeds, plus ``ensemble.json``."""
+    """K models (default LoRA) on one split with different seeds, plus ``ensemble.json``; ``kwargs``
+    go to :func:`train_model` (the graphs are those of its ``backbone`` and ``backbone_checkpoint``)."""
     if members < 2:
         raise ValueError(f"members={members} must be >= 2 for an ensemble")
     out = Path(out)
@@ -342,7 +343,7 @@ def train_ensemble(spec: DataSpec, out: str | os.PathLike, *, members: int, trai
             continue  # finished member
         if data is None:
             torch.manual_seed(seed)
-            probe = BandGapModel.from_pretrained("head")
+            probe = BandGapModel.from_pretrained("head", checkpoint=kwargs.get("backbone_checkpoint"), backbone=kwargs.get("backbone", DEFAULT_BACKBONE))
             cache = kwargs.get("cache_dir")
             data = prepare_data(spec, probe, split_file=out / SPLIT_FILE, cache_dir=Path(cache) if cache else default_cache_dir(), workers=kwargs.get("workers", 1), progress=kwargs.get("progress", True))
         train_model(spec, out / name, train=replace(train, seed=seed), data=data, **kwargs)
