@@ -303,11 +303,6 @@ def adaptable_paths(model: nn.Module, layer_types: tuple[type, ...] = (nn.Linear
     return [n for n, m in model.named_modules() if isinstance(m, layer_types) and not n.endswith(".base")]
 
 
-def linear_paths(model: nn.Module) -> list[str]:
-    """Module paths of every nn.Linear (not already wrapped) in ``model``."""
-    return adaptable_paths(model)
-
-
 def select_targets(model: nn.Module, config: AdapterConfig, *, layer_types: tuple[type, ...] = (nn.Linear,)) -> list[str]:
     """Paths that ``inject_adapters`` would wrap (a dry run). Raises if nothing matches, naming the
     layers of ``layer_types`` that exist."""

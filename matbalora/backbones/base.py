@@ -233,8 +233,9 @@ class Backbone:
 
     def check_frozen(self, net: nn.Module, block: int) -> None:
         """Refuse caching up to ``block`` when anything before it is trainable (its output would go stale)."""
-        names = [(name, m) for name, m in self.embedding_modules(net)]
-        names += [(f"block {i}", m) for i in range(block) for m in self.block_modules(net, i)]
+        paths = {id(m): path for path, m in net.named_modules()}
+        names = list(self.embedding_modules(net))
+        names += [(paths.get(id(m), f"block {i}"), m) for i in range(block) for m in self.block_modules(net, i)]
         for name, sub in names:
             if sub is not None and any(p.requires_grad for p in sub.parameters()):
                 raise ValueError(f"cannot cache features up to block {block}: {name} is trainable, its output would go stale")
