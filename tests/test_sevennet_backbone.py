@@ -167,10 +167,10 @@ def test_fresh_adapters_equal_the_pretrained_model(tiny_sevennet):
     model = make("lora", tiny_sevennet, last_blocks=0)
     graphs = [sevennet.structure_to_graph(plain, s) for s in (distorted(), perovskite())]
     with torch.no_grad():
-        ref = sevennet.crystal_features(plain, graphs)
+        ref = sevennet.FAMILY.crystal_features(plain, graphs)
         with torch.enable_grad():  # activation-space path
-            got = sevennet.crystal_features(model.backbone, graphs)
-        folded = sevennet.crystal_features(model.backbone, graphs)  # no-grad folded path
+            got = sevennet.FAMILY.crystal_features(model.backbone, graphs)
+        folded = sevennet.FAMILY.crystal_features(model.backbone, graphs)  # no-grad folded path
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(folded, ref, atol=1e-5, rtol=1e-5)
 
@@ -251,13 +251,13 @@ def test_one_draw_per_crystal_makes_supercells_agree(tiny_sevennet):
 
 
 def test_prefix_cache_gives_the_same_features(tiny_sevennet):
-    from matbalora.backbones.sevennet import compute_prefixes, prefix_block
+    from matbalora.backbones.sevennet import FAMILY
 
     model = randomize(make("balora", tiny_sevennet), log_a=-0.5)
     graphs = [model.structure_to_graph(s) for s in (distorted(), silicon(), perovskite())]
-    block = prefix_block(model.backbone, model.method)
+    block = FAMILY.prefix_block(model.backbone, model.method)
     assert block == 1
-    prefixes = compute_prefixes(model.backbone, graphs, block)
+    prefixes = FAMILY.compute_prefixes(model.backbone, graphs, block)
     for samples, seed in ((0, 0), (4, 9)):
         np.testing.assert_allclose(model.sample_gaps(prefixes, samples=samples, seed=seed).gaps,
                                    model.sample_gaps(graphs, samples=samples, seed=seed).gaps, atol=1e-5)

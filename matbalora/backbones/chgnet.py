@@ -373,11 +373,5 @@ class CHGNetBackbone(Backbone):
         return _collate(items)
 
 
-#: The family (registered in :mod:`matbalora.backbones`); module-level names for direct use.
+#: The family, registered in :mod:`matbalora.backbones` (``FAMILY.compute_prefixes(net, graphs, block)`` etc.).
 FAMILY = CHGNetBackbone()
-graph_rows = FAMILY.graph_rows
-crystal_features = FAMILY.crystal_features
-first_adapted_block = FAMILY.first_adapted_block
-prefix_block = FAMILY.prefix_block
-compute_prefixes = FAMILY.compute_prefixes
-collate_prefixes = FAMILY.collate_prefixes

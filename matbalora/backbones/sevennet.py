@@ -346,10 +346,5 @@ class SevenNetBackbone(Backbone):
         return _collate(items)
 
 
-#: The family (registered in :mod:`matbalora.backbones`); module-level names for direct use.
+#: The family, registered in :mod:`matbalora.backbones` (``FAMILY.compute_prefixes(net, graphs, block)`` etc.).
 FAMILY = SevenNetBackbone()
-crystal_features = FAMILY.crystal_features
-first_adapted_block = FAMILY.first_adapted_block
-prefix_block = FAMILY.prefix_block
-compute_prefixes = FAMILY.compute_prefixes
-collate_prefixes = FAMILY.collate_prefixes
