@@ -58,13 +58,14 @@ def main() -> None:
         print(f"  {rejection.id_or_path}: {rejection.reason} ({rejection.detail})")
     print(format_summary(summarize(ds)))
 
-    from matbalora.backbones.chgnet import backbone_version, load_chgnet
+    from matbalora.backbones.chgnet import FAMILY as CHGNET
+    from matbalora.backbones.chgnet import load_chgnet
 
     model = load_chgnet()
     subset = ds.subset(range(min(args.n_graphs, len(ds))))
     root = args.cache_dir or Path(tempfile.mkdtemp(prefix="matbalora-graphs-"))
     try:
-        cache = GraphCache(root, converter=model.graph_converter, backbone_version=backbone_version(model))
+        cache = GraphCache(root, converter=model.graph_converter, backbone_version=CHGNET.backbone_version(model))
         start = time.perf_counter()
         cache.graphs(subset.structures, ids=subset.ids, workers=args.workers, progress=True)
         build_s = time.perf_counter() - start

@@ -89,7 +89,7 @@ def store_root(backbone_version: str = "0.3.0") -> Path:
 
 
 def _loader(backbone):
-    from matbalora.backbones.chgnet_prefix import compute_prefixes
+    from matbalora.backbones.chgnet import FAMILY as CHGNET
 
     frames, ids, _ = raw_frames()
     where = {sid: i for i, sid in enumerate(ids)}
@@ -109,7 +109,7 @@ def _loader(backbone):
                 continue
             targets.append(float(t))
             kept.append(sid)
-        prefixes = compute_prefixes(backbone, graphs, BLOCK, batch_size=32, progress=False) if graphs else []
+        prefixes = CHGNET.compute_prefixes(backbone, graphs, BLOCK, batch_size=32, progress=False) if graphs else []
         return prefixes, targets, kept, rejected
 
     return load

@@ -267,7 +267,7 @@ _SHARED: dict = {}  # data of the evaluation, inherited by the forked workers
 
 def test_block(model) -> int:
     """The block the model's cached features enter at (0: it needs CrystalGraphs)."""
-    return model.family.prefix_module().prefix_block(model.backbone, model.method)
+    return model.family.prefix_block(model.backbone, model.method)
 
 
 def _task(job: tuple[str, str]) -> dict:

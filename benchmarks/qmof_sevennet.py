@@ -51,7 +51,7 @@ def main() -> None:
             "test": np.sort(rng.choice(split.test, args.test, replace=False)) if 0 < args.test < len(split.test) else split.test}
     load_seconds = time.perf_counter() - t0
     probe = BandGapModel.from_pretrained("lora", backbone=BACKBONE)
-    prefixes_mod = probe.family.prefix_module()
+    prefixes_mod = probe.family
     block = prefixes_mod.prefix_block(probe.backbone, "lora")
     t0 = time.perf_counter()
     graphs = {k: [probe.structure_to_graph(ds.structures[i], graph_id=ds.ids[i]) for i in v] for k, v in rows.items()}

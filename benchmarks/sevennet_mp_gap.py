@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mp_gap_data import MP_GAP, REPO, SplitSizes, read_frames, select_rows  # noqa: E402
 
-from matbalora.backbones.sevennet_prefix import compute_prefixes, prefix_block  # noqa: E402
+from matbalora.backbones.sevennet import FAMILY as SEVENNET  # noqa: E402
 from matbalora.calibration import StdScaler  # noqa: E402
 from matbalora.data.graph_cache import GraphCache  # noqa: E402
 from matbalora.finetune import default_cache_dir  # noqa: E402
@@ -131,9 +131,9 @@ def main() -> None:
     t0 = time.perf_counter()
     graphs = {k: [probe.structure_to_graph(s, graph_id=i) for s, i in zip(v[0], v[2])] for k, v in data.items()}
     convert_seconds = time.perf_counter() - t0
-    block = prefix_block(probe.backbone, "lora")
+    block = SEVENNET.prefix_block(probe.backbone, "lora")
     t0 = time.perf_counter()
-    prefixes = {k: compute_prefixes(probe.backbone, v, block) for k, v in graphs.items()}
+    prefixes = {k: SEVENNET.compute_prefixes(probe.backbone, v, block) for k, v in graphs.items()}
     prefix_seconds = time.perf_counter() - t0
     print(f"data {load_seconds:.0f}s, graphs {convert_seconds:.0f}s, prefixes to block {block} {prefix_seconds:.0f}s", flush=True)
     y = {k: v[1] for k, v in data.items()}

@@ -94,7 +94,7 @@ def profile(args, model) -> tuple[dict, list, list]:
     """ms per structure of each stage; returns (profile, structures, graphs)."""
     from chgnet.model.model import BatchedGraph
 
-    from matbalora.backbones.chgnet import graph_rows
+    from matbalora.backbones.chgnet import FAMILY as CHGNET
     from matbalora.data.formats import file_entries
     from matbalora.data.graph_cache import GraphCache
     from matbalora.data.validation import DEFAULT_MAX_ATOMS, check_structure
@@ -120,7 +120,7 @@ def profile(args, model) -> tuple[dict, list, list]:
         t_hit = (time.perf_counter() - t0) / len(structures)
 
     model.sample_gaps(graphs[:8], samples=16)  # warm-up: first calls pay one-off allocations
-    rows = [graph_rows(g) for g in graphs]
+    rows = [CHGNET.graph_rows(g) for g in graphs]
     out = {"n_structures": len(structures), "atoms_mean": float(np.mean([len(s) for s in structures])),
            "rows_mean": float(np.mean(rows)), "rows_max": int(max(rows))}
     stages = {"parse": t_parse, "validate": t_valid, "graph_convert": t_graph, "graph_cache_hit": t_hit}
@@ -216,13 +216,13 @@ def train_ratio(args, graphs) -> dict:
     """(c) one optimiser step (forward with one draw, ELBO, backward, AdamW) on 32 crystals: BaLoRA vs
     LoRA on cached frozen-prefix features (how ``fit`` trains the default placement) and on graphs;
     cached features vs graphs; adapters in every block vs the default."""
-    from matbalora.backbones.chgnet_prefix import compute_prefixes, prefix_block
+    from matbalora.backbones.chgnet import FAMILY as CHGNET
 
     models = {m: balora_model(method=m) for m in ("lora", "balora")}
     models["lora_every_block"] = balora_model(last_blocks=0, method="lora")
     batch = graphs[:TRAIN_BATCH]
-    block = prefix_block(models["lora"].backbone, "lora")
-    cached = compute_prefixes(models["lora"].backbone, batch, block, progress=False)
+    block = CHGNET.prefix_block(models["lora"].backbone, "lora")
+    cached = CHGNET.compute_prefixes(models["lora"].backbone, batch, block, progress=False)
     y = torch.rand(len(batch))
     opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for k, m in models.items()}
     gen = torch.Generator().manual_seed(0)
@@ -294,7 +294,7 @@ def _cap_address_space() -> None:  # a runaway probe fails alone instead of waki
 
 
 def _memory_probe_child(args) -> None:
-    from matbalora.backbones.chgnet import graph_rows
+    from matbalora.backbones.chgnet import FAMILY as CHGNET
     from matbalora.data.readers import load_dataset
     from matbalora.model import DEFAULT_MAX_ROWS, plan_passes
 
@@ -309,8 +309,8 @@ def _memory_probe_child(args) -> None:
     seconds = time.perf_counter() - t0
     peak = _peak_rss_mb()
     print(json.dumps({
-        "formula": big.composition.reduced_formula, "atoms": len(big), "rows_per_draw": graph_rows(graph),
-        "max_rows": max_rows, "passes": len(plan_passes([graph_rows(graph)], draws=16, max_rows=max_rows, max_crystals=1)),
+        "formula": big.composition.reduced_formula, "atoms": len(big), "rows_per_draw": CHGNET.graph_rows(graph),
+        "max_rows": max_rows, "passes": len(plan_passes([CHGNET.graph_rows(graph)], draws=16, max_rows=max_rows, max_crystals=1)),
         "rss_before_predict_mb": round(before), "peak_rss_mb": round(peak), "seconds": round(seconds, 2),
         "gap_mean_eV": float(gaps.mean()), "gap_std_eV": float(gaps.std(0, ddof=1)[0]),
     }))

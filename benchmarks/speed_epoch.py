@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from matbalora.backbones.chgnet_prefix import compute_prefixes
+from matbalora.backbones.chgnet import FAMILY as CHGNET
 from matbalora.backbones.prefix_store import PrefixStore, StoreBatches, build_prefix_store
 from matbalora.config import TrainConfig
 from matbalora.model import BandGapModel
@@ -44,7 +44,7 @@ def _epoch_seconds(method: str, source, val, dtype: str) -> float:
 def epoch_ratio(graphs: list, targets: np.ndarray, *, rounds: int = 2) -> dict:
     """ms per crystal per epoch of each variant, and the speed-up of ``store_bf16`` over ``list_fp32``."""
     backbone = BandGapModel.from_pretrained("balora").backbone
-    prefixes = compute_prefixes(backbone, graphs, backbone.n_conv - 1, progress=False)
+    prefixes = CHGNET.compute_prefixes(backbone, graphs, backbone.n_conv - 1, progress=False)
     ids = [f"c{i}" for i in range(len(prefixes))]
     root = tempfile.mkdtemp(prefix="matbalora-speed-store-")
     build_prefix_store(root, ids=ids, load_shard=lambda pos: ([prefixes[p] for p in pos], [float(targets[p]) for p in pos], [ids[p] for p in pos], {}),

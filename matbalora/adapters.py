@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Literal
 
@@ -303,16 +303,27 @@ def _segment_matmul(x: Tensor, sorted_owners: Tensor, mats: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- injection
 
 
-def linear_paths(model: nn.Module) -> list[str]:
-    """Module paths of every nn.Linear (not already wrapped) in ``model``."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith(".base")]
+def linear_adapter(base: nn.Linear, config: AdapterConfig, context: NoiseContext | None) -> LoRALinear:
+    """The LoRA/BaLoRA wrapper of one ``nn.Linear``, on the base layer's device and dtype."""
+    adapter = BaLoRALinear(base, config, context) if config.bayesian else LoRALinear(base, config)
+    return adapter.to(device=base.weight.device, dtype=base.weight.dtype)
 
 
-def select_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
-    """Paths that ``inject_adapters`` would wrap (a dry run). Raises if nothing matches."""
+#: The wrapper of each layer type the injector adapts by default (families add theirs, e.g. e3nn's o3.Linear).
+LINEAR_WRAPPERS: dict[type, Callable] = {nn.Linear: linear_adapter}
+
+
+def adaptable_paths(model: nn.Module, layer_types: tuple[type, ...] = (nn.Linear,)) -> list[str]:
+    """Module paths of every layer of ``layer_types`` (not already wrapped) in ``model``."""
+    return [n for n, m in model.named_modules() if isinstance(m, layer_types) and not n.endswith(".base")]
+
+
+def select_targets(model: nn.Module, config: AdapterConfig, *, layer_types: tuple[type, ...] = (nn.Linear,)) -> list[str]:
+    """Paths that ``inject_adapters`` would wrap (a dry run). Raises if nothing matches, naming the
+    layers of ``layer_types`` that exist."""
     patterns = [re.compile(p) for p in config.targets]
     excludes = [re.compile(p) for p in config.exclude]
-    available = linear_paths(model)
+    available = adaptable_paths(model, layer_types)
     chosen = [
         p
         for p in available
@@ -321,16 +332,18 @@ def select_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     if chosen and config.last_blocks:
         chosen = _in_last_blocks(chosen, config.last_blocks)
     if not chosen:
+        noun = " or ".join("linear layer" if t is nn.Linear else f"{'.'.join(t.__module__.split('.')[:2])}.{t.__name__} layer" for t in layer_types)
         raise ValueError(
-            f"adapter targets {list(config.targets)} (excluding {list(config.exclude)}) match no linear layer; "
-            f"available linear layers: {available}"
+            f"adapter targets {list(config.targets)} (excluding {list(config.exclude)}) match no {noun}; "
+            f"available {noun}s: {available}"
         )
     return chosen
 
 
 def block_index(path: str) -> int | None:
-    """The block a module path belongs to: its first integer component (``atom_conv_layers.3.mlp_out`` -> 3)."""
-    return next((int(part) for part in path.split(".") if part.isdigit()), None)
+    """The block a module path belongs to: its first component that is an integer
+    (``atom_conv_layers.3.mlp_out`` -> 3) or starts with one and ``_`` (``3_self_interaction_1.linear`` -> 3)."""
+    return next((int(m.group(1)) for part in path.split(".") if (m := re.fullmatch(r"(\d+)(?:_.*)?", part))), None)
 
 
 def _in_last_blocks(paths: list[str], n: int) -> list[str]:
@@ -342,18 +355,27 @@ def _in_last_blocks(paths: list[str], n: int) -> list[str]:
 
 
 def inject_adapters(
-    model: nn.Module, config: AdapterConfig, context: NoiseContext | None = None
-) -> dict[str, LoRALinear]:
-    """Replace each selected nn.Linear by a LoRA/BaLoRA wrapper in place; returns {path: adapter}."""
+    model: nn.Module,
+    config: AdapterConfig,
+    context: NoiseContext | None = None,
+    *,
+    wrappers: Mapping[type, Callable] | None = None,
+) -> dict[str, nn.Module]:
+    """Replace each selected layer by its adapter in place; returns {path: adapter}.
+
+    ``wrappers``: layer type -> ``wrap(base, config, context)`` (default: LoRA/BaLoRA on ``nn.Linear``);
+    only layers of those types are candidates, and each is wrapped by the first type it is an instance of.
+    """
     if config.bayesian and context is None:
         raise ValueError("BaLoRA adapters need a NoiseContext")
-    wrapped: dict[str, LoRALinear] = {}
-    for path in select_targets(model, config):
+    wrappers = dict(wrappers or LINEAR_WRAPPERS)
+    wrapped: dict[str, nn.Module] = {}
+    for path in select_targets(model, config, layer_types=tuple(wrappers)):
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         base = getattr(parent, child)
-        adapter = BaLoRALinear(base, config, context) if config.bayesian else LoRALinear(base, config)
-        adapter.to(device=base.weight.device, dtype=base.weight.dtype)
+        wrap = next(w for t, w in wrappers.items() if isinstance(base, t))
+        adapter = wrap(base, config, context)
         setattr(parent, child, adapter)
         wrapped[path] = adapter
     return wrapped

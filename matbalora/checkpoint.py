@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from matbalora.atomic import atomic_write, sha256_file, write_json
 from matbalora.config import AdapterConfig, HeadConfig, from_dict, to_dict
-from matbalora.model import BACKBONES, BandGapModel, backbone_family
+from matbalora.backbones import BACKBONES, get_backbone
+from matbalora.model import BandGapModel
 from matbalora.model_card import MAX_CONFIG_BYTES, check_card, parse_card
 
 FORMAT = "matbalora-model"
@@ -108,11 +109,11 @@ def verify_weights(folder: str | os.PathLike, config: dict[str, Any]) -> Path:
 
 
 def load_backbone(folder: str | os.PathLike, backbone: dict[str, Any]) -> torch.nn.Module:
-    """The backbone a model folder names: CHGNet's shipped weights (``checkpoint`` null), or the
+    """The backbone a model folder names: its family's shipped weights (``checkpoint`` null), or the
     checkpoint file, checked against its recorded SHA-256 and loaded without unpickling objects."""
     config_path = Path(folder) / CONFIG
     ckpt = backbone.get("checkpoint")
-    family = backbone_family(backbone.get("name"))
+    family = get_backbone(backbone.get("name"))
     if ckpt is None:
         return family.load(None)
     if not isinstance(ckpt, str) or not os.path.isfile(ckpt):
@@ -139,7 +140,7 @@ def load_model_folder(folder: str | os.PathLike) -> tuple[BandGapModel, dict]:
     """Rebuild the model of a folder: its backbone checkpoint, adapters, head and trained weights."""
     config = read_config(folder)
     bb = config.get("backbone")
-    if not isinstance(bb, dict) or bb.get("name") not in BACKBONES:
+    if not isinstance(bb, dict) or not isinstance(bb.get("name"), str) or bb["name"] not in BACKBONES:
         name = bb.get("name") if isinstance(bb, dict) else bb
         raise ModelFolderError(f"{Path(folder) / CONFIG}: backbone {str(name)[:80]!r} is not supported")
     try:
@@ -148,7 +149,7 @@ def load_model_folder(folder: str | os.PathLike) -> tuple[BandGapModel, dict]:
         raise ModelFolderError(f"{Path(folder) / CONFIG}: {exc}") from None
     weights = verify_weights(folder, config)
     backbone = load_backbone(folder, bb)
-    found = backbone_family(bb["name"]).backbone_version(backbone)
+    found = get_backbone(bb["name"]).backbone_version(backbone)
     if found != bb.get("version"):
         raise ModelFolderError(
             f"{Path(folder) / CONFIG}: trained on backbone {bb.get('name')} {bb.get('version')!r}, "

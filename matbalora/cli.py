@@ -13,6 +13,7 @@ import sys
 from typing import Any, Literal, get_args, get_origin
 
 from matbalora import __version__
+from matbalora.backbones import BACKBONES, DEFAULT_BACKBONE
 from matbalora.config import AdapterConfig, HeadConfig, TrainConfig
 from matbalora.defaults import LEVEL, SAMPLES
 
@@ -60,11 +61,14 @@ def _train_parser(sub) -> None:
     p.add_argument("--samples", type=int, default=SAMPLES, help="Monte-Carlo samples for calibration and test metrics")
     p.add_argument("--cache", default=None, help="graph cache folder (default: $MATBALORA_CACHE or ~/.cache/matbalora)")
     p.add_argument("--workers", type=int, default=1, help="processes for graph conversion")
-    p.add_argument("--backbone", choices=["chgnet", "sevennet"], default="chgnet", help="pretrained backbone family (default: chgnet)")
-    p.add_argument("--backbone-checkpoint", default=None, help="a checkpoint file of that family (default: CHGNet 0.3.0 from the chgnet wheel, SevenNet-0 from the sevenn wheel)")
+    p.add_argument("--backbone", choices=list(BACKBONES), default=DEFAULT_BACKBONE, help="pretrained backbone family")
+    p.add_argument("--backbone-checkpoint", default=None, help="a checkpoint file of that family (default: the one its wheel ships, e.g. CHGNet 0.3.0, SevenNet-0)")
     _add_dataclass_options(p, TrainConfig)
     _add_dataclass_options(p, AdapterConfig, skip=("bayesian",), rename={"dropout": "adapter_dropout"})
     _add_dataclass_options(p, HeadConfig, prefix="head_", rename={"loss": "loss"})
+    for action in p._actions:  # no --targets: the backbone family's own (Backbone.default_targets)
+        if action.dest == "AdapterConfig.targets":
+            action.default, action.help = None, f"{action.help}; none given: the --backbone family's default targets"
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -73,11 +77,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     train = _collect(args, TrainConfig)
     adapter = None
     if train.method in ("lora", "balora"):
-        adapter = _collect(args, AdapterConfig, bayesian=train.method == "balora")
-        if args.backbone != "chgnet" and adapter.targets == AdapterConfig().targets:  # --targets not given: the family's own
-            from matbalora.model import backbone_family
+        from matbalora.backbones import get_backbone
 
-            adapter = dataclasses.replace(adapter, targets=tuple(backbone_family(args.backbone).DEFAULT_TARGETS))
+        given = getattr(args, "AdapterConfig.targets")
+        targets = tuple(given) if given is not None else tuple(get_backbone(args.backbone).default_targets)
+        adapter = _collect(args, AdapterConfig, bayesian=train.method == "balora", targets=targets)
     head = _collect(args, HeadConfig)
     spec = DataSpec(args.data, args.max_structures, args.split, args.val_fraction, args.test_fraction, args.split_seed)
     common = dict(train=train, adapter=adapter, head=head, resume=args.resume, cache_dir=args.cache, samples=args.samples, workers=args.workers, backbone=args.backbone, backbone_checkpoint=args.backbone_checkpoint)

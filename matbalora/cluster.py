@@ -56,15 +56,14 @@ def cached_predictor(kind: str, folder: str) -> Any:
         return _CACHE[key]
 
 
-def predict_chunk(model: str, ensemble: str | None, items: Sequence[tuple[str, Any]], **options: Any):
-    """Worker task: the rows of one chunk, from ``screening.predict_items`` like a single-process screen
-    (``options``: its keyword arguments: samples, level, seed, max_atoms)."""
-    from matbalora.screening import predict_items
-
+def predict_chunk(rows: Callable, model: str, ensemble: str | None, items: Sequence[tuple[str, Any]], **options: Any):
+    """Worker task: ``rows(items, predictor, ensemble_predictor, **options)``, the rows of one chunk as
+    the caller computes them in a single-process screen (``screening.predict_items``, passed by
+    reference so this module does not import the screening layer above it)."""
     predictor = cached_predictor("model", model)
     ens = cached_predictor("ensemble", ensemble) if ensemble is not None else None
     with _PREDICT_LOCK:
-        return predict_items(items, predictor, ens, **options)
+        return rows(items, predictor, ens, **options)
 
 
 def connect(cluster: Any) -> tuple[Any, bool]:

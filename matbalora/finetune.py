@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from matbalora.atomic import write_json
+from matbalora.backbones import DEFAULT_BACKBONE
 from matbalora.calibration import StdScaler, fit_recalibration
 from matbalora.checkpoint import load_model_folder, save_model
 from matbalora.config import AdapterConfig, HeadConfig, TrainConfig, to_dict
-from matbalora.data.graph_cache import GraphCache
 from matbalora.data.readers import load_dataset
 from matbalora.data.splits import Split, grouped_split, random_split
 from matbalora.metrics import evaluate
@@ -91,7 +91,7 @@ class PreparedData:
 
 def prepare_data(spec: DataSpec, model: BandGapModel, *, split_file: Path | None, cache_dir: Path | None, workers: int = 1, progress: bool = True) -> PreparedData:
     """Load and validate the data, reuse or make the split, and convert graphs through the cache."""
-    ds = load_dataset(spec.path, on_invalid="skip", max_structures=spec.max_structures)
+    ds = load_dataset(spec.path, on_invalid="skip", max_structures=spec.max_structures, limits=model.family.limits(model.backbone))
     if ds.rejected:
         log.warning("%s: %d entries rejected %s", spec.path, len(ds.rejected), ds.rejection_counts())
     fractions = (1 - spec.val_fraction - spec.test_fraction, spec.val_fraction, spec.test_fraction)
@@ -119,29 +119,23 @@ def prepare_data(spec: DataSpec, model: BandGapModel, *, split_file: Path | None
 
 
 def structure_graphs(model: BandGapModel, structures: list, ids: list[str], *, cache_dir: Path | None, workers: int = 1, progress: bool = True) -> list:
-    """The model's input graphs of ``structures``: CHGNet graphs through the on-disk cache (reused
-    across runs), other backbones converted in this process (SevenNet's conversion is not cached)."""
-    if model.backbone_name == "chgnet":
-        cache = GraphCache(cache_dir, converter=model.backbone.graph_converter, backbone_version=model.backbone_version)
-        return cache.graphs(structures, ids=ids, workers=workers, progress=progress)
-    from tqdm.auto import tqdm
-
-    return [model.structure_to_graph(s, graph_id=i) for s, i in tqdm(list(zip(structures, ids)), desc=f"{model.backbone_name} graphs", disable=not progress)]
+    """The model's input graphs of ``structures``, as its backbone family converts them (through the
+    family's on-disk graph cache where it has one, ``Backbone.graphs``)."""
+    return model.family.graphs(model.backbone, structures, ids, cache_dir=cache_dir, workers=workers, progress=progress)
 
 
 def with_frozen_prefix(data: PreparedData, model: BandGapModel, *, parts: tuple[str, ...] = ("train", "val", "test"), progress: bool = True) -> PreparedData:
     """``data`` with the graphs of the split ``parts`` replaced by their cached frozen-prefix features,
-    when the model's backbone is frozen before its first adapted block (see
-    :mod:`~matbalora.backbones.chgnet_prefix`); otherwise ``data`` itself. Computed once per block and
-    shared by every model trained on ``data``."""
-    prefixes = model.family.prefix_module()
-    block = prefixes.prefix_block(model.backbone, model.method)
+    when the model's backbone is frozen before its first adapted block (``Backbone.compute_prefixes``);
+    otherwise ``data`` itself. Computed once per block and shared by every model trained on ``data``."""
+    family = model.family
+    block = family.prefix_block(model.backbone, model.method)
     if block == 0 or prefix_block_of(data) == block:  # nothing to cache, or cached already (e.g. read from a prefix store)
         return data
     key = (block, model.backbone_checkpoint, tuple(parts))
     if key not in data.prefix_cache:
         idx = sorted({int(i) for part in parts for i in getattr(data.split, part)})
-        cached = prefixes.compute_prefixes(model.backbone, [data.graphs[i] for i in idx], block, progress=progress)
+        cached = family.compute_prefixes(model.backbone, [data.graphs[i] for i in idx], block, progress=progress)
         graphs = list(data.graphs)
         for i, p in zip(idx, cached):
             graphs[i] = p
@@ -241,7 +235,7 @@ def train_model(
     workers: int = 1,
     progress: bool = True,
     data: PreparedData | None = None,
-    backbone: str = "chgnet",
+    backbone: str = DEFAULT_BACKBONE,
     backbone_checkpoint: str | None = None,
     train_batches=None,
     init_from: str | os.PathLike | None = None,
@@ -251,7 +245,7 @@ def train_model(
     ``train_batches`` (e.g. :class:`~matbalora.backbones.prefix_store.StoreBatches` over an on-disk
     prefix store) replaces the training part of ``data``; ``data`` then holds validation and test.
 
-    ``backbone`` names the family (``chgnet`` or ``sevennet``), ``backbone_checkpoint`` a checkpoint
+    ``backbone`` names the family (a key of ``matbalora.backbones.BACKBONES``), ``backbone_checkpoint`` a checkpoint
     file of it (default: the one inside its wheel). Without an ``adapter``, LoRA/BaLoRA adapters go on
     that family's default targets.
 
@@ -336,7 +330,8 @@ def _previous_epochs(card: dict) -> int:
 
 
 def train_ensemble(spec: DataSpec, out: str | os.PathLike, *, members: int, train: TrainConfig, seeds: list[int] | None = None, **kwargs) -> Path:
-    """K models (default LoRA) on one split with different seeds, plus ``ensemble.json``."""
+    """K models (default LoRA) on one split with different seeds, plus ``ensemble.json``; ``kwargs``
+    go to :func:`train_model` (the graphs are those of its ``backbone`` and ``backbone_checkpoint``)."""
     if members < 2:
         raise ValueError(f"members={members} must be >= 2 for an ensemble")
     out = Path(out)
@@ -348,7 +343,7 @@ def train_ensemble(spec: DataSpec, out: str | os.PathLike, *, members: int, trai
             continue  # finished member
         if data is None:
             torch.manual_seed(seed)
-            probe = BandGapModel.from_pretrained("head")
+            probe = BandGapModel.from_pretrained("head", checkpoint=kwargs.get("backbone_checkpoint"), backbone=kwargs.get("backbone", DEFAULT_BACKBONE))
             cache = kwargs.get("cache_dir")
             data = prepare_data(spec, probe, split_file=out / SPLIT_FILE, cache_dir=Path(cache) if cache else default_cache_dir(), workers=kwargs.get("workers", 1), progress=kwargs.get("progress", True))
         train_model(spec, out / name, train=replace(train, seed=seed), data=data, **kwargs)

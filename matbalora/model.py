@@ -19,24 +19,11 @@ from matbalora.adapters import (
     noise_bank,
     total_kl,
 )
-from matbalora.backbones import chgnet as chgnet_backbone
+from matbalora.backbones import DEFAULT_BACKBONE, get_backbone
+from matbalora.backbones.base import Backbone
 from matbalora.config import AdapterConfig, HeadConfig, Method
 from matbalora.data.crystal_key import draw_seed
 from matbalora.head import BandGapHead
-
-#: Backbone families by name: the module that loads, converts and runs each one.
-BACKBONES = ("chgnet", "sevennet")
-
-
-def backbone_family(name: str):
-    """The module implementing backbone ``name`` (``load_*``, ``crystal_features``, ``graph_rows``...)."""
-    if name == "chgnet":
-        return chgnet_backbone
-    if name == "sevennet":
-        from matbalora.backbones import sevennet
-
-        return sevennet
-    raise ValueError(f"backbone={name!r} is not known; choose one of {list(BACKBONES)}")
 
 
 #: Default budget of feature rows (atoms + directed bonds + angles, times draws) per forward pass.
@@ -106,10 +93,10 @@ class BandGapModel(nn.Module):
         adapter: AdapterConfig | None,
         head: HeadConfig,
         backbone_checkpoint: str | None = None,
-        backbone_name: str = "chgnet",
+        backbone_name: str = DEFAULT_BACKBONE,
     ) -> None:
         super().__init__()
-        family = backbone_family(backbone_name)
+        family = get_backbone(backbone_name)
         if method in ("lora", "balora") and adapter is None:
             raise ValueError(f"method={method!r} needs an AdapterConfig")
         if method in ("head", "full") and adapter is not None:
@@ -140,13 +127,13 @@ class BandGapModel(nn.Module):
         adapter: AdapterConfig | None = None,
         head: HeadConfig | None = None,
         checkpoint: str | os.PathLike | None = None,
-        backbone: str = "chgnet",
+        backbone: str = DEFAULT_BACKBONE,
     ) -> BandGapModel:
-        """Wrap a pretrained backbone: ``chgnet`` (wheel 0.3.0 by default) or ``sevennet`` (SevenNet-0
-        from the sevenn wheel by default), or that family's checkpoint file."""
-        family = backbone_family(backbone)
+        """Wrap a pretrained backbone of a family in ``BACKBONES`` (e.g. ``chgnet``: the wheel's 0.3.0,
+        ``sevennet``: SevenNet-0 from the sevenn wheel), or that family's checkpoint file."""
+        family = get_backbone(backbone)
         if adapter is None and method in ("lora", "balora"):
-            adapter = AdapterConfig(bayesian=method == "balora", targets=family.DEFAULT_TARGETS)
+            adapter = AdapterConfig(bayesian=method == "balora", targets=family.default_targets)
         net = family.load(checkpoint)
         ckpt = None if checkpoint is None else os.fspath(checkpoint)
         return cls(net, method=method, adapter=adapter, head=head or HeadConfig(), backbone_checkpoint=ckpt, backbone_name=backbone)
@@ -157,18 +144,11 @@ class BandGapModel(nn.Module):
         if self.method == "full":
             for p in self.backbone.parameters():
                 p.requires_grad_(True)
-            comp = getattr(self.backbone, "composition_model", None)
-            if comp is not None:  # energy reference, unused for gaps
-                for p in comp.parameters():
-                    p.requires_grad_(False)
         else:
             mark_only_adapters_trainable(self.backbone)
-        # unused energy readout of CHGNet stays frozen in every method
-        for name in ("site_wise", "mlp"):
-            sub = getattr(self.backbone, name, None)
-            if isinstance(sub, nn.Module):
-                for p in sub.parameters():
-                    p.requires_grad_(False)
+        for sub in self.family.frozen_modules(self.backbone, self.method):  # e.g. an unused energy readout
+            for p in sub.parameters():
+                p.requires_grad_(False)
         for p in self.head.parameters():
             p.requires_grad_(True)
 
@@ -187,9 +167,9 @@ class BandGapModel(nn.Module):
                     d.train(active)
 
     @property
-    def family(self):
-        """The module implementing this model's backbone family (see :func:`backbone_family`)."""
-        return backbone_family(self.backbone_name)
+    def family(self) -> Backbone:
+        """This model's backbone family (``matbalora.backbones.BACKBONES``)."""
+        return get_backbone(self.backbone_name)
 
     @property
     def is_bayesian(self) -> bool:
@@ -234,11 +214,10 @@ class BandGapModel(nn.Module):
         if dtype == torch.float32:
             yield
             return
-        blocks = getattr(self.family, "adapted_blocks", None)
-        if blocks is None:
+        if not self.family.low_precision:
             raise ValueError(f"compute dtype {dtype} is not supported for backbone {self.backbone_name!r}")
         saved: list[tuple[Tensor, Tensor]] = []
-        for module in blocks(self.backbone):
+        for module in self.family.adapted_blocks(self.backbone):
             for t in list(module.parameters()) + list(module.buffers()):
                 if t.is_floating_point() and not t.requires_grad and t.dtype != dtype:
                     saved.append((t, t.data))

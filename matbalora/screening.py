@@ -309,7 +309,7 @@ def _chunk_rows(jobs: list, *, model, ensemble, options: dict, cluster: Any, ret
     ens_dir = None if ensemble is None or ensemble is False else dask_cluster.folder_path(ensemble, default=SHIPPED_ENSEMBLE, name="ensemble")
     client, opened = dask_cluster.connect(cluster)
     try:
-        calls = (((model_dir, ens_dir, part_items), {"seed": part_seed, **options}) for part_items, part_seed in jobs)
+        calls = (((predict_items, model_dir, ens_dir, part_items), {"seed": part_seed, **options}) for part_items, part_seed in jobs)
         yield from dask_cluster.ordered_results(client, dask_cluster.predict_chunk, calls, retries=retries)
     finally:
         if opened:

@@ -8,7 +8,7 @@ import torch
 
 from conftest import perovskite, rocksalt_nacl, silicon, tiny_chgnet
 from matbalora.adapters import BaLoRALinear, LoRALinear, NoiseContext, adapters_of
-from matbalora.backbones.chgnet import graph_rows
+from matbalora.backbones.chgnet import FAMILY as CHGNET
 from matbalora.config import AdapterConfig, HeadConfig
 from matbalora.model import BandGapModel, Pass, plan_passes
 
@@ -54,7 +54,7 @@ def test_row_budget_changes_passes_not_the_deterministic_gaps(crystals):
     model = build()
     graphs = graphs_of(model, crystals + [perovskite() * (2, 2, 1)])
     one = model.sample_gaps(graphs, samples=0).gaps
-    small = model.sample_gaps(graphs, samples=0, max_rows=min(graph_rows(g) for g in graphs)).gaps
+    small = model.sample_gaps(graphs, samples=0, max_rows=min(CHGNET.graph_rows(g) for g in graphs)).gaps
     assert np.allclose(one, small, atol=1e-5)
 
 
@@ -62,12 +62,12 @@ def test_large_crystal_draws_stay_within_the_row_budget(crystals, monkeypatch):
     model = build()
     big = rocksalt_nacl() * (2, 2, 2)  # 64 atoms
     graphs = graphs_of(model, [silicon(), big, crystals[3]])
-    budget = graph_rows(graphs[1]) * 3  # 3 draws of the big crystal per pass
+    budget = CHGNET.graph_rows(graphs[1]) * 3  # 3 draws of the big crystal per pass
     seen = []
     forward = BandGapModel.forward
 
     def spy(self, chunk, *, samples=1):
-        seen.append(sum(graph_rows(g) for g in chunk) * samples)
+        seen.append(sum(CHGNET.graph_rows(g) for g in chunk) * samples)
         return forward(self, chunk, samples=samples)
 
     monkeypatch.setattr(BandGapModel, "forward", spy)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from matbalora.backbones.chgnet_prefix import PrefixGraph, compute_prefixes, prefix_block
+from matbalora.backbones.chgnet import FAMILY as CHGNET
+from matbalora.backbones.chgnet import PrefixGraph
 from matbalora.config import AdapterConfig, HeadConfig
 from matbalora.model import BandGapModel
 
@@ -45,9 +46,9 @@ def graphs_of(model, structures):
 def test_prefix_forward_equals_full_forward(method, first_block, crystals):
     model = late_model(method, first_block)
     graphs = graphs_of(model, crystals)
-    block = prefix_block(model.backbone, method)
+    block = CHGNET.prefix_block(model.backbone, method)
     assert block == first_block
-    prefixes = compute_prefixes(model.backbone, graphs, block, batch_size=3, progress=False)  # batches split crystals
+    prefixes = CHGNET.compute_prefixes(model.backbone, graphs, block, batch_size=3, progress=False)  # batches split crystals
     assert all(isinstance(p, PrefixGraph) for p in prefixes) and (prefixes[0].angle is None) == (block == 2)
     det_full = model.sample_gaps(graphs, samples=0).gaps
     det_pref = model.sample_gaps(prefixes, samples=0).gaps
@@ -64,7 +65,7 @@ def test_prefix_training_step_matches_full_graph_step(crystals):
     a, b = late_model("lora", 2), late_model("lora", 2)
     b.load_state_dict(a.state_dict())
     graphs = graphs_of(a, crystals)
-    prefixes = compute_prefixes(a.backbone, graphs, 2, progress=False)
+    prefixes = CHGNET.compute_prefixes(a.backbone, graphs, 2, progress=False)
     y = torch.tensor([1.1, 5.0, 0.0, 1.8])
     grads = []
     for model, batch in ((a, graphs), (b, prefixes)):
@@ -79,11 +80,11 @@ def test_prefix_is_refused_where_features_would_go_stale(crystals):
     model = late_model("lora", 1)
     graphs = graphs_of(model, crystals[:2])
     with pytest.raises(ValueError, match="first adapted block"):
-        compute_prefixes(model.backbone, graphs, 2, progress=False)
-    prefixes = compute_prefixes(late_model("lora", 2).backbone, graphs, 2, progress=False)
+        CHGNET.compute_prefixes(model.backbone, graphs, 2, progress=False)
+    prefixes = CHGNET.compute_prefixes(late_model("lora", 2).backbone, graphs, 2, progress=False)
     with pytest.raises(ValueError, match="cached up to block 2"):
         model.sample_gaps(prefixes, samples=0)
     full = BandGapModel(three_block_chgnet(), method="full", adapter=None, head=HeadConfig(hidden=8))
-    assert prefix_block(full.backbone, "full") == 0
+    assert CHGNET.prefix_block(full.backbone, "full") == 0
     with pytest.raises(ValueError, match="trainable"):
-        compute_prefixes(full.backbone, graphs, 1, progress=False)
+        CHGNET.compute_prefixes(full.backbone, graphs, 1, progress=False)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_prefix_cache import graphs_of, late_model
 
-from matbalora.backbones.chgnet_prefix import collate_prefixes, compute_prefixes
+from matbalora.backbones.chgnet import FAMILY as CHGNET
 from matbalora.backbones.prefix_store import CorruptShardError, PrefixStore, Shard, StoreBatches, build_prefix_store
 from matbalora.config import HeadConfig, TrainConfig
 from matbalora.model import BandGapModel
@@ -23,7 +23,7 @@ def prefixed(crystals):
     """A model adapting its last block (2 of 3), 8 crystals, their prefixes, ids and fake targets."""
     model = late_model("balora", 2)
     structures = (crystals * 2)[:8]
-    prefixes = compute_prefixes(model.backbone, graphs_of(model, structures), 2, progress=False)
+    prefixes = CHGNET.compute_prefixes(model.backbone, graphs_of(model, structures), 2, progress=False)
     ids = [f"c{i}" for i in range(len(prefixes))]
     return model, prefixes, ids, np.linspace(0.0, 3.0, len(prefixes))
 
@@ -48,7 +48,7 @@ def test_store_matches_in_memory_prefixes(tmp_path, prefixed):
     np.testing.assert_allclose(store.targets(["c0", "c7"]), [y[0], y[7]], rtol=1e-6)
     sel = np.array([0, 2])  # crystals c0, c2 of shard 0
     batch = store.batch(0, sel)
-    ref = collate_prefixes(model.backbone, [prefixes[0], prefixes[2]])
+    ref = CHGNET.collate_prefixes(model.backbone, [prefixes[0], prefixes[2]])
     assert torch.equal(batch.state.atom_graph, ref.atom_graph) and torch.equal(batch.state.d2u, ref.d2u)
     assert torch.equal(batch.state.atom_owners, ref.atom_owners)
     with torch.no_grad():

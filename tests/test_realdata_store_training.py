@@ -12,7 +12,7 @@ import pytest
 from conftest import MP_GAP
 
 import matbalora
-from matbalora.backbones.chgnet_prefix import compute_prefixes
+from matbalora.backbones.chgnet import FAMILY as CHGNET
 from matbalora.backbones.prefix_store import PrefixStore, StoreBatches, build_prefix_store
 from matbalora.config import HeadConfig, TrainConfig
 from matbalora.data.readers import load_dataset
@@ -36,7 +36,7 @@ def test_store_training_with_nll_head_and_refit(tmp_path):
 
     def load(positions):
         graphs = [backbone.graph_converter(ds.structures[p]) for p in positions]
-        prefixes = compute_prefixes(backbone, graphs, 3, progress=False)
+        prefixes = CHGNET.compute_prefixes(backbone, graphs, 3, progress=False)
         fp32_bytes.extend(p.nbytes() for p in prefixes)
         return prefixes, [float(ds.targets[p]) for p in positions], [ids[p] for p in positions], {}
 

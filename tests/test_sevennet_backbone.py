@@ -167,10 +167,10 @@ def test_fresh_adapters_equal_the_pretrained_model(tiny_sevennet):
     model = make("lora", tiny_sevennet, last_blocks=0)
     graphs = [sevennet.structure_to_graph(plain, s) for s in (distorted(), perovskite())]
     with torch.no_grad():
-        ref = sevennet.crystal_features(plain, graphs)
+        ref = sevennet.FAMILY.crystal_features(plain, graphs)
         with torch.enable_grad():  # activation-space path
-            got = sevennet.crystal_features(model.backbone, graphs)
-        folded = sevennet.crystal_features(model.backbone, graphs)  # no-grad folded path
+            got = sevennet.FAMILY.crystal_features(model.backbone, graphs)
+        folded = sevennet.FAMILY.crystal_features(model.backbone, graphs)  # no-grad folded path
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(folded, ref, atol=1e-5, rtol=1e-5)
 
@@ -251,13 +251,13 @@ def test_one_draw_per_crystal_makes_supercells_agree(tiny_sevennet):
 
 
 def test_prefix_cache_gives_the_same_features(tiny_sevennet):
-    from matbalora.backbones.sevennet_prefix import compute_prefixes, prefix_block
+    from matbalora.backbones.sevennet import FAMILY
 
     model = randomize(make("balora", tiny_sevennet), log_a=-0.5)
     graphs = [model.structure_to_graph(s) for s in (distorted(), silicon(), perovskite())]
-    block = prefix_block(model.backbone, model.method)
+    block = FAMILY.prefix_block(model.backbone, model.method)
     assert block == 1
-    prefixes = compute_prefixes(model.backbone, graphs, block)
+    prefixes = FAMILY.compute_prefixes(model.backbone, graphs, block)
     for samples, seed in ((0, 0), (4, 9)):
         np.testing.assert_allclose(model.sample_gaps(prefixes, samples=samples, seed=seed).gaps,
                                    model.sample_gaps(graphs, samples=samples, seed=seed).gaps, atol=1e-5)
@@ -290,23 +290,52 @@ def test_model_folder_round_trip(tiny_sevennet, tmp_path):
         load_model_folder(tmp_path / "m")
 
 
-def test_cli_trains_a_sevennet_model_from_a_checkpoint_file(tiny_sevennet, tmp_path, capsys):
-    """`matbalora train --backbone sevennet --backbone-checkpoint FILE`: adapters on SevenNet's own
-    targets, a model folder that `load_model` rebuilds, recalibration in the card."""
+def write_tiny_data(path, n: int = 24) -> None:
+    """``n`` perturbed copies of ``distorted()`` with random gaps (eV), as extxyz."""
     from ase.io import write
-
-    import matbalora
-    from matbalora.cli import main
 
     rng = np.random.default_rng(0)
     frames = []
-    for k in range(24):
+    for k in range(n):
         s = distorted().copy()
         s.perturb(0.05 + 0.01 * (k % 5))
         atoms = s.to_ase_atoms() if hasattr(s, "to_ase_atoms") else s.to_ase()
         atoms.info.update(band_gap=float(rng.uniform(0.0, 3.0)), material_id=f"tiny-{k}")
         frames.append(atoms)
-    write(tmp_path / "tiny.extxyz", frames, format="extxyz")
+    write(path, frames, format="extxyz")
+
+
+def test_cli_trains_a_sevennet_ensemble(tiny_sevennet, tmp_path, capsys):
+    """`matbalora train --backbone sevennet --members 2`: the data shared by the members is converted
+    by SevenNet (the probe once built CHGNet graphs whatever the backbone), each member is a SevenNet
+    LoRA model, and the ensemble loads and predicts rotation-invariant gaps."""
+    import matbalora
+    from matbalora.cli import main
+
+    write_tiny_data(tmp_path / "tiny.extxyz")
+    out = tmp_path / "ensemble"
+    code = main(["train", "--data", str(tmp_path / "tiny.extxyz"), "--out", str(out), "--method", "lora", "--members", "2",
+                 "--epochs", "1", "--batch-size", "8", "--rank", "2", "--samples", "0", "--backbone", "sevennet",
+                 "--backbone-checkpoint", str(tiny_sevennet)])
+    assert code == 0, capsys.readouterr().err
+    for k in range(2):
+        card = json.loads((out / f"member_{k}" / "config.json").read_text())
+        assert card["backbone"]["name"] == "sevennet" and tuple(card["adapter"]["targets"]) == tuple(sevennet.DEFAULT_TARGETS)
+    assert json.loads((out / "ensemble.json").read_text())["members"] == ["member_0", "member_1"]
+    ensemble = matbalora.load_ensemble(out)
+    assert {m.model.backbone_name for m in ensemble.members} == {"sevennet"}
+    df = ensemble.predict([distorted(), rotated(distorted())])
+    assert df["error"].eq("").all()
+    np.testing.assert_allclose(df["band_gap"][0], df["band_gap"][1], atol=1e-4)
+
+
+def test_cli_trains_a_sevennet_model_from_a_checkpoint_file(tiny_sevennet, tmp_path, capsys):
+    """`matbalora train --backbone sevennet --backbone-checkpoint FILE`: adapters on SevenNet's own
+    targets, a model folder that `load_model` rebuilds, recalibration in the card."""
+    import matbalora
+    from matbalora.cli import main
+
+    write_tiny_data(tmp_path / "tiny.extxyz")
     out = tmp_path / "model"
     code = main(["train", "--data", str(tmp_path / "tiny.extxyz"), "--out", str(out), "--method", "balora", "--epochs", "1",
                  "--batch-size", "8", "--rank", "2", "--samples", "4", "--backbone", "sevennet", "--backbone-checkpoint", str(tiny_sevennet)])

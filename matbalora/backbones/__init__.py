@@ -1,37 +1,31 @@
-"""Backbone families (``chgnet``, ``sevennet``), each a module with the same interface; see
-:func:`matbalora.model.backbone_family`."""
+"""Backbone families behind one interface (:class:`~matbalora.backbones.base.Backbone`), by name.
+
+:data:`BACKBONES` is the registry that the model, the CLI's ``--backbone`` choices and the model
+folder loader read. A family is one module defining ``FAMILY`` (a ``Backbone``) plus one line here.
+Importing this package imports no family (nor torch): :func:`get_backbone` imports the one asked for.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matbalora.backbones.base import Backbone
+
+#: name -> the module whose ``FAMILY`` implements it; the first is the default
+BACKBONES: dict[str, str] = {
+    "chgnet": "matbalora.backbones.chgnet",
+    "sevennet": "matbalora.backbones.sevennet",
+}
+DEFAULT_BACKBONE = next(iter(BACKBONES))
 
 
-def prefix_batch_block(items: Sequence, first_adapted: int) -> int:
-    """The block a batch of cached frozen-prefix features enters at.
-
-    Refuses a batch that mixes blocks, and a model that adapts a block before it (those cached
-    features would be stale).
-    """
-    block = items[0].block
-    if any(p.block != block for p in items):
-        raise ValueError("a batch mixes prefixes cached at different blocks")
-    if first_adapted < block:
-        raise ValueError(f"features were cached up to block {block}, but this model adapts block {first_adapted}")
-    return block
+def get_backbone(name: str) -> Backbone:
+    """The family registered as ``name``; ValueError naming the known ones otherwise."""
+    if not isinstance(name, str) or name not in BACKBONES:
+        raise ValueError(f"backbone={name!r} is not known; choose one of {list(BACKBONES)}")
+    return importlib.import_module(BACKBONES[name]).FAMILY
 
 
-def pool_atoms(x, owners, n_groups: int, how: str = "mean"):
-    """Per-crystal pooling of atom features  x [n_atoms, d] -> [n_groups, d] (``mean``) or
-    [n_groups, 2 d] (``mean_max``: mean and element-wise max, concatenated). ``owners`` [n_atoms]."""
-    import torch
-
-    sums = x.new_zeros(n_groups, x.shape[1]).index_add_(0, owners, x)
-    counts = torch.bincount(owners, minlength=n_groups).clamp_min(1).to(x.dtype)
-    mean = sums / counts[:, None]
-    if how == "mean":
-        return mean
-    if how != "mean_max":
-        raise ValueError(f"pooling={how!r}; choose 'mean' or 'mean_max'")
-    index = owners[:, None].expand_as(x)
-    peak = x.new_full((n_groups, x.shape[1]), float("-inf")).scatter_reduce(0, index, x, reduce="amax", include_self=True)
-    return torch.cat([mean, torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))], dim=1)
+__all__ = ["BACKBONES", "DEFAULT_BACKBONE", "get_backbone"]

@@ -1,9 +1,11 @@
-"""CHGNet as a band-gap feature extractor: load from a checkpoint, convert, and run message passing.
+"""CHGNet as a band-gap feature extractor: load from a checkpoint, convert (through the on-disk graph
+cache), run message passing, and cache frozen-prefix features.
 
-The forward replicates CHGNet's own ``_compute`` up to the normalised atom features, with two
-additions: it tells every adapter which crystal (group) each of its input rows belongs to, and it
-can tile the batch ``samples`` times right before the first adapted block, so that S Monte-Carlo
-draws run as one vectorised forward while the embeddings and the frozen prefix are computed once.
+The forward replicates CHGNet's own ``_compute`` up to the normalised atom features; the shared loop
+of :class:`~matbalora.backbones.base.Backbone` adds what every family does (tiling for draws, the
+adapters' row layout, prefix caching, pooling). Frozen-prefix features of one crystal are a
+:class:`PrefixGraph`: everything before the first adapted block (embeddings, basis expansions, the
+earlier blocks) is frozen, so it is computed once and serves every model sharing the frozen backbone.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from matbalora.adapters import LoRALinear, NoiseContext, inject_adapters
+from matbalora.adapters import LoRALinear, NoiseContext
+from matbalora.backbones.base import Backbone
 from matbalora.config import CHGNET_MESSAGE_PASSING
+from matbalora.data.validation import GraphLimits
 
 log = logging.getLogger(__name__)
 
-BACKBONE_NAME = "chgnet"
 PRETRAINED_VERSION = "0.3.0"
 #: adapter targets of this family (``AdapterConfig.last_blocks`` then keeps the last block by default)
 DEFAULT_TARGETS = CHGNET_MESSAGE_PASSING
@@ -79,43 +82,6 @@ def load_chgnet(checkpoint: str | os.PathLike | None = None) -> nn.Module:
     return model.eval()
 
 
-# The backbone-family interface (see ``matbalora.model.backbone_family``): every family module offers
-# load, package_version, backbone_version, inject, feature_dim, structure_to_graph, graph_rows,
-# crystal_features, prefix_module and DEFAULT_TARGETS.
-load = load_chgnet
-
-
-def package_version() -> str:
-    return chgnet_version()
-
-
-def inject(backbone: nn.Module, config, context: NoiseContext) -> None:
-    """Wrap the selected nn.Linear layers with LoRA/BaLoRA and tell each which rows it sees."""
-    inject_adapters(backbone, config, context)
-    assign_row_kinds(backbone)
-
-
-def feature_dim(backbone: nn.Module) -> int:
-    return int(backbone.atom_fea_dim)
-
-
-def structure_to_graph(backbone: nn.Module, structure, graph_id: str | None = None):
-    """pymatgen Structure -> CHGNet CrystalGraph (the backbone's own converter and cutoffs)."""
-    return backbone.graph_converter(structure, graph_id=graph_id)
-
-
-def prefix_module():
-    """The module that caches this family's frozen-prefix features."""
-    from matbalora.backbones import chgnet_prefix
-
-    return chgnet_prefix
-
-
-def backbone_version(model: nn.Module) -> str:
-    """The checkpoint version string CHGNet records (e.g. '0.3.0'), or 'custom'."""
-    return str(getattr(model, "version", None) or "custom")
-
-
 def assign_row_kinds(backbone: nn.Module) -> None:
     """Tell each adapter in ``backbone`` which row kind it sees (needed for per-crystal draws)."""
     for path, module in backbone.named_modules():
@@ -126,49 +92,8 @@ def assign_row_kinds(backbone: nn.Module) -> None:
             module.row_kind = kind
 
 
-def graph_rows(graph) -> int:
-    """Feature rows one CrystalGraph puts through message passing: atoms + directed bonds + angles
-    (for a cached prefix, the rows its remaining blocks process).
-
-    Activation memory and compute of a forward grow with this count (per Monte-Carlo sample), not
-    with the number of crystals: a 1,000-atom framework has ~100x the rows of a 10-atom cell.
-    """
-    rows = getattr(graph, "rows", None)
-    if rows is not None:
-        return int(rows)
-    return int(graph.atomic_number.shape[0] + graph.atom_graph.shape[0] + graph.bond_graph.shape[0])
-
-
-def first_adapted_block(backbone: nn.Module) -> int:
-    """Index of the first message-passing block holding an adapter (n_conv if none)."""
-    n_conv = backbone.n_conv
-    for idx in range(n_conv):
-        names = [f"atom_conv_layers.{idx}"]
-        if idx < n_conv - 1:
-            names += [f"bond_conv_layers.{idx}", f"angle_layers.{idx}"]
-        for name in names:
-            try:
-                sub = backbone.get_submodule(name)
-            except AttributeError:
-                continue
-            if any(isinstance(m, LoRALinear) for m in sub.modules()):
-                return idx
-    return n_conv
-
-
-def adapted_blocks(backbone: nn.Module) -> list[nn.Module]:
-    """The message-passing modules from the first adapted block on (what runs after a cached prefix)."""
-    out = []
-    for idx in range(first_adapted_block(backbone), backbone.n_conv):
-        for name in ("atom_conv_layers", "bond_conv_layers", "angle_layers"):
-            layers = getattr(backbone, name, None)
-            if layers is not None and idx < len(layers) and layers[idx] is not None:
-                out.append(layers[idx])
-    return out
-
-
 @dataclass
-class _State:
+class State:
     """Features and index tensors of one batch (possibly tiled over samples)."""
 
     atom: Tensor  # [n_atoms, d]
@@ -182,7 +107,7 @@ class _State:
     atom_owners: Tensor  # [n_atoms] group index
     n_groups: int
 
-    def tile(self, times: int) -> _State:
+    def tile(self, times: int) -> State:
         if times == 1:
             return self
         n_atoms, n_und = self.atom.shape[0], self.bond.shape[0]
@@ -197,7 +122,7 @@ class _State:
             offs = torch.arange(times, device=t.device, dtype=t.dtype)[:, None, None] * step
             return (t.unsqueeze(0) + offs).reshape(-1, t.shape[1])
 
-        return _State(
+        return State(
             atom=rep(self.atom),
             bond=rep(self.bond),
             angle=rep(self.angle),
@@ -210,13 +135,13 @@ class _State:
             n_groups=self.n_groups * times,
         )
 
-    def cast(self, dtype: torch.dtype) -> _State:
+    def cast(self, dtype: torch.dtype) -> State:
         """The same state with its float features in ``dtype`` (index tensors unchanged)."""
 
         def c(t: Tensor | None) -> Tensor | None:
             return t if t is None or not t.is_floating_point() else t.to(dtype)
 
-        return _State(c(self.atom), c(self.bond), c(self.angle), c(self.bond_w_ag), c(self.bond_w_bg),
+        return State(c(self.atom), c(self.bond), c(self.angle), c(self.bond_w_ag), c(self.bond_w_bg),
                       self.atom_graph, self.bond_graph, self.d2u, self.atom_owners, self.n_groups)
 
     def owners(self) -> dict[str, Tensor]:
@@ -236,7 +161,7 @@ class _State:
         return out
 
 
-def _embed(backbone: nn.Module, graphs: Sequence) -> _State:
+def _embed(backbone: nn.Module, graphs: Sequence) -> State:
     """Embeddings and basis expansions of a batch of CrystalGraphs: the state entering block 0."""
     from chgnet.model.model import BatchedGraph
 
@@ -250,7 +175,7 @@ def _embed(backbone: nn.Module, graphs: Sequence) -> _State:
         angle_basis_expansion=backbone.angle_basis_expansion,
     )
     has_angles = len(g.angle_bases) != 0
-    return _State(
+    return State(
         atom=backbone.atom_embedding(g.atomic_numbers - 1),
         bond=backbone.bond_embedding(g.bond_bases_ag),
         angle=backbone.angle_embedding(g.angle_bases) if has_angles else None,
@@ -264,31 +189,161 @@ def _embed(backbone: nn.Module, graphs: Sequence) -> _State:
     )
 
 
-def _run_blocks(
-    backbone: nn.Module, state: _State, *, start: int, stop: int, samples: int = 1, context: NoiseContext | None = None
-) -> _State:
-    """Message-passing blocks ``start:stop``; with ``context``, the batch is tiled ``samples`` times
-    before the first adapted block and every adapter is told which group owns each of its rows."""
-    n_conv = backbone.n_conv
-    tile_at = max(start, min(first_adapted_block(backbone), n_conv - 1)) if samples > 1 else start
-    for idx in range(start, stop):
-        if idx == tile_at and context is not None:
-            segments = state.segments()
-            state = state.tile(samples)
-            context.owners, context.n_groups = state.owners(), state.n_groups
-            context.segments, context.tiles = segments, samples
-        elif idx == tile_at:
-            state = state.tile(samples)
-        state.atom = backbone.atom_conv_layers[idx](
+@dataclass
+class PrefixGraph:
+    """One crystal's features entering message-passing block ``block`` (local indices)."""
+
+    block: int
+    atom: Tensor  # [n_atoms, d]
+    bond: Tensor  # [n_undirected, d]
+    bond_w_ag: Tensor  # [n_undirected, d]
+    atom_graph: Tensor  # [n_directed, 2]
+    d2u: Tensor  # [n_directed]
+    angle: Tensor | None = None  # [n_angles, d]; None when only the last block remains (it uses no angles)
+    bond_w_bg: Tensor | None = None
+    bond_graph: Tensor | None = None  # [n_angles, 3]
+    graph_id: str | None = None
+
+    @property
+    def rows(self) -> int:
+        """Feature rows the remaining blocks process (atoms + directed bonds + angles)."""
+        return int(self.atom.shape[0] + self.atom_graph.shape[0] + (0 if self.bond_graph is None else self.bond_graph.shape[0]))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, Tensor))
+
+
+def _split(state: State, graphs: Sequence, block: int, last: bool) -> list[PrefixGraph]:
+    """One PrefixGraph per crystal of ``state`` (indices made local to the crystal)."""
+    out = []
+    a0 = u0 = d0 = g0 = 0
+    for graph in graphs:
+        na, nd = int(graph.atomic_number.shape[0]), int(graph.atom_graph.reshape(-1, 2).shape[0])
+        nu, ng = int(graph.undirected2directed.shape[0]), int(graph.bond_graph.shape[0]) if graph.bond_graph.dim() == 2 else 0
+        item = PrefixGraph(
+            block=block,
+            atom=state.atom[a0 : a0 + na].clone(),
+            bond=state.bond[u0 : u0 + nu].clone(),
+            bond_w_ag=state.bond_w_ag[u0 : u0 + nu].clone(),
+            atom_graph=state.atom_graph[d0 : d0 + nd] - a0,
+            d2u=state.d2u[d0 : d0 + nd] - u0,
+            graph_id=getattr(graph, "graph_id", None),
+        )
+        if not last:
+            bg = state.bond_graph[g0 : g0 + ng].clone()
+            if ng:
+                bg[:, 0] -= a0
+                bg[:, 1:] -= u0
+            item.angle = state.angle[g0 : g0 + ng].clone() if state.angle is not None else torch.zeros(0, state.atom.shape[1])
+            item.bond_w_bg = state.bond_w_bg[u0 : u0 + nu].clone()
+            item.bond_graph = bg
+        out.append(item)
+        a0, u0, d0, g0 = a0 + na, u0 + nu, d0 + nd, g0 + ng
+    return out
+
+
+def _collate(items: Sequence[PrefixGraph]) -> State:
+    """Batch prefixes into the state the remaining blocks take (indices shifted per crystal)."""
+    n_atoms = [p.atom.shape[0] for p in items]
+    n_und = [p.bond.shape[0] for p in items]
+    atom_off = torch.tensor([0] + n_atoms[:-1]).cumsum(0).tolist()
+    und_off = torch.tensor([0] + n_und[:-1]).cumsum(0).tolist()
+    with_angles = items[0].bond_graph is not None
+    bond_graph = torch.zeros(0, 3, dtype=torch.long)
+    if with_angles:
+        parts = [p.bond_graph + torch.tensor([a, u, u]) for p, a, u in zip(items, atom_off, und_off)]
+        bond_graph = torch.cat(parts) if parts else bond_graph
+    return State(
+        atom=torch.cat([p.atom for p in items]),
+        bond=torch.cat([p.bond for p in items]),
+        angle=torch.cat([p.angle for p in items]) if with_angles and bond_graph.numel() else None,
+        bond_w_ag=torch.cat([p.bond_w_ag for p in items]),
+        bond_w_bg=torch.cat([p.bond_w_bg for p in items]) if with_angles else torch.zeros(0),
+        atom_graph=torch.cat([p.atom_graph + a for p, a in zip(items, atom_off)]),
+        bond_graph=bond_graph,
+        d2u=torch.cat([p.d2u + u for p, u in zip(items, und_off)]),
+        atom_owners=torch.repeat_interleave(torch.arange(len(items)), torch.tensor(n_atoms)),
+        n_groups=len(items),
+    )
+
+
+class CHGNetBackbone(Backbone):
+    """CHGNet (``chgnet`` package): atom, bond and angle features; adapters on ``nn.Linear``."""
+
+    name = "chgnet"
+    default_targets = DEFAULT_TARGETS
+    prefix_type = PrefixGraph
+    low_precision = True
+
+    load = staticmethod(load_chgnet)
+    package_version = staticmethod(chgnet_version)
+
+    def limits(self, net: nn.Module) -> GraphLimits:
+        conv = net.graph_converter
+        return GraphLimits(cutoff=float(conv.atom_graph_cutoff), bond_cutoff=float(conv.bond_graph_cutoff),
+                           max_atomic_number=int(net.atom_embedding.embedding.num_embeddings))
+
+    def structure_to_graph(self, net: nn.Module, structure, graph_id: str | None = None):
+        """pymatgen Structure -> CHGNet CrystalGraph (the backbone's own converter and cutoffs)."""
+        return net.graph_converter(structure, graph_id=graph_id)
+
+    def graphs(self, net: nn.Module, structures: Sequence, ids: Sequence[str], *, cache_dir=None, workers: int = 1, progress: bool = False) -> list:
+        """CrystalGraphs through the on-disk cache (``cache_dir``; None: in memory), reused across runs."""
+        from matbalora.data.graph_cache import GraphCache
+
+        cache = GraphCache(cache_dir, converter=net.graph_converter, backbone_version=self.backbone_version(net))
+        return cache.graphs(structures, ids=ids, workers=workers, progress=progress)
+
+    def graph_rows(self, graph) -> int:
+        """Atoms + directed bonds + angles of a CrystalGraph (for a cached prefix, the rows its
+        remaining blocks process): a 1,000-atom framework has ~100x the rows of a 10-atom cell."""
+        rows = getattr(graph, "rows", None)
+        if rows is not None:
+            return int(rows)
+        return int(graph.atomic_number.shape[0] + graph.atom_graph.shape[0] + graph.bond_graph.shape[0])
+
+    def inject(self, net: nn.Module, config, context: NoiseContext) -> None:
+        """Wrap the selected nn.Linear layers with LoRA/BaLoRA and tell each which rows it sees."""
+        super().inject(net, config, context)
+        assign_row_kinds(net)
+
+    def frozen_modules(self, net: nn.Module, method: str) -> list[nn.Module]:
+        """The unused energy readout (``site_wise``, ``mlp``); in ``full`` also the energy reference."""
+        names = ("site_wise", "mlp") + (("composition_model",) if method == "full" else ())
+        return [m for m in (getattr(net, n, None) for n in names) if isinstance(m, nn.Module)]
+
+    def feature_dim(self, net: nn.Module) -> int:
+        return int(net.atom_fea_dim)
+
+    def n_blocks(self, net: nn.Module) -> int:
+        return int(net.n_conv)
+
+    def block_modules(self, net: nn.Module, idx: int) -> list[nn.Module]:
+        out = []
+        for name in ("atom_conv_layers", "bond_conv_layers", "angle_layers"):
+            layers = getattr(net, name, None)
+            if layers is not None and idx < len(layers) and layers[idx] is not None:
+                out.append(layers[idx])
+        return out
+
+    def embedding_modules(self, net: nn.Module) -> list[tuple[str, nn.Module]]:
+        names = ("atom_embedding", "bond_embedding", "angle_embedding", "bond_weights_ag", "bond_weights_bg")
+        return [(n, getattr(net, n)) for n in names if getattr(net, n, None) is not None]
+
+    def embed(self, net: nn.Module, graphs: Sequence) -> State:
+        return _embed(net, graphs)
+
+    def run_block(self, net: nn.Module, state: State, idx: int) -> State:
+        state.atom = net.atom_conv_layers[idx](
             atom_feas=state.atom,
             bond_feas=state.bond,
             bond_weights=state.bond_w_ag,
             atom_graph=state.atom_graph,
             directed2undirected=state.d2u,
         )
-        if idx == n_conv - 1 or state.angle is None:
-            continue
-        bond_layer, angle_layer = backbone.bond_conv_layers[idx], backbone.angle_layers[idx]
+        if idx == net.n_conv - 1 or state.angle is None:
+            return state
+        bond_layer, angle_layer = net.bond_conv_layers[idx], net.angle_layers[idx]
         if bond_layer is not None:
             state.bond = bond_layer(
                 atom_feas=state.atom,
@@ -301,51 +356,22 @@ def _run_blocks(
                 state.angle = angle_layer(
                     atom_feas=state.atom, bond_feas=state.bond, angle_feas=state.angle, bond_graph=state.bond_graph
                 )
-    return state
+        return state
+
+    def row_layout(self, net: nn.Module, state: State, tiled: State) -> tuple[dict[str, Tensor], dict[str, list[int]]]:
+        return tiled.owners(), state.segments()
+
+    def readout(self, net: nn.Module, state: State) -> tuple[Tensor, Tensor, int]:
+        atom = state.atom.float()
+        atom = net.readout_norm(atom) if net.readout_norm is not None else atom
+        return atom, state.atom_owners, state.n_groups
+
+    def split_prefixes(self, net: nn.Module, state: State, graphs: Sequence, block: int) -> list[PrefixGraph]:
+        return _split(state, graphs, block, block == net.n_conv - 1)
+
+    def collate(self, net: nn.Module, items: Sequence[PrefixGraph]) -> State:
+        return _collate(items)
 
 
-def crystal_features(
-    backbone: nn.Module,
-    graphs: Sequence,
-    *,
-    samples: int = 1,
-    context: NoiseContext | None = None,
-    pooling: str = "mean",
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """Mean-pooled, normalised final atom features  [samples, n_crystals, atom_fea_dim].
-
-    ``graphs``: CHGNet CrystalGraphs, or :class:`~matbalora.backbones.chgnet_prefix.PrefixGraph`
-    objects (features cached at the entry of a later block: only the remaining blocks run).
-    ``samples`` > 1 tiles the batch before the first adapted block; each (sample, crystal) pair is
-    its own group, so BaLoRA draws one adapter weight set per crystal per sample.
-    ``pooling``: ``mean`` or ``mean_max`` (2 x atom_fea_dim features). ``dtype``: the dtype the
-    adapted blocks run in (see ``BandGapModel.compute_in``; only for cached-prefix inputs); the
-    pooled features are always float32.
-    """
-    from matbalora.backbones import prefix_batch_block
-    from matbalora.backbones.chgnet_prefix import PrefixGraph, collate_prefixes
-    from matbalora.backbones.prefix_store import PrefixBatch
-
-    if isinstance(graphs, PrefixBatch):  # already collated (out-of-core training batches)
-        start, state = prefix_batch_block([graphs], first_adapted_block(backbone)), graphs.state
-    elif graphs and isinstance(graphs[0], PrefixGraph):
-        start = graphs[0].block
-        state = collate_prefixes(backbone, graphs)
-    else:
-        start, state = 0, _embed(backbone, graphs)
-    if dtype != torch.float32:
-        if start == 0:
-            raise ValueError(f"dtype={dtype} needs cached frozen-prefix inputs; full graphs run in float32")
-        state = state.cast(dtype)
-    try:
-        state = _run_blocks(backbone, state, start=start, stop=backbone.n_conv, samples=samples, context=context)
-    finally:
-        if context is not None:
-            context.clear_rows()
-    atom = state.atom.float()
-    atom = backbone.readout_norm(atom) if backbone.readout_norm is not None else atom
-    from matbalora.backbones import pool_atoms
-
-    pooled = pool_atoms(atom, state.atom_owners, state.n_groups, pooling)
-    return pooled.reshape(samples, len(graphs), -1)
+#: The family, registered in :mod:`matbalora.backbones` (``FAMILY.compute_prefixes(net, graphs, block)`` etc.).
+FAMILY = CHGNetBackbone()

@@ -1,6 +1,6 @@
-"""Frozen-prefix features on disk: fp16 features and int32 indices in safetensors shards, memory-mapped.
+"""CHGNet's frozen-prefix features on disk: fp16 features and int32 indices in safetensors shards, memory-mapped.
 
-The in-memory prefixes of :mod:`~matbalora.backbones.chgnet_prefix` cost ~450 KB per crystal in
+The in-memory prefixes of CHGNet (:class:`~matbalora.backbones.chgnet.PrefixGraph`) cost ~450 KB per crystal in
 fp32 / int64 at the last block; the ~84,000 training crystals of Materials Project would need
 twice the machine's RAM. A :class:`PrefixStore` keeps them on disk instead:
 
@@ -29,7 +29,6 @@ import logging
 import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,8 @@ import torch
 from safetensors.numpy import save_file
 
 from matbalora.atomic import atomic_write, write_json
+from matbalora.backbones.base import PrefixBatch
+from matbalora.backbones.chgnet import PrefixGraph, State
 
 log = logging.getLogger(__name__)
 
@@ -60,19 +61,6 @@ _DTYPES = {"F16": np.float16, "F32": np.float32, "I32": np.int32, "I64": np.int6
 
 class CorruptShardError(ValueError):
     """A shard whose header, shapes or checksum do not match what was written."""
-
-
-@dataclass
-class PrefixBatch:
-    """Collated frozen-prefix features of a batch, ready for the remaining blocks (see
-    ``backbones.chgnet.crystal_features``); ``state`` is a ``chgnet._State``."""
-
-    block: int
-    state: object
-    n: int
-
-    def __len__(self) -> int:
-        return self.n
 
 
 def store_key(*, backbone_version: str, block: int, data_fingerprint: str, ids: Sequence[str], shard_size: int, extra: dict | None = None) -> str:
@@ -240,13 +228,11 @@ class PrefixStore:
 
     def batch(self, shard: int, sel: np.ndarray) -> PrefixBatch:
         """Collated prefixes of crystals ``sel`` of one shard (vectorised gather)."""
-        from matbalora.backbones.chgnet import _State
-
         g = self.shards[shard].gather(sel)
         n = len(sel)
         angles = "bond_graph" in g and g["bond_graph"].shape[0] > 0
         t = {k: torch.from_numpy(v) for k, v in g.items()}
-        state = _State(
+        state = State(
             atom=t["atom"], bond=t["bond"], angle=t["angle"] if angles else None, bond_w_ag=t["bond_w_ag"],
             bond_w_bg=t["bond_w_bg"] if "bond_w_bg" in t else torch.zeros(0),
             atom_graph=t["atom_graph"].reshape(-1, 2), bond_graph=t["bond_graph"] if angles else torch.zeros(0, 3, dtype=torch.long),
@@ -257,8 +243,6 @@ class PrefixStore:
     def prefix_graphs(self, ids: Sequence[str]) -> list:
         """In-memory PrefixGraph objects (fp32) of ``ids``: for validation and test sets that the
         prediction code handles as lists."""
-        from matbalora.backbones.chgnet_prefix import PrefixGraph
-
         out = []
         for (k, j), sid in zip(self.locate(ids), ids):
             g = self.shards[k].gather(np.array([j]))

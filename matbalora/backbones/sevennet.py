@@ -6,7 +6,10 @@ interaction blocks ``0_*``, ``1_*``, ...) and stops after the last block: the en
 used. Crystal features are the mean over atoms of the final *scalar* (``0e``) node channels, so the
 predicted gap is invariant under rotations. As for CHGNet, the batch can be tiled ``samples`` times
 right before the first adapted block, and every adapter is told which crystal (group) owns each of
-its rows. Adapters on e3nn ``o3.Linear`` layers live in :mod:`matbalora.backbones.sevennet_adapters`.
+its rows (the shared loop of :class:`~matbalora.backbones.base.Backbone`). Adapters on e3nn
+``o3.Linear`` layers are :class:`~matbalora.backbones.sevennet_adapters.IrrepsLoRA`, injected by the
+one injector (``adapters.inject_adapters``). Frozen-prefix features of one crystal are a
+:class:`SevenNetPrefix`.
 
 Checkpoints: SevenNet's ``.pth`` files are torch pickles whose config holds a few numpy float
 arrays (per-species shift/scale). They are read with ``torch.load(weights_only=True)`` plus, only
@@ -28,10 +31,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from matbalora.adapters import NoiseContext
-from matbalora.backbones.sevennet_adapters import IrrepsLoRA, adapted_dims, inject_irreps_adapters
+from matbalora.backbones.base import Backbone
+from matbalora.backbones.sevennet_adapters import IrrepsLoRA, adapted_dims
+from matbalora.data.validation import GraphLimits
 
-BACKBONE_NAME = "sevennet"
 PRETRAINED_NAME = "7net-0"  # SevenNet-0 (11Jul2024), shipped in the sevenn wheel
 
 #: o3.Linear layers inside SevenNet's interaction blocks (module paths, re.fullmatch).
@@ -123,10 +126,6 @@ def load_sevennet(checkpoint: str | os.PathLike | None = None) -> nn.Module:
     return model
 
 
-def backbone_version(model: nn.Module) -> str:
-    return str(getattr(model, "version", None) or "custom")
-
-
 def block_names(backbone: nn.Module) -> tuple[list[str], list[list[str]]]:
     """(embedding module names, module names of each interaction block); the energy readout after
     the last block is left out. Raises ValueError for a layout other than embedding -> blocks."""
@@ -161,10 +160,6 @@ def scalar_channels(backbone: nn.Module) -> Tensor:
     if not index:
         raise ValueError(f"SevenNet's final node irreps {irreps} have no 0e channels to pool")
     return torch.tensor(index, dtype=torch.long)
-
-
-def feature_dim(backbone: nn.Module) -> int:
-    return int(scalar_channels(backbone).numel())
 
 
 # ----------------------------------------------------------------------------- graphs
@@ -207,22 +202,18 @@ def structure_to_graph(backbone: nn.Module, structure, graph_id: str | None = No
     )
 
 
-def graph_rows(graph) -> int:
-    return int(graph.rows)
-
-
 # ----------------------------------------------------------------------------- forward
 
 
 @dataclass
-class _State:
+class State:
     """Node and edge tensors of a batch entering a block (possibly tiled over samples)."""
 
     data: dict[str, Tensor]
     owners: Tensor  # [n_atoms] group index
     n_groups: int
 
-    def tile(self, times: int) -> _State:
+    def tile(self, times: int) -> State:
         if times == 1:
             return self
         n_atoms = self.owners.shape[0]
@@ -231,13 +222,13 @@ class _State:
         offs = n_atoms * torch.arange(times, dtype=index.dtype, device=index.device)
         data["edge_index"] = (index.unsqueeze(0) + offs[:, None, None]).transpose(0, 1).reshape(2, -1)
         owners = (self.owners.unsqueeze(0) + self.n_groups * torch.arange(times, device=self.owners.device)[:, None]).reshape(-1)
-        return _State(data, owners, self.n_groups * times)
+        return State(data, owners, self.n_groups * times)
 
     def counts(self) -> list[int]:
         return torch.bincount(self.owners, minlength=self.n_groups).tolist()
 
 
-def _embed(backbone: nn.Module, graphs: Sequence[SevenNetGraph]) -> _State:
+def _embed(backbone: nn.Module, graphs: Sequence[SevenNetGraph]) -> State:
     """Edge embedding and one-hot node embedding of a batch: the state entering block 0."""
     prefix, _ = block_names(backbone)
     n_atoms = [int(g.atomic_numbers.shape[0]) for g in graphs]
@@ -253,98 +244,107 @@ def _embed(backbone: nn.Module, graphs: Sequence[SevenNetGraph]) -> _State:
     for name in prefix:
         data = backbone._modules[name](data)
     keep = {k: data[k] for k in (*_NODE_KEYS, *_EDGE_KEYS, "edge_index") if k in data}
-    return _State(keep, owners, len(graphs))
+    return State(keep, owners, len(graphs))
 
 
-def first_adapted_block(backbone: nn.Module) -> int:
-    """Index of the first interaction block holding an adapter (n_blocks if none)."""
-    _, blocks = block_names(backbone)
-    for idx, names in enumerate(blocks):
-        if any(isinstance(m, IrrepsLoRA) for name in names for m in backbone._modules[name].modules()):
-            return idx
-    return len(blocks)
+@dataclass
+class SevenNetPrefix:
+    """One crystal's tensors entering interaction block ``block`` (edge_index local to the crystal)."""
+
+    block: int
+    data: dict[str, Tensor]  # x [n_atoms, irreps], node_attr, edge_embedding, edge_attr [n_edges, ...], edge_index [2, n_edges]
+    graph_id: str | None = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.data["x"].shape[0] + self.data["edge_index"].shape[1])
 
 
-def _set_rows(context: NoiseContext, state: _State, samples: int, counts: list[int], dims: set[int]) -> None:
-    """Owners and per-crystal segments of every node-row layout the adapters use (``node_{2l+1}``:
-    each atom contributes 2l+1 rows, atom-major)."""
-    context.owners = {f"node_{d}": state.owners.repeat_interleave(d) for d in dims}
-    context.segments = {f"node_{d}": [c * d for c in counts] for d in dims}
-    context.n_groups, context.tiles = state.n_groups, samples
+def _split(state: State, graphs: Sequence, block: int) -> list[SevenNetPrefix]:
+    """One SevenNetPrefix per crystal of ``state`` (edge indices made local to the crystal)."""
+    out: list[SevenNetPrefix] = []
+    counts = state.counts()
+    edge_owner = state.owners[state.data["edge_index"][0]]
+    atom0 = 0
+    for c, graph in enumerate(graphs):
+        edges = edge_owner == c
+        data = {k: v[edges].clone() if k in _EDGE_KEYS else v[atom0 : atom0 + counts[c]].clone() for k, v in state.data.items() if k != "edge_index"}
+        data["edge_index"] = state.data["edge_index"][:, edges] - atom0
+        out.append(SevenNetPrefix(block, data, getattr(graph, "graph_id", None)))
+        atom0 += counts[c]
+    return out
 
 
-def run_blocks(
-    backbone: nn.Module, state: _State, *, start: int, stop: int, samples: int = 1, context: NoiseContext | None = None
-) -> _State:
-    """Interaction blocks ``start:stop``; with ``context``, the batch is tiled ``samples`` times
-    before the first adapted block and the adapters learn which group owns each row."""
-    _, blocks = block_names(backbone)
-    tile_at = max(start, min(first_adapted_block(backbone), len(blocks) - 1)) if samples > 1 else start
-    for idx in range(start, stop):
-        if idx == tile_at:
-            counts = state.counts()
-            state = state.tile(samples)
-            if context is not None:
-                _set_rows(context, state, samples, counts, adapted_dims(backbone))
+def _collate(items: Sequence[SevenNetPrefix]) -> State:
+    """Batch prefixes into the state the remaining blocks take (edge indices shifted per crystal)."""
+    n_atoms = [p.data["x"].shape[0] for p in items]
+    offsets = torch.tensor([0] + n_atoms[:-1], dtype=torch.long).cumsum(0).tolist()
+    data = {k: torch.cat([p.data[k] for p in items]) for k in items[0].data if k != "edge_index"}
+    data["edge_index"] = torch.cat([p.data["edge_index"] + off for p, off in zip(items, offsets)], dim=1)
+    owners = torch.repeat_interleave(torch.arange(len(items)), torch.tensor(n_atoms, dtype=torch.long))
+    return State(data, owners, len(items))
+
+
+class SevenNetBackbone(Backbone):
+    """SevenNet (``sevenn`` package, an optional extra): equivariant node features; adapters on e3nn ``o3.Linear``."""
+
+    name = "sevennet"
+    default_targets = DEFAULT_TARGETS
+    prefix_type = SevenNetPrefix
+
+    load = staticmethod(load_sevennet)
+    package_version = staticmethod(sevenn_version)
+
+    def limits(self, net: nn.Module) -> GraphLimits:
+        """The checkpoint's cutoff and element set (SevenNet builds no angles)."""
+        known = frozenset(int(z) for z in net.type_map)
+        return GraphLimits(cutoff=float(net.cutoff), bond_cutoff=None, max_atomic_number=max(known), elements=known)
+
+    def structure_to_graph(self, net: nn.Module, structure, graph_id: str | None = None) -> SevenNetGraph:
+        return structure_to_graph(net, structure, graph_id)
+
+    def wrappers(self) -> dict:
+        from e3nn.o3 import Linear
+
+        return {Linear: IrrepsLoRA}
+
+    def feature_dim(self, net: nn.Module) -> int:
+        return int(scalar_channels(net).numel())
+
+    def n_blocks(self, net: nn.Module) -> int:
+        return len(block_names(net)[1])
+
+    def block_modules(self, net: nn.Module, idx: int) -> list[nn.Module]:
+        return [net._modules[name] for name in block_names(net)[1][idx]]
+
+    def embedding_modules(self, net: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [(name, net._modules[name]) for name in block_names(net)[0]]
+
+    def embed(self, net: nn.Module, graphs: Sequence[SevenNetGraph]) -> State:
+        return _embed(net, graphs)
+
+    def run_block(self, net: nn.Module, state: State, idx: int) -> State:
         data = dict(state.data)
-        for name in blocks[idx]:
-            data = backbone._modules[name](data)
-        state = _State({k: data[k] for k in state.data}, state.owners, state.n_groups)
-    return state
+        for name in block_names(net)[1][idx]:
+            data = net._modules[name](data)
+        return State({k: data[k] for k in state.data}, state.owners, state.n_groups)
+
+    def row_layout(self, net: nn.Module, state: State, tiled: State) -> tuple[dict[str, Tensor], dict[str, list[int]]]:
+        """Owners and per-crystal segments of every node-row layout the adapters use (``node_{2l+1}``:
+        each atom contributes 2l+1 rows, atom-major)."""
+        counts, dims = state.counts(), adapted_dims(net)
+        return {f"node_{d}": tiled.owners.repeat_interleave(d) for d in dims}, {f"node_{d}": [c * d for c in counts] for d in dims}
+
+    def readout(self, net: nn.Module, state: State) -> tuple[Tensor, Tensor, int]:
+        x = state.data["x"].index_select(1, scalar_channels(net).to(state.data["x"].device))
+        return x, state.owners, state.n_groups
+
+    def split_prefixes(self, net: nn.Module, state: State, graphs: Sequence, block: int) -> list[SevenNetPrefix]:
+        return _split(state, graphs, block)
+
+    def collate(self, net: nn.Module, items: Sequence[SevenNetPrefix]) -> State:
+        return _collate(items)
 
 
-def crystal_features(
-    backbone: nn.Module,
-    graphs: Sequence,
-    *,
-    samples: int = 1,
-    context: NoiseContext | None = None,
-    pooling: str = "mean",
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """Pooled final 0e node channels  [samples, n_crystals, n_scalars] (``mean_max``: 2 x n_scalars).
-
-    ``graphs``: SevenNetGraph objects, or :class:`~matbalora.backbones.sevennet_prefix.SevenNetPrefix`
-    objects (features cached at the entry of a later block: only the remaining blocks run).
-    ``samples`` > 1 tiles the batch before the first adapted block; each (sample, crystal) pair is its
-    own group, so BaLoRA draws one adapter weight set per crystal per sample.
-    """
-    from matbalora.backbones.sevennet_prefix import SevenNetPrefix, collate_prefixes
-
-    if dtype != torch.float32:
-        raise ValueError(f"dtype={dtype}: SevenNet blocks run in float32 only")
-
-    _, blocks = block_names(backbone)
-    if graphs and isinstance(graphs[0], SevenNetPrefix):
-        start, state = graphs[0].block, collate_prefixes(backbone, graphs)
-    else:
-        start, state = 0, _embed(backbone, graphs)
-    try:
-        state = run_blocks(backbone, state, start=start, stop=len(blocks), samples=samples, context=context)
-    finally:
-        if context is not None:
-            context.clear_rows()
-    x = state.data["x"].index_select(1, scalar_channels(backbone).to(state.data["x"].device))
-    from matbalora.backbones import pool_atoms
-
-    return pool_atoms(x, state.owners, state.n_groups, pooling).reshape(samples, len(graphs), -1)
-
-
-# The backbone-family interface (see ``matbalora.model.backbone_family`` and ``chgnet.py``).
-load = load_sevennet
-
-
-def package_version() -> str:
-    return sevenn_version()
-
-
-def prefix_module():
-    """The module that caches this family's frozen-prefix features."""
-    from matbalora.backbones import sevennet_prefix
-
-    return sevennet_prefix
-
-
-def inject(backbone: nn.Module, config, context: NoiseContext) -> None:
-    """Wrap the selected o3.Linear layers with per-irrep LoRA/BaLoRA blocks (see ``sevennet_adapters``)."""
-    inject_irreps_adapters(backbone, config, context)
+#: The family, registered in :mod:`matbalora.backbones` (``FAMILY.compute_prefixes(net, graphs, block)`` etc.).
+FAMILY = SevenNetBackbone()

@@ -13,19 +13,18 @@ BaLoRA noise must be the same for every m of an atom, or the draw itself would b
 with ``noise="per_crystal"`` one draw of A serves every row of a crystal (row kind ``node_{2l+1}``),
 which is exactly that. ``noise="per_row"`` (independent noise per row, i.e. per m component) and
 adapter dropout (which zeroes single m components) are refused on ``l > 0`` paths.
+
+The wrapper is injected by the one injector, :func:`matbalora.adapters.inject_adapters`, with
+``wrappers={o3.Linear: IrrepsLoRA}`` (``SevenNetBackbone.wrappers``).
 """
 
 from __future__ import annotations
-
-import re
 
 import torch
 from torch import Tensor, nn
 
 from matbalora.adapters import BaLoRALinear, LoRALinear, NoiseContext
 from matbalora.config import AdapterConfig
-
-_BLOCK = re.compile(r"(\d+)_")
 
 
 class IrrepsLoRA(nn.Module):
@@ -82,44 +81,6 @@ class IrrepsLoRA(nn.Module):
             out = adapter(rows).reshape(n, dim, mul_out).transpose(1, 2).reshape(n, mul_out * dim)
             y = torch.cat([y[:, : sl_out.start], y[:, sl_out] + out, y[:, sl_out.stop :]], dim=1)
         return y
-
-
-def o3_linear_paths(model: nn.Module) -> list[str]:
-    """Module paths of every e3nn o3.Linear not already wrapped."""
-    from e3nn.o3 import Linear
-
-    return [n for n, m in model.named_modules() if isinstance(m, Linear) and not n.endswith(".base")]
-
-
-def select_irreps_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
-    """o3.Linear paths matched by ``config.targets`` minus ``exclude``, within the last
-    ``config.last_blocks`` interaction blocks (block = the number in ``<i>_...``; 0 = every block)."""
-    available = o3_linear_paths(model)
-    patterns = [re.compile(p) for p in config.targets]
-    excludes = [re.compile(p) for p in config.exclude]
-    chosen = [p for p in available if any(r.fullmatch(p) for r in patterns) and not any(r.fullmatch(p) for r in excludes)]
-    blocks = {p: int(m.group(1)) if (m := _BLOCK.match(p)) else None for p in chosen}
-    if chosen and config.last_blocks:
-        keep = set(sorted({b for b in blocks.values() if b is not None})[-config.last_blocks :]) | {None}
-        chosen = [p for p in chosen if blocks[p] in keep]
-    if not chosen:
-        raise ValueError(
-            f"adapter targets {list(config.targets)} (excluding {list(config.exclude)}) match no SevenNet o3.Linear; "
-            f"available: {available} (default targets: matbalora.backbones.sevennet.DEFAULT_TARGETS)"
-        )
-    return chosen
-
-
-def inject_irreps_adapters(model: nn.Module, config: AdapterConfig, context: NoiseContext | None) -> dict[str, IrrepsLoRA]:
-    """Replace each selected o3.Linear by an :class:`IrrepsLoRA` in place; returns {path: wrapper}."""
-    wrapped = {}
-    for path in select_irreps_targets(model, config):
-        parent_path, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        wrapper = IrrepsLoRA(getattr(parent, child), config, context)
-        setattr(parent, child, wrapper)
-        wrapped[path] = wrapper
-    return wrapped
 
 
 def adapted_dims(model: nn.Module) -> set[int]:

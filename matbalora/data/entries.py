@@ -10,12 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 from matbalora.data.dataset import BandGapDataset, Rejection
 from matbalora.data.validation import (
-    DEFAULT_CUTOFF,
+    DEFAULT_LIMITS,
     DEFAULT_MAX_ATOMS,
     DEFAULT_MIN_DISTANCE,
     DUPLICATE_ID,
     NON_FINITE_TARGET,
     UNPARSABLE,
+    GraphLimits,
     check_policy,
     check_structure,
     check_target,
@@ -48,14 +49,15 @@ class Checks:
 
     max_atoms: int = DEFAULT_MAX_ATOMS
     min_distance: float = DEFAULT_MIN_DISTANCE  # Å
-    cutoff: float = DEFAULT_CUTOFF  # Å
+    cutoff: float | None = None  # Å; None: the neighbour radius of ``limits``
+    limits: GraphLimits = DEFAULT_LIMITS  # the backbone's cutoffs and elements
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_atoms, int) or self.max_atoms < 1:
             raise ValueError(f"max_atoms={self.max_atoms!r}; must be a positive integer")
         if not self.min_distance >= 0:
             raise ValueError(f"min_distance={self.min_distance!r}; must be >= 0 Å")
-        if not self.cutoff >= 0:
+        if self.cutoff is not None and not self.cutoff >= 0:
             raise ValueError(f"cutoff={self.cutoff!r}; must be >= 0 Å")
 
     def structure_problem(self, entry: Entry) -> tuple[str, str] | None:
@@ -64,7 +66,7 @@ class Checks:
         if entry.structure is None:
             return UNPARSABLE, "no structure"
         return check_structure(
-            entry.structure, max_atoms=self.max_atoms, min_distance=self.min_distance, cutoff=self.cutoff
+            entry.structure, max_atoms=self.max_atoms, min_distance=self.min_distance, cutoff=self.cutoff, limits=self.limits
         )
 
 

@@ -13,12 +13,12 @@ import logging
 import multiprocessing
 import os
 import pickle
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from matbalora.atomic import write_bytes
 from matbalora.data.graph_io import CorruptGraphError, graph_from_bytes, graph_to_bytes, relabel, structure_key
 
 if TYPE_CHECKING:
@@ -118,16 +118,7 @@ class GraphCache:
         if path is None:
             self._memory[key] = data
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_bytes(path, data, durable=False)  # a lost entry is rebuilt; an fsync per graph is not worth it
 
     def _run(
         self, jobs: list[tuple[int, Structure, str]], workers: int, progress: bool

@@ -35,11 +35,12 @@ from matbalora.data.formats import (
     read_targets_csv,
 )
 from matbalora.data.validation import (
-    DEFAULT_CUTOFF,
+    DEFAULT_LIMITS,
     DEFAULT_MAX_ATOMS,
     DEFAULT_MIN_DISTANCE,
     MISSING_STRUCTURE,
     UNREADABLE,
+    GraphLimits,
     OnInvalid,
     check_policy,
 )
@@ -152,19 +153,20 @@ def load_dataset(
     id_key: str = "material_id",
     require_target: bool = True,
     min_distance: float = DEFAULT_MIN_DISTANCE,
-    cutoff: float = DEFAULT_CUTOFF,
+    cutoff: float | None = None,
+    limits: GraphLimits = DEFAULT_LIMITS,
 ) -> BandGapDataset:
     """A validated BandGapDataset from a local file or folder.
 
     ``max_structures``: read only the first N entries of the source (the rest is not parsed);
-    ``max_atoms``, ``min_distance`` (Å), ``cutoff`` (Å): validation limits, see
-    ``validation.check_structure``; ``require_target=False`` keeps entries without a band gap
+    ``max_atoms``, ``min_distance`` (Å), ``cutoff`` (Å), ``limits`` (the backbone's cutoffs and
+    elements, ``Backbone.limits``): validation limits, see ``validation.check_structure``; ``require_target=False`` keeps entries without a band gap
     (target NaN) for prediction; ``on_invalid``: 'error' raises ValueError on the first bad entry,
     'skip' records it in ``dataset.rejected``, 'warn' also logs it.
     """
     check_policy(on_invalid)
     _check_limit(max_structures)
-    checks = Checks(max_atoms=max_atoms, min_distance=min_distance, cutoff=cutoff)
+    checks = Checks(max_atoms=max_atoms, min_distance=min_distance, cutoff=cutoff, limits=limits)
     source = Path(path)
     problem = path_problem(source)
     if problem in ("does not exist", "broken symbolic link (its target does not exist)"):
@@ -226,7 +228,7 @@ def read_structures(
     *,
     max_atoms: int = DEFAULT_MAX_ATOMS,
     min_distance: float = DEFAULT_MIN_DISTANCE,
-    cutoff: float = DEFAULT_CUTOFF,
+    cutoff: float | None = None,
     id_key: str = "material_id",
     order: bool = False,
 ) -> list[tuple[str, Any]]:

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from matbalora.atomic import write_json
 from matbalora.data.dataset import BandGapDataset
 from matbalora.data.entries import Checks, Entry, build_dataset
 from matbalora.data.formats import structure_from_dict
@@ -106,19 +106,6 @@ def _search(client: Any, query: dict[str, Any]) -> list[Any]:
     return list(client.materials.summary.search(**kwargs))
 
 
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, default=_jsonable)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _read_mp_cache(path: Path, query: dict[str, Any]) -> dict[str, Any] | None:
     if not path.is_file():
         return None
@@ -190,7 +177,7 @@ def from_materials_project(
             "retrieved": datetime.now(UTC).isoformat(timespec="seconds"),
             "records": [_mp_record(doc) for doc in docs],
         }
-        _write_json_atomic(cache_path, payload)
+        write_json(cache_path, payload, indent=None, default=_jsonable)
         log.info("fetched %d Materials Project documents into %s", len(payload["records"]), cache_path)
     provenance = {
         "source": "materials_project",

@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from matbalora.atomic import write_json
 
 MATBENCH_SEED = 18012019
 MATBENCH_N_SPLITS = 5
@@ -80,18 +81,8 @@ class Split:
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write as JSON atomically (temp file in the same folder, then ``os.replace``)."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".split-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(self.to_dict(), fh)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        """Write as JSON atomically (``matbalora.atomic``: temp file in the same folder, then ``os.replace``)."""
+        write_json(path, self.to_dict(), indent=None)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Split:

@@ -2,16 +2,20 @@
 
 Cheap checks (size, finiteness, order, lattice, density) run before the one neighbour search, so a
 structure declaring a million atoms is rejected without touching its sites. The neighbour search
-itself (pymatgen's ``find_points_in_spheres``, which CHGNet's graph converter also runs) allocates
+itself (pymatgen's ``find_points_in_spheres``, which the backbones' graph converters also run) allocates
 one entry per periodic image it visits and one grid cell per ``radius`` cube of the sites' extent:
 ``check_search_size`` bounds both before it runs, and the neighbour counts it finds bound the graph
 (edges and angles) before any graph is built.
+
+What a backbone's converter needs (cutoffs, elements) is a :class:`GraphLimits` that each backbone
+declares (``Backbone.limits``); the defaults here are those of the default backbone.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
@@ -69,8 +73,35 @@ ON_INVALID: tuple[str, ...] = get_args(OnInvalid)
 
 DEFAULT_MAX_ATOMS = 500
 DEFAULT_MIN_DISTANCE = 0.5  # Å
-DEFAULT_CUTOFF = 6.0  # Å, CHGNet 0.3.0 atom_graph_cutoff
-MAX_ATOMIC_NUMBER = 94  # CHGNet 0.3.0 embeds elements H (1) to Pu (94)
+
+
+@dataclass(frozen=True)
+class GraphLimits:
+    """What a backbone's graph converter needs of a structure.
+
+    ``cutoff`` Å: the neighbour radius (an atom without a neighbour within it is isolated);
+    ``bond_cutoff`` Å: the radius of the bonds that angles join (None: the backbone builds no angles);
+    ``max_atomic_number``: the heaviest element embedded; ``elements``: the atomic numbers embedded
+    when they are not all of 1..max_atomic_number.
+    """
+
+    cutoff: float
+    bond_cutoff: float | None
+    max_atomic_number: int
+    elements: frozenset[int] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.cutoff >= 0 or (self.bond_cutoff is not None and not self.bond_cutoff >= 0):
+            raise ValueError(f"cutoff={self.cutoff!r}, bond_cutoff={self.bond_cutoff!r}; must be >= 0 Å")
+        if not isinstance(self.max_atomic_number, int) or self.max_atomic_number < 1:
+            raise ValueError(f"max_atomic_number={self.max_atomic_number!r}; must be a positive integer")
+
+
+#: The default backbone's limits (6 Å atom graph, 3 Å bond graph, elements H (1) to Pu (94));
+#: ``tests/test_backbones.py`` checks that they are what that backbone declares.
+DEFAULT_LIMITS = GraphLimits(cutoff=6.0, bond_cutoff=3.0, max_atomic_number=94)
+DEFAULT_CUTOFF = DEFAULT_LIMITS.cutoff  # Å
+MAX_ATOMIC_NUMBER = DEFAULT_LIMITS.max_atomic_number
 #: A cell is degenerate when det(L) <= this fraction of |a||b||c| (flat or collinear vectors).
 MIN_RELATIVE_VOLUME = 1e-6
 #: Most atoms per Å^3: 2.6x the densest crystal in Materials Project (0.19 in mp_gap). Locally,
@@ -78,7 +109,7 @@ MIN_RELATIVE_VOLUME = 1e-6
 #: neighbours (mp_gap at most: 176 within 6 Å, 32 within 3 Å; these limits: 476 and 80).
 MAX_DENSITY = 0.5
 LOCAL_SLACK = 24
-BOND_CUTOFF = 3.0  # Å, CHGNet 0.3.0 bond_graph_cutoff: angles join bonds shorter than this
+BOND_CUTOFF = DEFAULT_LIMITS.bond_cutoff  # Å: angles join bonds shorter than this
 #: Most periodic site images, and most grid cells, one neighbour search may visit (about 56 bytes
 #: per image, 280 per cell; a 500-atom crystal needs some 10^4 of each).
 MAX_SEARCH_IMAGES = 4_000_000
@@ -167,27 +198,28 @@ def check_search_size(lattice: Any, cart_coords: Any, radius: float) -> tuple[st
     return None
 
 
-def _unsupported_element(structure: Structure) -> tuple[str, str] | None:
+def _unsupported_element(structure: Structure, limits: GraphLimits) -> tuple[str, str] | None:
     """UNSUPPORTED_ELEMENT for a dummy species or an element the backbone has no embedding for
-    (CHGNet's embedding lookup fails on Z > 94 and takes the whole batch down with it)."""
+    (an embedding lookup out of range takes the whole batch down with it)."""
     from pymatgen.core import DummySpecies
 
     numbers = np.array([0 if isinstance(site.specie, DummySpecies) else site.specie.Z for site in structure])
-    outside = np.flatnonzero((numbers < 1) | (numbers > MAX_ATOMIC_NUMBER))
+    known = (numbers >= 1) & (numbers <= limits.max_atomic_number)
+    if limits.elements is not None:
+        known &= np.isin(numbers, sorted(limits.elements))
+    outside = np.flatnonzero(~known)
     if not outside.size:
         return None
     bad = int(outside[0])
     what = f"Z={int(numbers[bad])}" if numbers[bad] else "not a chemical element"
-    return UNSUPPORTED_ELEMENT, (
-        f"site {bad} is {structure[bad].specie} ({what}); the model knows elements Z=1..{MAX_ATOMIC_NUMBER} "
-        f"({outside.size} such sites)"
-    )
+    knows = f"Z=1..{limits.max_atomic_number}" if limits.elements is None else f"{len(limits.elements)} elements up to Z={limits.max_atomic_number}"
+    return UNSUPPORTED_ELEMENT, f"site {bad} is {structure[bad].specie} ({what}); the model knows elements {knows} ({outside.size} such sites)"
 
 
-def _crowded_site(centers: np.ndarray, distances: np.ndarray, n_atoms: int, cutoff: float) -> tuple[str, str] | None:
-    """TOO_DENSE when an atom has more neighbours within ``BOND_CUTOFF`` or ``cutoff`` Å than any
+def _crowded_site(centers: np.ndarray, distances: np.ndarray, n_atoms: int, cutoff: float, bond_cutoff: float | None) -> tuple[str, str] | None:
+    """TOO_DENSE when an atom has more neighbours within ``bond_cutoff`` or ``cutoff`` Å than any
     real crystal (bounds the graph's edges and angles)."""
-    for r in sorted({min(cutoff, BOND_CUTOFF), cutoff}):
+    for r in sorted({min(cutoff, cutoff if bond_cutoff is None else bond_cutoff), cutoff}):
         counts = np.bincount(centers[distances <= r], minlength=n_atoms)
         limit = MAX_DENSITY * 4 / 3 * math.pi * r**3 + LOCAL_SLACK
         if counts.size and counts.max() > limit:
@@ -208,9 +240,14 @@ def check_structure(
     *,
     max_atoms: int = DEFAULT_MAX_ATOMS,
     min_distance: float = DEFAULT_MIN_DISTANCE,
-    cutoff: float = DEFAULT_CUTOFF,
+    cutoff: float | None = None,
+    limits: GraphLimits = DEFAULT_LIMITS,
 ) -> tuple[str, str] | None:
-    """``(reason, detail)`` for the first failed check, or None when the structure is usable."""
+    """``(reason, detail)`` for the first failed check, or None when the structure is usable.
+
+    ``limits``: the backbone's (``Backbone.limits``); ``cutoff`` Å, when given, replaces its neighbour radius.
+    """
+    cutoff = limits.cutoff if cutoff is None else cutoff
     n_atoms = len(structure)  # first: never touch the sites of an oversized structure
     if n_atoms == 0 or n_atoms > max_atoms:
         return check_cheap(n_atoms, None, None, max_atoms=max_atoms)
@@ -223,7 +260,7 @@ def check_structure(
             f"site {site_name(structure, bad)} has partial occupancy {structure[bad].species}; supply an ordered "
             "supercell, or predict an ordered approximant with --order (order=True: pymatgen's OrderDisorderedStructureTransformation)"
         )
-    unsupported = _unsupported_element(structure)
+    unsupported = _unsupported_element(structure, limits)
     if unsupported is not None:
         return unsupported
     radius = max(cutoff, min_distance)
@@ -239,7 +276,7 @@ def check_structure(
                 f"(< {min_distance} Å)"
             )
     if cutoff > 0:
-        crowded = _crowded_site(centers, distances, n_atoms, cutoff)
+        crowded = _crowded_site(centers, distances, n_atoms, cutoff, limits.bond_cutoff)
         if crowded is not None:
             return crowded
         isolated = np.setdiff1d(np.arange(n_atoms), centers[distances <= cutoff])
@@ -250,7 +287,7 @@ def check_structure(
 
 def _neighbor_pairs(structure: Structure, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All (center, neighbour, distance Å) pairs within ``radius``, periodic images included,
-    an atom's own zero-offset self excluded (the search CHGNet's graph converter runs)."""
+    an atom's own zero-offset self excluded (the search the graph converters run)."""
     try:
         from pymatgen.optimization.neighbors import find_points_in_spheres
     except ImportError:  # pure-python fallback of pymatgen
@@ -274,10 +311,11 @@ def validate_structure(
     *,
     max_atoms: int = DEFAULT_MAX_ATOMS,
     min_distance: float = DEFAULT_MIN_DISTANCE,
-    cutoff: float = DEFAULT_CUTOFF,
+    cutoff: float | None = None,
+    limits: GraphLimits = DEFAULT_LIMITS,
 ) -> str | None:
     """The reason (a constant of this module) the structure is unusable, or None."""
-    found = check_structure(structure, max_atoms=max_atoms, min_distance=min_distance, cutoff=cutoff)
+    found = check_structure(structure, max_atoms=max_atoms, min_distance=min_distance, cutoff=cutoff, limits=limits)
     return None if found is None else found[0]
 
 
