@@ -328,7 +328,9 @@ def main(argv: list[str] | None = None) -> None:
     t = sub.add_parser("train")
     t.add_argument("names", nargs="+", choices=sorted(RECIPES))
     sub.add_parser("evaluate")
-    sub.add_parser("claims")
+    c = sub.add_parser("claims")
+    c.add_argument("balora", nargs="?", default="balora_full")
+    c.add_argument("lora", nargs="?", default="lora_full_seed0")
     sh = sub.add_parser("ship")
     sh.add_argument("balora")
     sh.add_argument("ensemble_prefix")
@@ -342,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.cmd == "evaluate":
         evaluate()
     elif args.cmd == "claims":
-        claims()
+        claims(args.balora, args.lora)
     elif args.cmd == "ship":
         ship(args.balora, args.ensemble_prefix)
     elif args.cmd == "forest":

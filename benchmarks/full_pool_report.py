@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL = RESULTS / "full_pool"
 
@@ -51,9 +53,53 @@ def claims_table(claims: dict) -> str:
     return "\n".join(lines)
 
 
+#: learning-curve points: method -> run names at 2k, 10k, 40k and the full pool (one epoch)
+CURVE = {"lora": ["lora_curve_2k", "lora_curve_10k", "lora_curve_40k", "lora_full_seed0"],
+         "balora": ["balora_curve_2k", "balora_curve_10k", "balora_curve_40k", "balora_full"]}
+
+
+def curve_points(results: dict, forest: dict) -> dict:
+    """method -> [(training crystals, test MAE all, test MAE non-metals)] of the runs that finished."""
+    runs = results.get("runs", {})
+    out = {m: [(runs[n]["n_train"], runs[n]["all"]["mae"], runs[n]["nonmetal"]["mae"]) for n in names if n in runs] for m, names in CURVE.items()}
+    out["magpie forest"] = sorted((r["n_train"], r["all"]["mae"], r["nonmetal"]["mae"]) for r in forest.values())
+    return {m: pts for m, pts in out.items() if pts}
+
+
+def curve_table(points: dict) -> str:
+    lines = ["| method | training crystals | test MAE all / non-metals (eV) |", "|---|---|---|"]
+    for method, pts in points.items():
+        lines += [f"| {method} | {n} | {_f(a)} / {_f(b)} |" for n, a, b in pts]
+    return "\n".join(lines)
+
+
+def plot_curve(points: dict, path: Path) -> Path:
+    """Test MAE against training crystals (log x), all crystals solid, non-metals dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for (method, pts), color in zip(points.items(), ("C0", "C1", "C2")):
+        n, a, b = (np.array(v, float) for v in zip(*pts))
+        ax.plot(n, a, "o-", color=color, label=f"{method}, all")
+        ax.plot(n, b, "s--", color=color, alpha=0.7, label=f"{method}, non-metals")
+    ax.set(xscale="log", xlabel="training crystals (nested subsets of one permutation)", ylabel="test MAE (eV), 1,000 Matbench fold-0 crystals",
+           title="Learning curve (full-pool recipe)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     results, forest, claims = _load(FULL / "results.json"), _load(FULL / "forest.json"), _load(FULL / "claims.json")
     print(runs_table(results, forest), "", classes_table(results), "", claims_table(claims), sep="\n")
+    points = curve_points(results, forest)
+    print("", curve_table(points), f"\nlearning curve plot: {plot_curve(points, FULL / 'learning_curve.png')}", sep="\n")
     if claims:
         print("\nepistemic-only ranking", claims.get("spearman_epistemic_only"), "aleatoric-only", claims.get("spearman_aleatoric_only"))
         print("noise", claims.get("noise"), "\nms per crystal per epoch", claims.get("ms_per_crystal_epoch"), "\nparameters", claims.get("parameters"))

@@ -5,7 +5,7 @@
 (see ``shared/design/BALORA.md``). B starts at zero, so a freshly wrapped model equals the
 pretrained one.
 
-Sampling is controlled by a :class:`NoiseContext` shared by all BaLoRA layers of a model, not by
+Sampling is controlled by a :class:`~matbalora.noise_context.NoiseContext` shared by all BaLoRA layers of a model, not by
 ``train()``/``eval()``:
 
 * ``mode="mean"``: A = M (posterior mean, deterministic);
@@ -29,58 +29,16 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from typing import Literal
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from matbalora.config import AdapterConfig
+from matbalora.noise_context import NoiseContext
 
 # Molchanov et al. (2017) approximation of -KL(q || log-uniform prior) for multiplicative noise.
 _K1, _K2, _K3 = 0.63576, 1.87320, 1.48695
-
-SampleMode = Literal["mean", "sample"]
-
-
-class NoiseContext:
-    """Shared switch for BaLoRA sampling: mode, row->group owners, and a random generator."""
-
-    def __init__(self) -> None:
-        self.mode: SampleMode = "mean"
-        self.owners: dict[str, Tensor] = {}
-        self.n_groups: int | None = None
-        self.segments: dict[str, list[int]] = {}  # row kind -> rows of each crystal in one tile
-        self.tiles: int = 1  # S: the batch is repeated this many times, tile-major
-        self.generator: torch.Generator | None = None
-        #: per-crystal noise drawn before a forward (``drawn``): BaLoRA layer -> eps [S * C, r, d_in]
-        self.bank: dict[nn.Module, Tensor] = {}
-
-    def clear_rows(self) -> None:
-        """Forget the row layout of the last forward."""
-        self.owners, self.n_groups, self.segments, self.tiles = {}, None, {}, 1
-
-    @contextmanager
-    def sampling(self, mode: SampleMode = "sample", generator: torch.Generator | None = None) -> Iterator[None]:
-        if mode not in ("mean", "sample"):
-            raise ValueError(f"mode={mode!r}; choose 'mean' or 'sample'")
-        old = (self.mode, self.generator)
-        self.mode, self.generator = mode, generator if generator is not None else self.generator
-        try:
-            yield
-        finally:
-            self.mode, self.generator = old
-
-    @contextmanager
-    def drawn(self, bank: dict[nn.Module, Tensor]) -> Iterator[None]:
-        """Use the noise in ``bank`` (see :func:`noise_bank`) instead of the generator for one forward."""
-        old, self.bank = self.bank, bank
-        try:
-            yield
-        finally:
-            self.bank = old
-
 
 def neg_kl_log_uniform(log_a: Tensor) -> Tensor:
     """-KL(N(M, a M^2) || log-uniform) per weight entry, as a function of log a (same shape)."""

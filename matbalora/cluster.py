@@ -37,11 +37,6 @@ DEFAULT_RETRIES = 2
 
 _CACHE: dict[tuple[str, str], Any] = {}
 _CACHE_LOCK = threading.Lock()
-#: One prediction at a time per worker process: a model's noise context is not thread-safe (run one
-#: thread per worker process, ``dask worker --nthreads 1``, to use every core).
-_PREDICT_LOCK = threading.Lock()
-
-
 def cached_predictor(kind: str, folder: str) -> Any:
     """The Predictor (``kind='model'``) or EnsemblePredictor (``'ensemble'``) of ``folder``, loaded once
     per worker process and kept for every later chunk."""
@@ -62,8 +57,7 @@ def predict_chunk(rows: Callable, model: str, ensemble: str | None, items: Seque
     reference so this module does not import the screening layer above it)."""
     predictor = cached_predictor("model", model)
     ens = cached_predictor("ensemble", ensemble) if ensemble is not None else None
-    with _PREDICT_LOCK:
-        return rows(items, predictor, ens, **options)
+    return rows(items, predictor, ens, **options)  # a model's sampling state is per thread: no lock
 
 
 def connect(cluster: Any) -> tuple[Any, bool]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,7 +15,6 @@ from torch import Tensor, nn
 
 from matbalora.adapters import (
     BaLoRALinear,
-    NoiseContext,
     adapters_of,
     mark_only_adapters_trainable,
     noise_bank,
@@ -22,6 +23,7 @@ from matbalora.adapters import (
 from matbalora.backbones import DEFAULT_BACKBONE, get_backbone
 from matbalora.backbones.base import Backbone
 from matbalora.config import AdapterConfig, HeadConfig, Method
+from matbalora.noise_context import NoiseContext
 from matbalora.data.crystal_key import draw_seed
 from matbalora.head import BandGapHead
 
@@ -110,6 +112,8 @@ class BandGapModel(nn.Module):
         self.backbone_name = backbone_name
         self.backbone_version = family.backbone_version(backbone)
         self.context = NoiseContext()
+        #: MC dropout switches module state: those models (none shipped) sample one call at a time
+        self._dropout_lock = threading.Lock()
         self.backbone = backbone
         if adapter is not None:
             family.inject(backbone, adapter, self.context)
@@ -287,6 +291,19 @@ class BandGapModel(nn.Module):
         mode = "sample" if stochastic and self.is_bayesian else "mean"
         rows = [self.family.graph_rows(g) for g in graphs]
         passes = plan_passes(rows, draws=n_draws, max_rows=max_rows, max_crystals=batch_size)
+        with self._dropout_lock if stochastic and self.has_dropout else contextlib.nullcontext():
+            outputs = self._sample_passes(graphs, passes, mode=mode, gen=gen, keys=keys, seed=seed, stochastic=stochastic)
+        if not outputs:
+            return GapSamples(np.zeros((n_draws, 0)), None)
+
+        def stack(key: str) -> Tensor:  # [draws, n_crystals]
+            return torch.cat([torch.cat([o[key] for o in outs], dim=0) for outs in outputs.values()], dim=1)
+
+        has_var = "log_var" in next(iter(outputs.values()))[0]
+        alea = stack("log_var").double().exp().mean(0).numpy() if has_var else None
+        return GapSamples(stack("gap").double().numpy(), alea)
+
+    def _sample_passes(self, graphs, passes, *, mode, gen, keys, seed, stochastic) -> dict[tuple[int, int], list[dict[str, Tensor]]]:
         outputs: dict[tuple[int, int], list[dict[str, Tensor]]] = {}  # crystals -> their passes, draws in order
         keyed = mode == "sample" and keys is not None
         key_seed = seed if seed is not None else int(torch.randint(0, 2**62, (1,)))
@@ -303,12 +320,4 @@ class BandGapModel(nn.Module):
                     outputs.setdefault((step.start, step.stop), []).append(out)
         finally:
             self.set_dropout(False)
-        if not outputs:
-            return GapSamples(np.zeros((n_draws, 0)), None)
-
-        def stack(key: str) -> Tensor:  # [draws, n_crystals]
-            return torch.cat([torch.cat([o[key] for o in outs], dim=0) for outs in outputs.values()], dim=1)
-
-        has_var = "log_var" in next(iter(outputs.values()))[0]
-        alea = stack("log_var").double().exp().mean(0).numpy() if has_var else None
-        return GapSamples(stack("gap").double().numpy(), alea)
+        return outputs

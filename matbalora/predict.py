@@ -18,7 +18,6 @@ keep their row, with NaN numbers and the reason in ``error``.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from matbalora import probabilities
-from matbalora.calibration import StdScaler, gaussian_interval
+from matbalora.calibration import StdScaler, check_level, gaussian_interval
 from matbalora.checkpoint import load_model_folder
 from matbalora.conformal import MondrianIntervals
 from matbalora.data.crystal_key import crystal_key
@@ -80,6 +79,7 @@ def prepare(model: BandGapModel, structures: Iterable, ids: Sequence[str] | None
     if ids is not None and len(ids) != len(items):
         raise ValueError(f"ids has {len(ids)} entries for {len(items)} structures")
     prep = Prepared([], [], [], [])
+    limits = model.family.limits(model.backbone)  # the cutoffs and elements of this model's backbone
     for row, obj in enumerate(items):
         sid = str(ids[row]) if ids is not None else str(row)
         try:
@@ -90,7 +90,7 @@ def prepare(model: BandGapModel, structures: Iterable, ids: Sequence[str] | None
         prep.ids.append(sid)
         prep.formulas.append(struct.composition.formula.replace(" ", "") if len(struct) else "")
         prep.n_atoms.append(len(struct))
-        found = check_structure(struct, max_atoms=max_atoms)
+        found = check_structure(struct, max_atoms=max_atoms, limits=limits)
         reason = None if found is None else f"{found[0]}: {found[1]}"
         if reason is None:
             try:
@@ -154,11 +154,6 @@ def _check_window(window) -> tuple[float, float] | None:
     return None if window is None else probabilities.check_window(window)
 
 
-def _check_level(level: float) -> None:
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level={level!r} must be in (0, 1)")
-
-
 class Predictor:
     """A trained band-gap model with its card; ``predict`` gives the DataFrame described above."""
 
@@ -182,7 +177,7 @@ class Predictor:
         """Structures/Atoms in, one row per input in input order. ``samples=0``: posterior mean only.
         Structures above ``max_atoms`` are rejected (their row says so). ``window=(lo, hi)`` eV adds
         ``p_window``, the probability that the gap lies in ``[lo, hi]``."""
-        _check_level(level)
+        check_level(level)
         _check_window(window)
         prep = prepare(self.model, structures, ids, max_atoms=max_atoms)
         return self.predict_prepared(prep, samples=samples, level=level, seed=seed, window=window)
@@ -197,7 +192,7 @@ class Predictor:
 
     def predict_prepared(self, prep: Prepared, *, samples: int = SAMPLES, level: float = LEVEL, seed: int | None = 0,
                          window: tuple[float, float] | None = None) -> pd.DataFrame:
-        _check_level(level)
+        check_level(level)
         window = _check_window(window)
         return to_frame(prep, self.gap_draws(prep, samples=samples, seed=seed), self.scaler, self.mondrian, level, window)
 
@@ -250,7 +245,7 @@ class EnsemblePredictor:
     def predict(self, structures, *, samples: int = SAMPLES, level: float = LEVEL, ids: Sequence[str] | None = None, seed: int | None = 0,
                 window: tuple[float, float] | None = None) -> pd.DataFrame:
         """Same columns as :meth:`Predictor.predict`; ``samples`` is ignored (one pass per member)."""
-        _check_level(level)
+        check_level(level)
         _check_window(window)
         return self.predict_prepared(prepare(self.model, structures, ids), level=level, window=window)
 
@@ -262,6 +257,6 @@ class EnsemblePredictor:
 
     def predict_prepared(self, prep: Prepared, *, samples: int = SAMPLES, level: float = LEVEL, seed: int | None = 0,
                          window: tuple[float, float] | None = None) -> pd.DataFrame:
-        _check_level(level)
+        check_level(level)
         window = _check_window(window)
         return to_frame(prep, self.gap_draws(prep), self.scaler, self.mondrian, level, window)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import perovskite, rocksalt_nacl, silicon, tiny_chgnet
-from matbalora.adapters import BaLoRALinear, LoRALinear, NoiseContext, adapters_of
+from matbalora.adapters import BaLoRALinear, LoRALinear, adapters_of
+from matbalora.noise_context import NoiseContext
 from matbalora.backbones.chgnet import FAMILY as CHGNET
 from matbalora.config import AdapterConfig, HeadConfig
 from matbalora.model import BandGapModel, Pass, plan_passes

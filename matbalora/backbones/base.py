@@ -18,7 +18,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from matbalora.adapters import LINEAR_WRAPPERS, LoRALinear, NoiseContext, inject_adapters
+from matbalora.adapters import LINEAR_WRAPPERS, LoRALinear, inject_adapters
+from matbalora.noise_context import NoiseContext
 from matbalora.data.validation import GraphLimits
 
 

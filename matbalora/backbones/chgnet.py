@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from matbalora.adapters import LoRALinear, NoiseContext
+from matbalora.adapters import LoRALinear
+from matbalora.noise_context import NoiseContext
 from matbalora.backbones.base import Backbone
 from matbalora.config import CHGNET_MESSAGE_PASSING
 from matbalora.data.validation import GraphLimits

@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from matbalora.adapters import BaLoRALinear, LoRALinear, NoiseContext
+from matbalora.adapters import BaLoRALinear, LoRALinear
+from matbalora.noise_context import NoiseContext
 from matbalora.config import AdapterConfig
 
 

@@ -17,7 +17,7 @@ import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -27,9 +27,6 @@ from matbalora.data.extxyz import iter_frames, parse_comment, parse_frame
 from matbalora.data.precheck import MAX_TEXT_CHARS, cif_problem, poscar_problem
 from matbalora.data.structure_dict import structure_from_dict
 from matbalora.data.validation import BAD_LATTICE, EMPTY, TOO_MANY_ATOMS, UNPARSABLE, check_cheap
-
-if TYPE_CHECKING:
-    from pymatgen.core import Structure
 
 log = logging.getLogger(__name__)
 
