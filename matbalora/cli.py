@@ -233,7 +233,7 @@ def _app_parser(sub) -> None:
 
 
 def _cmd_app(args: argparse.Namespace) -> int:
-    from matbalora.app_support import launch
+    from matbalora.app.launcher import launch
 
     return int(launch(args.streamlit_args) or 0)
 

@@ -12,7 +12,8 @@ from app_helpers import make_models
 from conftest import perovskite, rocksalt_nacl, silicon
 from pymatgen.core import Lattice, Structure
 
-from matbalora import app_support as sup
+from matbalora import app as sup
+from matbalora.app import predictions, uploads
 from matbalora.data.validation import check_structure
 
 
@@ -82,7 +83,7 @@ def test_uploads_are_bounded_in_files_decompressed_size_and_time(monkeypatch):
     [item] = sup.read_upload("bomb.json.gz", bomb, limits=limits)
     assert item.structure is None and "decompresses to more than 1 MB" in item.error
     clock = iter(range(0, 1000, 2))  # every reading of the clock: 2 s later
-    monkeypatch.setattr(sup.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(uploads.time, "monotonic", lambda: next(clock))
     from ase.io import write
     from pymatgen.io.ase import AseAtomsAdaptor
 
@@ -91,7 +92,7 @@ def test_uploads_are_bounded_in_files_decompressed_size_and_time(monkeypatch):
     found = sup.read_upload("set.extxyz", buf.getvalue().encode(), limits=limits)
     assert "reading stopped after 1 s" in found[0].error and sum(f.structure is not None for f in found) == 1
     monkeypatch.undo()
-    started = sup.time.monotonic()
+    started = uploads.time.monotonic()
     assert sup.out_of_time(started, limits=limits) == "" and "prediction time (1 s)" in sup.out_of_time(started - 10, limits=limits)
 
 
@@ -329,7 +330,7 @@ def test_predict_items_is_bounded_and_survives_failures(monkeypatch):
     items = [sup.example("Si (diamond)"), sup.Item("x.cif", "x", error="could not be read"), sup.example("Cu (fcc metal)"),
              sup.example("NaCl (rock salt)")]
     clock = iter([0.0, 0.0, 1.0, 500.0])  # started, then one reading per readable item
-    monkeypatch.setattr(sup.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(predictions.time, "monotonic", lambda: next(clock))
     seen = []
 
     def predict(item):
@@ -356,7 +357,7 @@ def test_app_and_cli_use_one_default_number_of_samples():
     signature = inspect.signature(Predictor.predict).parameters
     assert (signature["samples"].default, signature["level"].default) == (defaults.SAMPLES, defaults.LEVEL)
     for page in ("predict.py", "screen.py"):
-        source = (sup.REPO / "app" / "pages" / page).read_text()
+        source = (sup.APP_SCRIPT.parent / "pages" / page).read_text()
         assert "SAMPLES, step=4" in source and "LEVEL, step=0.01" in source, page
 
 

@@ -1,12 +1,12 @@
 """The Streamlit caches the app's pages share (one model load per server, one prediction per
 structure and settings), so a structure predicted on one page is not predicted again on another.
-Imports Streamlit; only the pages in ``app/`` import this module."""
+Imports Streamlit; only the pages in ``pages/`` import this module."""
 
 from __future__ import annotations
 
 import streamlit as st
 
-from matbalora import app_support as sup
+from matbalora import app as sup
 
 LIMITS = sup.Limits()
 

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from matbalora import app_support as sup
+from matbalora import app as sup
 from matbalora.api import models_dir
 from matbalora.app import cached, widgets
 from matbalora.defaults import LEVEL, METAL_THRESHOLD, SAMPLES
