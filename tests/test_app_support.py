@@ -245,7 +245,7 @@ def test_figures():
     assert "90% intervals" in fig.layout.title.text
     assert list(fig.layout.yaxis.ticktext) == ["BaLoRA<br>1.00 eV [0.70, 1.40]", "Deep ensemble (LoRA)<br>1.20 eV [1.00, 1.30]"]
     cell = sup.cell_figure(perovskite())  # Sr on the 8 corners, Ti in the body, O on 6 face centres
-    counts = {t.name: len(t.x) for t in cell.data if t.mode == "markers"}
+    counts = {t.name: len(t.x) for t in cell.data if t.type == "scatter3d" and t.mode == "markers"}  # not the polyhedra
     assert counts == {"O": 6, "Sr": 8, "Ti": 1}
     assert np.isfinite(np.array(cell.data[-1].x, dtype=float)).sum() == 24  # 12 edges
     for figure in (fig, sup.samples_figure(pred)):  # the grey metal band is where p_metal counts a metal

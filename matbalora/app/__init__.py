@@ -2,7 +2,7 @@
 out, by role. Everything a page shows is computed here, without Streamlit:
 
 - ``uploads``: files in -> checked structures under the page ``Limits``; the built-in examples;
-- ``structure_view``: the structure's summary table and 3D view;
+- ``structure_view``: the structure's summary table and 3D view (bonds, polyhedra, cell axes);
 - ``predictions``: both models on a structure, a page's structures under its time bound, the batch table;
 - ``gaps``: what a prediction means in words, and the predictive distribution behind it;
 - ``figures``: the plotly figures of a result (intervals, draws and density);
@@ -29,7 +29,7 @@ from matbalora.app.predictions import (
     predict_items,
     predict_structure,
 )
-from matbalora.app.structure_view import cell_figure, summarize
+from matbalora.app.structure_view import Bonds, cell_figure, find_bonds, summarize
 from matbalora.app.uploads import (
     ACCEPTED,
     EXAMPLES,
@@ -45,9 +45,9 @@ from matbalora.app.uploads import (
 )
 
 __all__ = [
-    "ACCEPTED", "APP_SCRIPT", "EXAMPLES", "PREDICTION_KEYS", "WINDOW", "Item", "Limits", "Models",
+    "ACCEPTED", "APP_SCRIPT", "EXAMPLES", "PREDICTION_KEYS", "WINDOW", "Bonds", "Item", "Limits", "Models",
     "Prediction", "batch_table", "benchmark_images", "cell_figure", "collect", "display_name", "example", "explain",
-    "interval_figure", "load_models", "launch", "model_cards", "out_of_time", "predict_items",
+    "find_bonds", "interval_figure", "load_models", "launch", "model_cards", "out_of_time", "predict_items",
     "predict_structure", "probabilities_text", "read_upload", "read_uploads", "reading", "samples_figure",
     "server_flags", "structure_key", "summarize",
 ]

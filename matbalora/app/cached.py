@@ -26,6 +26,11 @@ def summarize(key: str, _structure) -> dict:
     return sup.summarize(_structure)
 
 
+@st.cache_data(max_entries=512, show_spinner=False)
+def bonds(key: str, _structure) -> sup.Bonds:
+    return sup.find_bonds(_structure)
+
+
 @st.cache_data(max_entries=2048, show_spinner=False)
 def predict(folder: str, key: str, _structure, samples: int, level: float,
             window: tuple[float, float] | None = None) -> sup.Prediction:
