@@ -373,6 +373,13 @@ def test_launch(monkeypatch, models, tmp_path, capsys):
     assert cmd[-2:] == ["--theme.base", "dark"] and env["MATBALORA_MODELS"] == str(models.folder)
 
 
+def test_cli_app_hands_its_options_to_the_launcher(tmp_path, capsys):
+    from matbalora import cli
+
+    assert cli.main(["app", "--models", str(tmp_path), "--port", "8765"]) == 2  # argparse used to refuse "--models"
+    assert "no balora or lora_ensemble model folder" in capsys.readouterr().err
+
+
 def test_card_tables_with_and_without_non_metal_metrics():
     from matbalora.app import cards
 
