@@ -256,8 +256,9 @@ def cell_figure(structure: Structure, bonds: Bonds | None = None, *, polyhedra: 
     axis = {"showbackground": False, "showgrid": False, "zeroline": False, "showticklabels": False, "title": ""}
     fig.update_layout(scene={"aspectmode": "data", "xaxis": axis, "yaxis": axis, "zaxis": axis,
                              "camera": {"eye": {"x": 1.9, "y": 1.9, "z": 1.3}}},
-                      height=420, margin={"l": 0, "r": 0, "t": 0, "b": 0},
-                      legend={"itemsizing": "constant", "title": {"text": f"bonds: {bonds.strategy}", "font": {"size": 11}}})
+                      height=480, margin={"l": 0, "r": 0, "t": 0, "b": 0},  # the legend below: the cell gets the width
+                      legend={"itemsizing": "constant", "orientation": "h", "yanchor": "top", "y": 0.02, "x": 0,
+                              "font": {"size": 11}, "title": {"text": f"bonds: {bonds.strategy}", "side": "top"}})
     return fig
 
 
