@@ -7,14 +7,20 @@ from pathlib import Path
 
 from matbalora.predict import EnsemblePredictor, Predictor
 
-#: Shipped models live in the repository's ``models/`` folder; ``$MATBALORA_MODELS`` overrides it.
+#: The shipped models' folders inside ``models_dir()``.
 SHIPPED_MODEL = "balora"
 SHIPPED_ENSEMBLE = "lora_ensemble"
 
 
 def models_dir() -> Path:
+    """The folder holding the shipped models: ``$MATBALORA_MODELS`` when set; else the copy an
+    installed package carries (``matbalora/shipped_models/``, written by ``setup.py`` into the
+    wheel); else the repository's ``models/`` (a source checkout or an editable install)."""
     env = os.environ.get("MATBALORA_MODELS")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "models"
+    if env:
+        return Path(env)
+    installed = Path(__file__).resolve().parent / "shipped_models"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[1] / "models"
 
 
 def _resolve(path: str | os.PathLike | None, default: str) -> Path:
@@ -22,7 +28,8 @@ def _resolve(path: str | os.PathLike | None, default: str) -> Path:
     if not folder.exists():
         raise FileNotFoundError(
             f"model folder {folder} does not exist"
-            + ("; the shipped models are in the repository's models/ folder (set MATBALORA_MODELS to move them)" if path is None else "")
+            + ("; the shipped models are in the repository's models/ folder or, installed, in matbalora/shipped_models/ "
+               "(set MATBALORA_MODELS to move them)" if path is None else "")
         )
     return folder
 

@@ -237,7 +237,7 @@ def _app_parser(sub) -> None:
 
 
 def _cmd_app(args: argparse.Namespace) -> int:
-    from matbalora.app_support import launch
+    from matbalora.app.launcher import launch
 
     return int(launch(args.streamlit_args) or 0)
 
@@ -260,7 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    k = argv.index("app") if "app" in argv else -1
+    if k >= 0 and all(a in ("-v", "--verbose") for a in argv[:k]):
+        # everything after `app` is the launcher's (--models, --port, ... and streamlit's own options);
+        # argparse's REMAINDER would refuse a first one that starts with "--"
+        args = build_parser().parse_args(argv[:k + 1])
+        args.streamlit_args = argv[k + 1:]
+    else:
+        args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from matbalora.allocator import tune_cpu_allocator
 

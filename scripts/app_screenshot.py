@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the server/model helpers shared with 
 
 from app_helpers import CHROMIUM, CHROMIUM_ARGS, make_models, running_app
 
-from matbalora import app_support as sup
+from matbalora import app as sup
 
 GAP = re.compile(r"Predicted band gap: (\d+\.\d\d) eV")
 CRYSTAL = "β-Ga2O3 (monoclinic, 20 atoms)"

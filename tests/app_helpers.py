@@ -57,7 +57,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running_app(models: Path, log: Path, *, timeout: float = 90.0) -> Iterator[str]:
     """Serve the app on a free localhost port with ``models``; yields its URL, stops it afterwards."""
-    from matbalora import app_support as sup
+    from matbalora import app as sup
 
     port = free_port()
     env = {**os.environ, "MATBALORA_MODELS": os.fspath(models), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}

@@ -12,7 +12,7 @@ from app_helpers import make_models
 from conftest import REPO, rocksalt_nacl, silicon
 from streamlit.testing.v1 import AppTest
 
-APP = REPO / "app" / "streamlit_app.py"
+APP = REPO / "matbalora" / "app" / "streamlit_app.py"
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_first_render(app):
 def expected_rows(models, data: bytes, window) -> tuple[dict, dict]:
     """What ``predict`` gives (at the app's defaults and ``window``) for the crystal in the CIF ``data``
     as the app reads it: the BaLoRA row and the ensemble row."""
-    from matbalora import app_support as sup
+    from matbalora import app as sup
     from matbalora.api import load_ensemble, load_model
     from matbalora.defaults import LEVEL, SAMPLES
 
@@ -167,7 +167,7 @@ def test_sessions_do_not_see_each_other(app, monkeypatch):
 
 
 def test_model_card_page(app, models):
-    from matbalora import app_support as sup
+    from matbalora import app as sup
 
     at = app().run()
     at.switch_page("pages/model_card.py").run()

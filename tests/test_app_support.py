@@ -12,7 +12,8 @@ from app_helpers import make_models
 from conftest import perovskite, rocksalt_nacl, silicon
 from pymatgen.core import Lattice, Structure
 
-from matbalora import app_support as sup
+from matbalora import app as sup
+from matbalora.app import predictions, uploads
 from matbalora.data.validation import check_structure
 
 
@@ -82,7 +83,7 @@ def test_uploads_are_bounded_in_files_decompressed_size_and_time(monkeypatch):
     [item] = sup.read_upload("bomb.json.gz", bomb, limits=limits)
     assert item.structure is None and "decompresses to more than 1 MB" in item.error
     clock = iter(range(0, 1000, 2))  # every reading of the clock: 2 s later
-    monkeypatch.setattr(sup.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(uploads.time, "monotonic", lambda: next(clock))
     from ase.io import write
     from pymatgen.io.ase import AseAtomsAdaptor
 
@@ -91,7 +92,7 @@ def test_uploads_are_bounded_in_files_decompressed_size_and_time(monkeypatch):
     found = sup.read_upload("set.extxyz", buf.getvalue().encode(), limits=limits)
     assert "reading stopped after 1 s" in found[0].error and sum(f.structure is not None for f in found) == 1
     monkeypatch.undo()
-    started = sup.time.monotonic()
+    started = uploads.time.monotonic()
     assert sup.out_of_time(started, limits=limits) == "" and "prediction time (1 s)" in sup.out_of_time(started - 10, limits=limits)
 
 
@@ -244,7 +245,7 @@ def test_figures():
     assert "90% intervals" in fig.layout.title.text
     assert list(fig.layout.yaxis.ticktext) == ["BaLoRA<br>1.00 eV [0.70, 1.40]", "Deep ensemble (LoRA)<br>1.20 eV [1.00, 1.30]"]
     cell = sup.cell_figure(perovskite())  # Sr on the 8 corners, Ti in the body, O on 6 face centres
-    counts = {t.name: len(t.x) for t in cell.data if t.mode == "markers"}
+    counts = {t.name: len(t.x) for t in cell.data if t.type == "scatter3d" and t.mode == "markers"}  # not the polyhedra
     assert counts == {"O": 6, "Sr": 8, "Ti": 1}
     assert np.isfinite(np.array(cell.data[-1].x, dtype=float)).sum() == 24  # 12 edges
     for figure in (fig, sup.samples_figure(pred)):  # the grey metal band is where p_metal counts a metal
@@ -329,7 +330,7 @@ def test_predict_items_is_bounded_and_survives_failures(monkeypatch):
     items = [sup.example("Si (diamond)"), sup.Item("x.cif", "x", error="could not be read"), sup.example("Cu (fcc metal)"),
              sup.example("NaCl (rock salt)")]
     clock = iter([0.0, 0.0, 1.0, 500.0])  # started, then one reading per readable item
-    monkeypatch.setattr(sup.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(predictions.time, "monotonic", lambda: next(clock))
     seen = []
 
     def predict(item):
@@ -356,7 +357,7 @@ def test_app_and_cli_use_one_default_number_of_samples():
     signature = inspect.signature(Predictor.predict).parameters
     assert (signature["samples"].default, signature["level"].default) == (defaults.SAMPLES, defaults.LEVEL)
     for page in ("predict.py", "screen.py"):
-        source = (sup.REPO / "app" / "pages" / page).read_text()
+        source = (sup.APP_SCRIPT.parent / "pages" / page).read_text()
         assert "SAMPLES, step=4" in source and "LEVEL, step=0.01" in source, page
 
 
@@ -370,6 +371,13 @@ def test_launch(monkeypatch, models, tmp_path, capsys):
     assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4].endswith("app/streamlit_app.py")
     assert {"--server.headless=true", "--browser.gatherUsageStats=false", "--server.port=8765"} <= set(cmd)
     assert cmd[-2:] == ["--theme.base", "dark"] and env["MATBALORA_MODELS"] == str(models.folder)
+
+
+def test_cli_app_hands_its_options_to_the_launcher(tmp_path, capsys):
+    from matbalora import cli
+
+    assert cli.main(["app", "--models", str(tmp_path), "--port", "8765"]) == 2  # argparse used to refuse "--models"
+    assert "no balora or lora_ensemble model folder" in capsys.readouterr().err
 
 
 def test_card_tables_with_and_without_non_metal_metrics():

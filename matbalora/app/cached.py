@@ -1,12 +1,12 @@
 """The Streamlit caches the app's pages share (one model load per server, one prediction per
 structure and settings), so a structure predicted on one page is not predicted again on another.
-Imports Streamlit; only the pages in ``app/`` import this module."""
+Imports Streamlit; only the pages in ``pages/`` import this module."""
 
 from __future__ import annotations
 
 import streamlit as st
 
-from matbalora import app_support as sup
+from matbalora import app as sup
 
 LIMITS = sup.Limits()
 
@@ -24,6 +24,11 @@ def read_upload(name: str, data: bytes) -> list[sup.Item]:
 @st.cache_data(max_entries=512, show_spinner=False)
 def summarize(key: str, _structure) -> dict:
     return sup.summarize(_structure)
+
+
+@st.cache_data(max_entries=512, show_spinner=False)
+def bonds(key: str, _structure) -> sup.Bonds:
+    return sup.find_bonds(_structure)
 
 
 @st.cache_data(max_entries=2048, show_spinner=False)

@@ -1,7 +1,7 @@
-"""The plotly figures of one result: both intervals on one axis, the BaLoRA draws with the
-predictive distribution their probabilities come from, and the 3D unit cell. Intervals are drawn
-from ``lower``/``upper`` as ``predict`` returns them, and the metal band is ``METAL_THRESHOLD`` wide,
-the edge ``p_metal`` counts below.
+"""The plotly figures of one result: both intervals on one axis, and the BaLoRA draws with the
+predictive distribution their probabilities come from (the 3D cell is in ``structure_view``).
+Intervals are drawn from ``lower``/``upper`` as ``predict`` returns them, and the metal band is
+``METAL_THRESHOLD`` wide, the edge ``p_metal`` counts below.
 
 Labels sit where data cannot reach them (tick labels, the legend, above the plotting area), so
 metals (everything at 0 eV) and wide gaps (a 10 eV axis) read the same way.
@@ -10,7 +10,6 @@ metals (everything at 0 eV) and wide gaps (a 10 eV axis) read the same way.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,9 +19,8 @@ from matbalora.defaults import METAL_THRESHOLD
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
-    from pymatgen.core import Structure
 
-    from matbalora.app_support import Prediction
+    from matbalora.app.predictions import Prediction
 
 BALORA_COLOR, ENSEMBLE_COLOR = "#d62728", "#1f77b4"
 MARGIN = {"l": 10, "r": 10, "t": 60, "b": 40}
@@ -111,46 +109,4 @@ def samples_figure(pred: Prediction, *, points: int = 400) -> go.Figure:
         yaxis2={"title": "draws (count)", "overlaying": "y", "side": "right", "rangemode": "tozero", "showgrid": False},
         legend={"orientation": "h", "yanchor": "top", "y": -0.25, "x": 0, "font": {"size": 11}},
         height=420, margin={**MARGIN, "b": 10}, bargap=0.05)
-    return fig
-
-
-def _element_colors() -> dict[str, str]:
-    import pymatgen.vis
-    from monty.serialization import loadfn
-
-    table = loadfn(Path(pymatgen.vis.__file__).parent / "ElementColorSchemes.yaml")["Jmol"]
-    return {el: f"rgb({r},{g},{b})" for el, (r, g, b) in table.items()}
-
-
-def cell_figure(structure: Structure) -> go.Figure:
-    """Interactive 3D unit cell: atoms (with images on the cell faces) coloured by element, cell edges."""
-    import plotly.graph_objects as go
-
-    lat = structure.lattice.matrix
-    frac = np.mod(structure.frac_coords, 1.0)
-    frac[np.isclose(frac, 1.0, atol=1e-4)] = 0.0
-    shifts = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
-    colors = _element_colors()
-    fig = go.Figure()
-    species = [site.specie.symbol for site in structure]
-    for el in sorted(set(species)):
-        rows = [i for i, s in enumerate(species) if s == el]
-        on_face = [frac[i] + s for i in rows for s in shifts if np.all((s == 0) | np.isclose(frac[i], 0.0, atol=1e-4))]
-        xyz = np.array(on_face) @ lat  # [n, 3] Å, each site plus its images on the opposite faces
-        radius = float(getattr(structure[rows[0]].specie, "atomic_radius", None) or 1.0)
-        fig.add_trace(go.Scatter3d(x=xyz[:, 0], y=xyz[:, 1], z=xyz[:, 2], mode="markers", name=el,
-                                   marker={"size": 6 + 8 * radius, "color": colors.get(el, "grey"),
-                                           "line": {"width": 1, "color": "black"}},
-                                   hovertemplate=f"{el}<br>(%{{x:.2f}}, %{{y:.2f}}, %{{z:.2f}}) Å<extra></extra>"))
-    corners = shifts @ lat
-    edges = [(a, b) for a in range(8) for b in range(a + 1, 8) if np.abs(shifts[a] - shifts[b]).sum() == 1]
-    line = np.full((3 * len(edges), 3), np.nan)
-    for n, (a, b) in enumerate(edges):
-        line[3 * n], line[3 * n + 1] = corners[a], corners[b]
-    fig.add_trace(go.Scatter3d(x=line[:, 0], y=line[:, 1], z=line[:, 2], mode="lines", name="cell",
-                               line={"color": "black", "width": 3}, hoverinfo="skip", showlegend=False))
-    axis = {"showbackground": False, "showgrid": False, "zeroline": False, "showticklabels": False, "title": ""}
-    fig.update_layout(scene={"aspectmode": "data", "xaxis": axis, "yaxis": axis, "zaxis": axis,
-                             "camera": {"eye": {"x": 1.9, "y": 1.9, "z": 1.3}}},
-                      height=420, margin={"l": 0, "r": 0, "t": 0, "b": 0}, legend={"itemsizing": "constant"})
     return fig

@@ -1,10 +1,10 @@
-"""Inputs and table settings the app's pages share (imports Streamlit; only ``app/`` pages use it)."""
+"""Inputs and table settings the app's pages share (imports Streamlit; only the pages in ``pages/`` use it)."""
 
 from __future__ import annotations
 
 import streamlit as st
 
-from matbalora import app_support as sup
+from matbalora import app as sup
 from matbalora.probabilities import check_window
 
 

@@ -1,8 +1,8 @@
 """matbalora web app: band gaps with BaLoRA and deep-ensemble uncertainty.
 
-Run with ``matbalora app`` (or ``streamlit run app/streamlit_app.py``); the models come from the
-repository's ``models/`` folder or ``$MATBALORA_MODELS``. Every number shown is computed by
-``matbalora.app_support``; these pages only lay it out.
+Run with ``matbalora app`` (or ``streamlit run matbalora/app/streamlit_app.py``); the models come
+from the shipped models (``matbalora.api.models_dir``) or ``$MATBALORA_MODELS``. Every number shown
+is computed by ``matbalora.app``; these pages only lay it out.
 """
 
 import streamlit as st

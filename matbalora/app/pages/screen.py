@@ -4,7 +4,7 @@ first; download it as CSV. Bounded like the single view."""
 
 import streamlit as st
 
-from matbalora import app_support as sup
+from matbalora import app as sup
 from matbalora.api import models_dir
 from matbalora.app import cached, widgets
 from matbalora.defaults import LEVEL, SAMPLES

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from matbalora import app_support as sup
+from matbalora import app as sup
 from matbalora.api import models_dir
 from matbalora.app import cached, widgets
 from matbalora.defaults import LEVEL, METAL_THRESHOLD, SAMPLES
@@ -52,7 +52,10 @@ with tab_one:
         formula = item.structure.composition.reduced_formula
         st.subheader(formula if item.id == formula else f"{item.id} · {formula}")
         st.table({k: str(v) for k, v in cached.summarize(item.key, item.structure).items()})
-        st.plotly_chart(sup.cell_figure(item.structure), config=PLOTLY, key="cell")
+        bonds = cached.bonds(item.key, item.structure)
+        st.plotly_chart(sup.cell_figure(item.structure, bonds), config=PLOTLY, key="cell")
+        st.caption(f"Bonds: {bonds.strategy}; polyhedra around cations with 4 to 8 neighbours. "
+                   "Bonds leaving the cell stop halfway; drag to rotate, scroll to zoom.")
     with right:
         if pred.error:
             st.error(f"No prediction: {pred.error}")
