@@ -13,8 +13,8 @@ from matbalora.backbones.base import Backbone
 from matbalora.data.validation import DEFAULT_LIMITS, GraphLimits, check_structure
 
 PACKAGE = Path(__file__).resolve().parents[1] / "matbalora"
-#: cycles left to the app split (issue 17 item 3); any other cycle fails the test
-KNOWN_CYCLES = [{"matbalora.app.figures", "matbalora.app_support"}]
+#: import cycles allowed (none): any cycle fails the test
+KNOWN_CYCLES: list[set[str]] = []
 
 
 def test_registry_names_every_family_and_refuses_others():

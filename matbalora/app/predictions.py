@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -50,20 +49,17 @@ class Prediction:
 class Models:
     """The BaLoRA model and the deep ensemble, shared by every session of a server.
 
-    A model keeps its sampling mode and generator on itself while it runs, so calls take ``lock``:
-    two sessions predicting at once are served one after the other, never interleaved.
+    Two sessions may predict at once: a model's sampling state is per thread (``noise_context``), and
+    a crystal's draws depend only on the crystal and the seed, so no lock is needed.
     """
 
     model: Predictor
     ensemble: EnsemblePredictor
     folder: Path
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def predict(self, structure: Structure, *, samples: int, level: float, window: tuple[float, float] | None = None,
                 seed: int = 0) -> Prediction:
-        with self.lock:
-            return predict_structure(self.model, self.ensemble, structure, samples=samples, level=level,
-                                     window=window, seed=seed)
+        return predict_structure(self.model, self.ensemble, structure, samples=samples, level=level, window=window, seed=seed)
 
 
 def load_models(models: str | os.PathLike | None = None) -> Models:
