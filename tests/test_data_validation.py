@@ -14,6 +14,12 @@ from matbalora.data import validation as V
 from matbalora.data.readers import load_dataset
 
 
+def validate_structure(structure, **kw):
+    """The reason ``check_structure`` gives, or None."""
+    found = V.check_structure(structure, **kw)
+    return None if found is None else found[0]
+
+
 def cscl_like() -> Structure:
     return Structure(Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
 
@@ -30,24 +36,24 @@ BAD_STRUCTURES = {
 
 @pytest.mark.parametrize("reason", sorted(BAD_STRUCTURES))
 def test_each_structure_reason(reason):
-    assert V.validate_structure(BAD_STRUCTURES[reason]()) == reason
+    assert validate_structure(BAD_STRUCTURES[reason]()) == reason
 
 
 def test_good_structure_passes_and_limits_apply():
-    assert V.validate_structure(cscl_like()) is None
-    assert V.validate_structure(cscl_like(), max_atoms=1) == V.TOO_MANY_ATOMS
+    assert validate_structure(cscl_like()) is None
+    assert validate_structure(cscl_like(), max_atoms=1) == V.TOO_MANY_ATOMS
     # nearest Na-Cl distance is 5.64 * sqrt(3) / 2 = 4.88 Å: overlapping only above that
-    assert V.validate_structure(cscl_like(), min_distance=4.8) is None
-    assert V.validate_structure(cscl_like(), min_distance=5.0) == V.OVERLAPPING_ATOMS
+    assert validate_structure(cscl_like(), min_distance=4.8) is None
+    assert validate_structure(cscl_like(), min_distance=5.0) == V.OVERLAPPING_ATOMS
     # 7 Å cell: the lone atom's image is 7 Å away, so a 7.5 Å cutoff finds it
-    assert V.validate_structure(BAD_STRUCTURES[V.ISOLATED_ATOM](), cutoff=7.5) is None
+    assert validate_structure(BAD_STRUCTURES[V.ISOLATED_ATOM](), cutoff=7.5) is None
 
 
 def test_negative_volume_and_nonfinite_lattice():
     left = Structure(Lattice([[5, 0, 0], [0, 5, 0], [0, 0, -5]]), ["Na"], [[0, 0, 0]])
-    assert V.validate_structure(left) == V.BAD_LATTICE
+    assert validate_structure(left) == V.BAD_LATTICE
     inf = Structure(Lattice(np.diag([5.0, 5.0, np.inf])), ["Na"], [[0, 0, 0]])
-    assert V.validate_structure(inf) == V.NON_FINITE
+    assert validate_structure(inf) == V.NON_FINITE
 
 
 class _Huge:
@@ -62,7 +68,7 @@ class _Huge:
 
 def test_oversized_structure_rejected_before_any_site_access():
     start = time.perf_counter()
-    assert V.validate_structure(_Huge(), max_atoms=500) == V.TOO_MANY_ATOMS
+    assert validate_structure(_Huge(), max_atoms=500) == V.TOO_MANY_ATOMS
     assert time.perf_counter() - start < 0.1
 
 

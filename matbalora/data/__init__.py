@@ -3,7 +3,7 @@
 - ``readers``: ``load_dataset`` (extxyz, pymatgen JSON, CIF/POSCAR folders + CSV) and
   ``read_structures`` (prediction inputs);
 - ``dataset``: ``BandGapDataset`` and ``Rejection``;
-- ``validation``: named rejection reasons, ``check_structure`` / ``validate_structure``;
+- ``validation``: named rejection reasons, ``check_structure``;
 - ``splits``: ``random_split``, ``grouped_split``, ``matbench_fold`` and ``Split``;
 - ``graph_cache``: ``GraphCache`` (CHGNet graphs converted once, stored as safetensors);
 - ``sources``: ``from_materials_project``, ``from_matbench``;

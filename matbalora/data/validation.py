@@ -306,19 +306,6 @@ def _neighbor_pairs(structure: Structure, radius: float) -> tuple[np.ndarray, np
     return centers[keep], neighbors[keep], distances[keep]
 
 
-def validate_structure(
-    structure: Structure,
-    *,
-    max_atoms: int = DEFAULT_MAX_ATOMS,
-    min_distance: float = DEFAULT_MIN_DISTANCE,
-    cutoff: float | None = None,
-    limits: GraphLimits = DEFAULT_LIMITS,
-) -> str | None:
-    """The reason (a constant of this module) the structure is unusable, or None."""
-    found = check_structure(structure, max_atoms=max_atoms, min_distance=min_distance, cutoff=cutoff, limits=limits)
-    return None if found is None else found[0]
-
-
 def parse_target(value: Any) -> float:
     """A band gap value as float (NaN when absent); raises ValueError when not a number."""
     if value is None:
