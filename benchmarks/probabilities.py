@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--window", type=float, nargs=2, default=(1.0, 2.0), metavar=("LO", "HI"), help="the target window, eV")
     parser.add_argument("--limit", type=int, default=None, help="only the first N test crystals (a quick check)")
     parser.add_argument("--samples", type=int, default=16, help="BaLoRA Monte-Carlo draws")
-    parser.add_argument("--forest-train", type=int, default=10000, help="training crystals of the forest (the shipped models': 10,000)")
+    parser.add_argument("--forest-train", type=int, default=None, help="training crystals of the forest (default: the whole pool, as the shipped models)")
     parser.add_argument("--forest-val", type=int, default=1000, help="validation crystals the forest's std is recalibrated on")
     parser.add_argument("--out", default=str(RESULTS), help="folder for results.json and reliability.png")
     args = parser.parse_args(argv)

@@ -180,6 +180,12 @@ class BandGapModel(nn.Module):
         return any(isinstance(m, BaLoRALinear) for m in self.backbone.modules())
 
     @property
+    def draws_follow_keys(self) -> bool:
+        """Whether ``sample_gaps(keys=...)`` makes a crystal's draws depend on its key only: BaLoRA with
+        per-crystal noise and no dropout (per-row noise and MC dropout draw from a shared stream)."""
+        return self.is_bayesian and not self.has_dropout and all(m.noise == "per_crystal" for m in self.backbone.modules() if isinstance(m, BaLoRALinear))
+
+    @property
     def has_dropout(self) -> bool:
         return (self.adapter_config is not None and self.adapter_config.dropout > 0) or self.head_config.dropout > 0
 
@@ -275,24 +281,27 @@ class BandGapModel(nn.Module):
         Passes hold at most ``batch_size`` crystals and ``max_rows`` feature rows counted over all
         draws (see :func:`plan_passes`), so memory is bounded by atoms and bonds, not crystals.
         With ``keys`` (one per graph, e.g. :func:`~matbalora.data.crystal_key.crystal_key`), the BaLoRA
-        draws of a crystal depend only on its key and the seed: the same in any batch and any order.
-        Without keys they depend on the seed and on how the crystals fall into passes.
+        draws of a crystal depend only on its key and the seed: the same in any batch and any order
+        (when :attr:`draws_follow_keys`; other models ignore the keys). Without keys, or for those
+        models, they depend on the seed and on how the crystals fall into passes.
         """
         if samples < 0:
             raise ValueError(f"samples={samples!r} must be >= 0")
         if keys is not None and len(keys) != len(graphs):
             raise ValueError(f"keys has {len(keys)} entries for {len(graphs)} graphs")
-        self.eval()
         stochastic = samples > 0 and (self.is_bayesian or self.has_dropout)
         n_draws = samples if stochastic else 1
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        if stochastic and self.has_dropout and seed is not None:
-            torch.manual_seed(seed)
         mode = "sample" if stochastic and self.is_bayesian else "mean"
         rows = [self.family.graph_rows(g) for g in graphs]
         passes = plan_passes(rows, draws=n_draws, max_rows=max_rows, max_crystals=batch_size)
-        with self._dropout_lock if stochastic and self.has_dropout else contextlib.nullcontext():
-            outputs = self._sample_passes(graphs, passes, mode=mode, gen=gen, keys=keys, seed=seed, stochastic=stochastic)
+        # MC dropout switches module state and uses torch's global generator: one call at a time
+        with self._dropout_lock if self.has_dropout else contextlib.nullcontext():
+            self.eval()
+            if stochastic and self.has_dropout and seed is not None:
+                torch.manual_seed(seed)
+            gen = torch.Generator().manual_seed(seed) if seed is not None else None
+            outputs = self._sample_passes(graphs, passes, mode=mode, gen=gen, keys=keys if self.draws_follow_keys else None,
+                                          seed=seed, stochastic=stochastic)
         if not outputs:
             return GapSamples(np.zeros((n_draws, 0)), None)
 

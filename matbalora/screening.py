@@ -229,7 +229,8 @@ def screen(
     ``order``) are recorded beside ``out`` (``screen_output``) and a resume under other settings, or
     for other inputs, is refused; so is a second screen writing ``out`` while one runs. A crystal's
     Monte-Carlo draws depend only on the crystal (``crystal_key``) and ``seed``, so a resumed or
-    distributed screen writes exactly the rows of an uninterrupted one, and each row equals ``predict``'s.
+    distributed screen writes exactly the rows of an uninterrupted one (chunks are batched the same),
+    and each row equals ``predict``'s for that crystal to float rounding (1e-6 eV).
 
     ``cluster``: a Dask ``distributed.Client``, a scheduler address (``'tcp://host:8786'``) or a
     cluster object: chunks run as tasks on its workers (``model``/``ensemble`` must then be folder
@@ -278,12 +279,16 @@ def _screen(items: list, rows, *, chunk: int, seed: int | None, progress: bool, 
             columns: list[str] = FILE_COLUMNS) -> pd.DataFrame:
     """The ``done`` rows, then those of the other ``items`` from ``rows(jobs)``, appended to ``out`` chunk by chunk."""
     n_done = 0 if done is None else len(done)
-    # a crystal's draws depend on the crystal and the seed only: a resume starts at the first missing row
-    jobs = [(items[start : start + chunk], seed) for start in range(n_done, len(items), chunk)]
+    # a crystal's draws depend on the crystal and the seed; the chunk holding row n_done is recomputed
+    # whole (only its new rows are kept) so every chunk is batched as in an uninterrupted screen, which
+    # keeps the float rounding of batched passes, and so the written rows, identical to the digit
+    first = n_done // chunk * chunk
+    jobs = [(items[start : start + chunk], seed) for start in range(first, len(items), chunk)] if n_done < len(items) else []
     frames = [done] if n_done else []
+    skip = n_done - first
     bar = tqdm(total=len(items), initial=n_done, desc="screening", unit="crystal", disable=not progress)
     for part in rows(jobs):
-        part = part.reset_index(drop=True)
+        part, skip = part.iloc[skip:].reset_index(drop=True), 0
         if out is not None:
             append_rows(out, part, header=not frames)
         frames.append(part)

@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pandas as pd
+from pymatgen.core import Lattice, Structure
 from pymatgen.core.operations import SymmOp
 
 import matbalora
@@ -41,8 +42,16 @@ def test_key_ignores_cell_choice_rotation_origin_and_site_order():
         shuffled = shuffled.from_sites(list(reversed(shuffled.sites)))
         jittered = base.copy()
         jittered.perturb(1e-4)  # the last digits a file format keeps
-        assert {crystal_key(s) for s in (supercell, _rotated(base), shifted, shuffled, jittered)} == {key}
+        inverted = Structure(base.lattice, base.species, -base.frac_coords)  # another setting of the same crystal
+        assert {crystal_key(s) for s in (supercell, _rotated(base), shifted, shuffled, jittered, inverted)} == {key}
     assert len({crystal_key(s) for s in (silicon(), rocksalt_nacl(), copper(), perovskite())}) == 4
+    # oxidation states are not what the network sees; zinc blende with As at 1/4 or 3/4 is one crystal
+    nacl = rocksalt_nacl()
+    ionic = nacl.copy()
+    ionic.add_oxidation_state_by_element({"Na": 1, "Cl": -1})
+    assert crystal_key(ionic) == crystal_key(nacl)
+    gaas = [Structure.from_spacegroup("F-43m", Lattice.cubic(5.65), ["Ga", "As"], [[0, 0, 0], [x, x, x]]) for x in (0.25, 0.75)]
+    assert crystal_key(gaas[0]) == crystal_key(gaas[1])
 
 
 def test_same_crystal_same_numbers_alone_in_a_batch_and_in_any_order(shipped_like):
@@ -83,8 +92,6 @@ def test_byte_identical_files_and_other_formats_get_the_same_interval(shipped_li
     folder.mkdir()
     for k in range(8):
         shutil.copy(EXAMPLES / "Si_diamond.cif", folder / f"si_{k}.cif")
-    from pymatgen.core import Structure
-
     kcl = Structure.from_file(EXAMPLES / "KCl_rocksalt.cif")
     kcl.to(filename=str(folder / "kcl.vasp"), fmt="poscar")
     kcl.to(filename=str(folder / "kcl.cif"))

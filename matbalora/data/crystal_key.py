@@ -2,13 +2,17 @@
 
 The key seeds a crystal's Monte-Carlo draws (``BandGapModel.sample_gaps(keys=...)``), so the same
 crystal gets the same interval alone, in any batch, in any order, from a CIF, a POSCAR or an extxyz,
-as a supercell, rotated or shifted. It is the SHA-256 of spglib's standardised primitive cell
-(``spglib.standardize_cell(to_primitive=True)``: supercells, rotations, origin
-shifts and site order are gone; the origin is put on an atom), with lattice parameters and fractional coordinates rounded coarsely
-enough that the rounding of one file format against another does not change it.
+as a supercell, rotated, shifted or in another setting. It is the SHA-256 of what symmetry says about
+the crystal, from spglib's symmetry search (tolerance :data:`SYMPREC`): the space-group number, the
+orbits of its atoms (element and relative orbit size; not Wyckoff letters, which change with the
+choice of origin, e.g. 4a/4b in rock salt), and the volume per atom on a 1 Å³ grid. Those
+are discrete or coarse, so the rounding of one file format against another, the choice of cell or
+origin and the site order do not change them; oxidation states and magnetic moments are left out
+(the networks see elements only).
 
-Two different but nearly identical crystals can share a key; that only means they share random
-numbers, which is harmless: the key is never used to look anything up.
+Two different but similar crystals (polymorphs with the same space group and Wyckoff sequence and
+nearly the same density) can share a key; that only means they share random numbers, which is
+harmless: the key is never used to look anything up.
 """
 
 from __future__ import annotations
@@ -22,64 +26,43 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-#: tolerance of the symmetry search, Å (pymatgen's default 0.01)
+#: tolerance of the symmetry search, Å (pymatgen's default)
 SYMPREC = 0.01
-#: rounding grids: 0.05 Å, 0.5°, 1/48 of a cell edge. Special positions (k/2, k/3, k/4, k/6, k/8, k/12,
-#: k/16, k/24) and the usual angles (60°, 90°, 120°) sit at grid points, not at the edges between them,
-#: so the last digit a file format keeps cannot flip them into the next cell of the grid
-LENGTH_GRID, ANGLE_GRID, FRAC_GRID = 0.05, 0.5, 1 / 48
+#: volume per atom is hashed on this grid, Å³: a file's rounding (~1e-4 Å³ per atom) flips it rarely
+VOLUME_GRID = 1.0
 
 
-def _on_grid(values: np.ndarray, grid: float) -> list[int]:
-    return [int(v) for v in np.rint(np.asarray(values, float) / grid)]
-
-
-def _standard_cell(structure) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """spglib's standardised primitive cell: lattice [3, 3] Å, fractional coordinates [n, 3], species;
-    the Niggli-reduced primitive cell when spglib finds no cell (e.g. degenerate inputs)."""
-    import spglib
-
-    names = sorted({site.species_string for site in structure})
-    numbers = [names.index(site.species_string) + 1 for site in structure]
-    try:
-        with warnings.catch_warnings():  # spglib 2.x warns about its old error handling on every call
-            warnings.simplefilter("ignore", DeprecationWarning)
-            found = spglib.standardize_cell((structure.lattice.matrix, structure.frac_coords, numbers), to_primitive=True, symprec=SYMPREC)
-    except Exception as exc:  # spglib raises on some degenerate cells instead of returning None
-        log.debug("crystal key: spglib failed (%s)", exc)
-        found = None
-    if found is None:
-        try:
-            cell = structure.get_primitive_structure(tolerance=SYMPREC).get_reduced_structure()
-        except Exception:  # the cell as given: still order- and batch-independent
-            cell = structure
-        return cell.lattice.matrix, cell.frac_coords, [site.species_string for site in cell]
-    lattice, frac, kinds = found
-    return np.asarray(lattice), np.asarray(frac), [names[k - 1] for k in kinds]
-
-
-def _canonical_sites(frac: np.ndarray, species: list[str]) -> list[tuple]:
-    """Sites on the grid with the origin on one atom of the rarest species, the shift that gives the
-    smallest sorted list (spglib's standard cell still leaves a choice of origin)."""
-    cells = round(1 / FRAC_GRID)
-    counts = {sp: species.count(sp) for sp in species}
-    rarest = min(counts, key=lambda sp: (counts[sp], sp))
-    best = None
-    for origin in frac[[i for i, sp in enumerate(species) if sp == rarest]]:
-        grid = np.rint(((frac - origin) % 1.0) / FRAC_GRID).astype(int) % cells
-        sites = sorted((sp, *map(int, g)) for sp, g in zip(species, grid))
-        best = sites if best is None or sites < best else best
-    return best or []
+def _element(site) -> str:
+    """The element of an ordered site (``Na`` for ``Na+``; a dummy species keeps its symbol)."""
+    return getattr(site.specie, "symbol", str(site.specie))
 
 
 def crystal_key(structure) -> str:
     """Hex SHA-256 key of ``structure`` (a pymatgen Structure), the same for every copy of it."""
-    from pymatgen.core import Lattice
+    import spglib
 
-    matrix, frac, species = _standard_cell(structure)
-    lattice = Lattice(matrix)
-    text = json.dumps({"abc": _on_grid(lattice.abc, LENGTH_GRID), "angles": _on_grid(lattice.angles, ANGLE_GRID), "sites": _canonical_sites(frac, species)},
-                      separators=(",", ":"))
+    elements = [_element(site) for site in structure]
+    names = sorted(set(elements))
+    numbers = [names.index(e) + 1 for e in elements]
+    orbits: list[list] | None = None
+    number = None
+    try:
+        with warnings.catch_warnings():  # spglib 2.x warns about its old error handling on every call
+            warnings.simplefilter("ignore", DeprecationWarning)
+            found = spglib.get_symmetry_dataset((structure.lattice.matrix, structure.frac_coords, numbers), symprec=SYMPREC)
+    except Exception as exc:  # spglib raises on some degenerate cells instead of returning None
+        log.debug("crystal key: spglib failed (%s)", exc)
+        found = None
+    if found is not None:
+        number = int(found.number)
+        first, size = np.unique(np.asarray(found.crystallographic_orbits), return_counts=True)  # orbits under the whole space group
+        unit = int(np.gcd.reduce(size))  # a supercell multiplies every orbit's size
+        orbits = sorted([elements[i], int(n) // unit] for i, n in zip(first, size))
+    counts = {e: elements.count(e) for e in names}
+    smallest = min(counts.values())
+    formula = sorted((e, round(c / smallest, 3)) for e, c in counts.items())  # reduced, as ratios
+    volume = int(np.rint(structure.volume / len(structure) / VOLUME_GRID))
+    text = json.dumps({"formula": formula, "spacegroup": number, "orbits": orbits, "volume_per_atom": volume}, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
