@@ -53,9 +53,10 @@ def claims_table(claims: dict) -> str:
     return "\n".join(lines)
 
 
-#: learning-curve points: method -> run names at 2k, 10k, 40k and the full pool (one epoch)
+#: learning-curve points: method -> run names at 2k, 10k, 40k and the full pool (one epoch; the shipped BaLoRA: three)
 CURVE = {"lora": ["lora_curve_2k", "lora_curve_10k", "lora_curve_40k", "lora_full_seed0"],
-         "balora": ["balora_curve_2k", "balora_curve_10k", "balora_curve_40k", "balora_full"]}
+         "balora": ["balora_curve_2k", "balora_curve_10k", "balora_curve_40k", "balora_full"],
+         "balora, 3 epochs (shipped)": ["balora_full_3ep"]}
 
 
 def curve_points(results: dict, forest: dict) -> dict:
@@ -79,14 +80,17 @@ def plot_curve(points: dict, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for (method, pts), color in zip(points.items(), ("C0", "C1", "C2")):
+    for (method, pts), color in zip(points.items(), ("C0", "C1", "C3", "C2")):
         n, a, b = (np.array(v, float) for v in zip(*pts))
         ax.plot(n, a, "o-", color=color, label=f"{method}, all")
         ax.plot(n, b, "s--", color=color, alpha=0.7, label=f"{method}, non-metals")
     ax.set(xscale="log", xlabel="training crystals (nested subsets of one permutation)", ylabel="test MAE (eV), 1,000 Matbench fold-0 crystals",
            title="Learning curve (full-pool recipe)")
+    ax.set_xticks([2000, 10_000, 40_000, 82_111], ["2k", "10k", "40k", "82k (full)"], minor=False)
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
