@@ -80,6 +80,7 @@ def prepare(model: BandGapModel, structures: Iterable, ids: Sequence[str] | None
         raise ValueError(f"ids has {len(ids)} entries for {len(items)} structures")
     prep = Prepared([], [], [], [])
     limits = model.family.limits(model.backbone)  # the cutoffs and elements of this model's backbone
+    keyed = model.draws_follow_keys  # only then do keys seed the draws (not for LoRA members, MC dropout)
     for row, obj in enumerate(items):
         sid = str(ids[row]) if ids is not None else str(row)
         try:
@@ -95,8 +96,10 @@ def prepare(model: BandGapModel, structures: Iterable, ids: Sequence[str] | None
         if reason is None:
             try:
                 graph = model.structure_to_graph(struct, graph_id=sid)
-                key = crystal_key(struct)
-                prep.graphs.append(graph), prep.graph_rows.append(row), prep.keys.append(key)
+                key = crystal_key(struct) if keyed else None  # before appending: graphs and keys stay in step
+                prep.graphs.append(graph), prep.graph_rows.append(row)
+                if keyed:
+                    prep.keys.append(key)
             except Exception as exc:  # the converter rejects e.g. isolated atoms
                 reason = f"graph conversion failed: {exc}"
         prep.errors.append(reason or "")
