@@ -70,9 +70,11 @@ RECIPES: dict[str, tuple] = {
     # warm restarts (WARM_STARTS): two more epochs from the one-epoch models, the KL already at full weight
     "balora_full_3ep": ("balora", None, None, {**BF16, "epochs": 2, "beta": 0.01, "kl_warmup_steps": 0, "head_refit_epochs": 300}, None),
     **{f"lora_full_3ep_seed{s}": ("lora", None, None, {**BF16, "epochs": 2, "seed": s, "head_refit_epochs": 300}, None) for s in range(5)},
+    # a second warm restart: two more epochs from the three-epoch BaLoRA (five in all)
+    "balora_full_5ep": ("balora", None, None, {**BF16, "epochs": 2, "beta": 0.01, "kl_warmup_steps": 0, "head_refit_epochs": 300}, None),
 }
 #: run -> the finished run it warm-starts from (its weights, adapters and head; a fresh cosine schedule)
-WARM_STARTS = {"balora_full_3ep": "balora_full", **{f"lora_full_3ep_seed{s}": f"lora_full_seed{s}" for s in range(5)}}
+WARM_STARTS = {"balora_full_3ep": "balora_full", "balora_full_5ep": "balora_full_3ep", **{f"lora_full_3ep_seed{s}": f"lora_full_seed{s}" for s in range(5)}}
 
 _FORMULA = re.compile(r"formula=(\S+)")
 
