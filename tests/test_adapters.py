@@ -192,3 +192,26 @@ def test_last_blocks_keeps_the_highest_block_indices():
     assert select_targets(model, AdapterConfig(targets=(r"(conv|bond)\..*",), last_blocks=2)) == ["conv.2.lin", "conv.3.lin", "bond.2.lin"]
     with pytest.raises(ValueError, match="last_blocks"):
         AdapterConfig(last_blocks=-1)
+
+
+@pytest.mark.parametrize("dtype, width", [(torch.float32, 16), (torch.bfloat16, 16), (torch.float32, 5)])
+def test_grouped_matmul_equals_one_matmul_per_block(dtype, width):
+    """The grouped GEMM (and its fallback for shapes it does not take: width 5 is not 16-byte aligned)
+    gives each row block its own matrix, empty blocks included, with the same gradients as a loop."""
+    from matbalora.adapters import grouped_matmul
+
+    torch.manual_seed(0)
+    counts = [3, 0, 7, 1, 0, 5]
+    x = torch.randn(sum(counts), width, dtype=dtype, requires_grad=True)
+    mats = torch.randn(len(counts), width, 8, requires_grad=True)
+    out = grouped_matmul(x, counts, mats)
+    ref = torch.cat([seg @ m.to(dtype) for seg, m in zip(torch.split(x, counts), mats.unbind(0))])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert out.shape == (sum(counts), 8) and torch.allclose(out.float(), ref.float(), atol=tol, rtol=tol)
+    g = torch.randn_like(out)
+    got, want = torch.autograd.grad(out, (x, mats), g), torch.autograd.grad(ref, (x, mats), g)
+    for a, b in zip(got, want):
+        assert torch.allclose(a.float(), b.float(), atol=10 * tol, rtol=10 * tol)
+    with pytest.raises(RuntimeError, match="row blocks"):
+        grouped_matmul(x, counts[:-1], mats)
+    assert grouped_matmul(x[:0], [0] * len(counts), mats).shape == (0, 8)
