@@ -162,16 +162,21 @@ def evaluate() -> dict:
                                  **_split_scores(card["metrics"]["test"]), "uncalibrated": _split_scores(card["metrics"].get("test_uncalibrated", {}))}
         print(name, json.dumps(results["runs"][name]["all"]), json.dumps(results["runs"][name]["nonmetal"]), flush=True)
     prefixes = sorted({re.sub(r"_seed\d+$", "", n) for n in RECIPES if re.search(r"_seed\d+$", n)})
+    earlier = json.loads((RESULTS / "results.json").read_text()).get("runs", {}) if (RESULTS / "results.json").is_file() else {}
     data = None
     for prefix in prefixes:
         members = sorted(p for p in RUNS.glob(f"{prefix}_seed*") if (p / "config.json").is_file())
         if len(members) < 2:
             continue
+        name = f"{prefix}_ensemble{len(members)}"
+        stamp = [f"{p.name}:{(p / 'model.safetensors').stat().st_mtime_ns}" for p in members]
+        if earlier.get(name, {}).get("member_files") == stamp:  # the same member files: keep its scores
+            results["runs"][name] = earlier[name]
+            continue
         data = data or eval_data(open_store())
         ens = EnsemblePredictor([Predictor.load(p) for p in members])
         calibration, metrics = calibrate_and_score(ens, data, samples=0)
-        name = f"{prefix}_ensemble{len(members)}"
-        results["runs"][name] = {"members": len(members), "std_scale": calibration.get("std_scale"), "std_floor": calibration.get("std_floor"),
+        results["runs"][name] = {"members": len(members), "member_files": stamp, "std_scale": calibration.get("std_scale"), "std_floor": calibration.get("std_floor"),
                                  "test_classes": metrics.get("test_classes"), **_split_scores(metrics["test"])}
         print(name, json.dumps(results["runs"][name]["all"]), json.dumps(results["runs"][name]["nonmetal"]), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)

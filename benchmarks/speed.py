@@ -374,7 +374,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--no-tune-allocator", action="store_true", help="keep glibc's default mmap thresholds")
     parser.add_argument("--no-unbounded-probe", action="store_true", help="skip (d) with every draw in one pass (slow)")
-    parser.add_argument("--only", choices=["epoch"], default=None, help="run only this part and merge it into --out (epoch: benchmarks/speed_epoch.py)")
+    parser.add_argument("--only", choices=["epoch", "layer"], default=None,
+                        help="run only this part and merge it into --out (epoch: benchmarks/speed_epoch.py; layer: its BaLoRA layer step alone)")
     parser.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--max-rows", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -383,15 +384,17 @@ def main() -> None:
     if args.memory_probe:
         _memory_probe_child(args)
         return
-    if args.only == "epoch":
-        from speed_epoch import epoch_ratio, real_crystals
+    if args.only:
+        from speed_epoch import epoch_ratio, grouped_layer_ratio, real_crystals
 
         result = json.loads(args.out.read_text()) if args.out.is_file() else {}
         graphs, targets = real_crystals(args.data, args.n)
-        result["training_epoch"] = {"command": " ".join(["OMP_NUM_THREADS=%s" % os.environ.get("OMP_NUM_THREADS", "?"), "python", *sys.argv]),
-                                    "loadavg_start": [round(x, 2) for x in os.getloadavg()], **epoch_ratio(graphs, targets, rounds=args.repeats)}
+        key, part = (("training_epoch", lambda: epoch_ratio(graphs, targets, rounds=args.repeats)) if args.only == "epoch" else
+                     ("balora_layer_step", lambda: grouped_layer_ratio([int(g.atom_graph.shape[0]) for g in graphs[:32]])))
+        result[key] = {"command": " ".join(["OMP_NUM_THREADS=%s" % os.environ.get("OMP_NUM_THREADS", "?"), "python", *sys.argv]),
+                       "loadavg_start": [round(x, 2) for x in os.getloadavg()], **part()}
         write_json(args.out, result)
-        print(json.dumps(result["training_epoch"], indent=1))
+        print(json.dumps(result[key], indent=1))
         return
     result = {"command": " ".join(["OMP_NUM_THREADS=%s" % os.environ.get("OMP_NUM_THREADS", "?"), "python", *sys.argv]),
               "loadavg_start": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),

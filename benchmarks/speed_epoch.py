@@ -12,6 +12,10 @@ rounds), for LoRA and BaLoRA at the default placement (last block), batch 32:
 * ``store_bf16``: from the store, ``compute_dtype="bfloat16"`` (adapted block in bf16, adapter
   update folded into the weight).
 
+And one adapted bond layer's bf16 training step (``grouped_layer_ratio``: forward + backward of
+CHGNet's 192 -> 64 ``twoBody_atom`` linear on the directed-bond rows of 32 of these crystals, per-crystal
+BaLoRA draws): one matmul per crystal (the loop before) vs one grouped GEMM, against LoRA's folded weight.
+
 Also measured: what fp16 storage costs in predictions (|gap from the fp16 store - gap from fp32
 prefixes|, deterministic pass of the shipped BaLoRA model).
 """
@@ -65,7 +69,50 @@ def epoch_ratio(graphs: list, targets: np.ndarray, *, rounds: int = 2) -> dict:
         out[method]["speedup_store_bf16_over_list_fp32"] = best["list_fp32"] / best["store_bf16"]
         out[method]["speedup_store_fp32_over_list_fp32"] = best["list_fp32"] / best["store_fp32"]
     out["fp16_storage_cost"] = fp16_cost(store, ids, prefixes)
+    out["balora_layer_step"] = grouped_layer_ratio([int(p.atom_graph.shape[0]) for p in prefixes[:32]])
     return out
+
+
+def grouped_layer_ratio(counts: list[int], rounds: int = 15) -> dict:
+    """ms per bf16 training step of one adapted 192 -> 64 linear on ``counts`` rows per crystal: LoRA
+    (folded weight), BaLoRA per-crystal draws folded per crystal by a loop of matmuls and by
+    :func:`matbalora.adapters.grouped_matmul` (median over ``rounds`` of the three back to back; the
+    ratios are medians of the per-round ratios, so a load change hits both sides of a ratio)."""
+    from matbalora.adapters import grouped_matmul
+
+    torch.manual_seed(0)
+    dt, d_in, d_out, rank = torch.bfloat16, 192, 64, 8
+    x = torch.randn(sum(counts), d_in, dtype=dt, requires_grad=True)
+    w0, bias, eps = torch.randn(d_out, d_in) / 14, torch.randn(d_out), torch.randn(len(counts), rank, d_in)
+    m, b = torch.randn(rank, d_in, requires_grad=True), torch.randn(d_out, rank, requires_grad=True)
+    ratio = torch.full((rank,), 0.05, requires_grad=True)
+    grad = torch.randn(sum(counts), d_out, dtype=dt)
+
+    def folded_weights():  # [C, d_in, d_out]
+        return (w0 + torch.matmul(b, m + (m * ratio[:, None]) * eps)).to(dt).transpose(1, 2)
+
+    def lora():
+        return torch.autograd.grad(torch.nn.functional.linear(x, (w0 + b @ m).to(dt), bias.to(dt)), (x, m, b), grad)
+
+    def loop():
+        y = torch.cat([seg @ w for seg, w in zip(torch.split(x, counts), folded_weights().unbind(0))]) + bias.to(dt)
+        return torch.autograd.grad(y, (x, m, b, ratio), grad)
+
+    def grouped():
+        return torch.autograd.grad(grouped_matmul(x, counts, folded_weights()) + bias.to(dt), (x, m, b, ratio), grad)
+
+    variants = {"lora_folded": lora, "balora_loop": loop, "balora_grouped": grouped}
+    ms = {name: [] for name in variants}
+    for i in range(rounds + 1):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            if i:  # the first round warms up
+                ms[name].append(1e3 * (time.perf_counter() - t0))
+    t = {k: np.array(v) for k, v in ms.items()}
+    return {"rows": sum(counts), "crystals": len(counts), "rounds": rounds, **{f"{k}_ms_median": float(np.median(v)) for k, v in t.items()},
+            "speedup_grouped_over_loop": float(np.median(t["balora_loop"] / t["balora_grouped"])),
+            "balora_grouped_over_lora": float(np.median(t["balora_grouped"] / t["lora_folded"]))}
 
 
 def fp16_cost(store: PrefixStore, ids: list[str], prefixes: list) -> dict:

@@ -239,9 +239,9 @@ def grouped_matmul(x: Tensor, counts: list[int], mats: Tensor) -> Tensor:
     """Consecutive row blocks of x times their own matrix: block g (``counts[g]`` rows) @ ``mats[g]``.
 
     x [n, d] with n = sum(counts), mats [G, d, k] -> [n, k]. One grouped GEMM (``torch._grouped_mm``,
-    forward and backward; 1.3x faster than one matmul per block for a bf16 BaLoRA layer's training
-    step, 2.3x for its skinny rank-r products, benchmarks/speed.py) where this torch has it and the
-    shapes suit it (16-byte aligned rows); else one matmul per block, the same numbers.
+    forward and backward: 1.23x faster than one matmul per block for a bf16 BaLoRA bond layer's
+    training step on 32 real crystals, ``benchmarks/speed.py --only layer``) where this torch has it
+    and the shapes suit it (16-byte aligned rows); else one matmul per block, the same numbers.
     """
     mats = mats.to(x.dtype)
     if len(counts) != mats.shape[0] or sum(counts) != x.shape[0]:
