@@ -246,11 +246,16 @@ def grouped_matmul(x: Tensor, counts: list[int], mats: Tensor) -> Tensor:
     mats = mats.to(x.dtype)
     if len(counts) != mats.shape[0] or sum(counts) != x.shape[0]:
         raise RuntimeError(f"{len(counts)} row blocks of {sum(counts)} rows for {mats.shape[0]} matrices and {x.shape[0]} rows")
-    if _GROUPED_MM is not None and x.shape[0]:
+    aligned = all(dim * x.element_size() % 16 == 0 for dim in (x.shape[1], mats.shape[2]))  # forward and backward need both
+    if _GROUPED_MM is not None and x.shape[0] and aligned:
         try:
-            return _GROUPED_MM(x, mats, offs=torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32))
+            out = _GROUPED_MM(x, mats, offs=torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32))
         except RuntimeError:  # alignment or dtype this build's kernel does not take: the loop below
             pass
+        else:
+            if out.requires_grad:  # its backward refuses strided gradients (e.g. the expanded one of a sum)
+                out.register_hook(torch.Tensor.contiguous)
+            return out
     pieces = [seg @ mat for mat, seg in zip(mats.unbind(0), torch.split(x, counts)) if seg.shape[0]]
     return torch.cat(pieces) if pieces else x.new_zeros(0, mats.shape[2])
 

@@ -194,24 +194,29 @@ def test_last_blocks_keeps_the_highest_block_indices():
         AdapterConfig(last_blocks=-1)
 
 
-@pytest.mark.parametrize("dtype, width", [(torch.float32, 16), (torch.bfloat16, 16), (torch.float32, 5)])
-def test_grouped_matmul_equals_one_matmul_per_block(dtype, width):
-    """The grouped GEMM (and its fallback for shapes it does not take: width 5 is not 16-byte aligned)
-    gives each row block its own matrix, empty blocks included, with the same gradients as a loop."""
+@pytest.mark.parametrize("dtype, width, out", [(torch.float32, 16, 8), (torch.bfloat16, 16, 8), (torch.float32, 5, 8), (torch.float32, 16, 6)])
+def test_grouped_matmul_equals_one_matmul_per_block(dtype, width, out):
+    """The grouped GEMM (and its fallback for shapes it does not take: width 5 or 6 float32 is not
+    16-byte aligned; 16 x 6 runs forward but not backward) gives each row block its own matrix,
+    empty blocks included, with the same gradients as a loop."""
     from matbalora.adapters import grouped_matmul
 
     torch.manual_seed(0)
     counts = [3, 0, 7, 1, 0, 5]
     x = torch.randn(sum(counts), width, dtype=dtype, requires_grad=True)
-    mats = torch.randn(len(counts), width, 8, requires_grad=True)
-    out = grouped_matmul(x, counts, mats)
+    mats = torch.randn(len(counts), width, out, requires_grad=True)
+    got_out = grouped_matmul(x, counts, mats)
     ref = torch.cat([seg @ m.to(dtype) for seg, m in zip(torch.split(x, counts), mats.unbind(0))])
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert out.shape == (sum(counts), 8) and torch.allclose(out.float(), ref.float(), atol=tol, rtol=tol)
-    g = torch.randn_like(out)
-    got, want = torch.autograd.grad(out, (x, mats), g), torch.autograd.grad(ref, (x, mats), g)
+    assert got_out.shape == (sum(counts), out) and torch.allclose(got_out.float(), ref.float(), atol=tol, rtol=tol)
+    g = torch.randn_like(got_out)
+    got, want = torch.autograd.grad(got_out, (x, mats), g), torch.autograd.grad(ref, (x, mats), g)
     for a, b in zip(got, want):
+        assert torch.allclose(a.float(), b.float(), atol=10 * tol, rtol=10 * tol)
+    summed = torch.autograd.grad(grouped_matmul(x, counts, mats).sum(), (x, mats))  # an expanded gradient
+    ref = torch.cat([seg @ m.to(dtype) for seg, m in zip(torch.split(x, counts), mats.unbind(0))])
+    for a, b in zip(summed, torch.autograd.grad(ref.sum(), (x, mats))):
         assert torch.allclose(a.float(), b.float(), atol=10 * tol, rtol=10 * tol)
     with pytest.raises(RuntimeError, match="row blocks"):
         grouped_matmul(x, counts[:-1], mats)
-    assert grouped_matmul(x[:0], [0] * len(counts), mats).shape == (0, 8)
+    assert grouped_matmul(x[:0], [0] * len(counts), mats).shape == (0, out)
