@@ -12,7 +12,7 @@ rounds), for LoRA and BaLoRA at the default placement (last block), batch 32:
 * ``store_bf16``: from the store, ``compute_dtype="bfloat16"`` (adapted block in bf16, adapter
   update folded into the weight).
 
-And one adapted bond layer's bf16 training step (``grouped_layer_ratio``: forward + backward of
+And, by ``speed.py --only layer``, one adapted bond layer's bf16 training step (``grouped_layer_ratio``: forward + backward of
 CHGNet's 192 -> 64 ``twoBody_atom`` linear on the directed-bond rows of 32 of these crystals, per-crystal
 BaLoRA draws): one matmul per crystal (the loop before) vs one grouped GEMM, against LoRA's folded weight.
 
@@ -69,7 +69,6 @@ def epoch_ratio(graphs: list, targets: np.ndarray, *, rounds: int = 2) -> dict:
         out[method]["speedup_store_bf16_over_list_fp32"] = best["list_fp32"] / best["store_bf16"]
         out[method]["speedup_store_fp32_over_list_fp32"] = best["list_fp32"] / best["store_fp32"]
     out["fp16_storage_cost"] = fp16_cost(store, ids, prefixes)
-    out["balora_layer_step"] = grouped_layer_ratio([int(p.atom_graph.shape[0]) for p in prefixes[:32]])
     return out
 
 

@@ -162,7 +162,7 @@ class BaLoRALinear(LoRALinear):
             )
         noise = self._draw_noise(tiles * n_crystals, self.clamped_log_a().exp().sqrt(), self.context.generator, x)
         weights = self.base.weight + torch.matmul(self.scale * self.lora_B, self.lora_A + noise)  # [S * C, out, in]
-        out = grouped_matmul(x, segments * tiles, weights.to(x.dtype).transpose(1, 2))
+        out = grouped_matmul(x, segments * tiles, weights.transpose(1, 2))
         return out if self.base.bias is None else out + self.base.bias.to(x.dtype)
 
     def clamped_log_a(self) -> Tensor:
