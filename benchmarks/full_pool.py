@@ -57,8 +57,10 @@ RECIPES: dict[str, tuple] = {
     "lora_nll_meanmax_10k": ("lora", AdapterConfig(), NLL_MEANMAX, {**BF16, "epochs": 8}, 10_000),
     "lora_l1nll_meanmax_10k": ("lora", AdapterConfig(), L1NLL_MEANMAX, {**BF16, "epochs": 8}, 10_000),
     "lora_nll_meanmax_fp32_10k": ("lora", AdapterConfig(), NLL_MEANMAX, {"epochs": 8}, 10_000),
-    **{f"balora_nll_meanmax_beta{b}_10k": ("balora", AdapterConfig(bayesian=True), NLL_MEANMAX,
-                                            {**BF16, "epochs": 8, "beta": b, "kl_warmup_steps": 600}, 10_000) for b in (0, 0.01, 0.1, 1)},
+    # BaLoRA's prior weight on the chosen recipe (l1_nll + mean_max, head refit, KL warm-up); beta = 0.01
+    # is balora_curve_10k
+    **{f"balora_beta{b}_10k": ("balora", AdapterConfig(bayesian=True), L1NLL_MEANMAX,
+                               {**BF16, "epochs": 8, "head_refit_epochs": 300, "beta": b, "kl_warmup_steps": 600}, 10_000) for b in (0, 0.1, 1)},
     # the learning curve of the full-pool recipe (l1_nll + mean_max, head refit): about the same number of
     # crystal passes (~80,000) at 10k, 40k and full (one epoch), 40,000 at 2k; early stopping on validation
     **{f"{m}_curve_{size}": (m, AdapterConfig(bayesian=m == "balora"), L1NLL_MEANMAX,
