@@ -162,6 +162,10 @@ def evaluate() -> dict:
                                  "std_scale": card["calibration"].get("std_scale"), "std_floor": card["calibration"].get("std_floor"),
                                  "refit_val_mae": (tr.get("head_refit") or {}).get("val_mae_after"), "test_classes": card["metrics"].get("test_classes"),
                                  **_split_scores(card["metrics"]["test"]), "uncalibrated": _split_scores(card["metrics"].get("test_uncalibrated", {}))}
+        if card["method"] == "balora":  # where the learned noise ended up (the beta sweep)
+            from mp_gap_evaluate import noise_summary
+
+            results["runs"][name]["noise"] = noise_summary(Predictor.load(folder).model)
         print(name, json.dumps(results["runs"][name]["all"]), json.dumps(results["runs"][name]["nonmetal"]), flush=True)
     prefixes = sorted({re.sub(r"_seed\d+$", "", n) for n in RECIPES if re.search(r"_seed\d+$", n)})
     earlier = json.loads((RESULTS / "results.json").read_text()).get("runs", {}) if (RESULTS / "results.json").is_file() else {}

@@ -59,8 +59,13 @@ class Pool:
         return self.train if n is None else self.train[:n]
 
 
-@lru_cache(maxsize=1)
 def raw_frames(path: Path = MP_GAP) -> tuple[list, list[str], np.ndarray]:
+    """The pool's frames, Materials Project ids and Matbench indices (read once per process and path)."""
+    return _read_frames(Path(path))
+
+
+@lru_cache(maxsize=1)  # keyed on the resolved path: raw_frames() and raw_frames(MP_GAP) share one read
+def _read_frames(path: Path) -> tuple[list, list[str], np.ndarray]:
     frames = list(iter_frames(path))
     ids = [_MID.search(f.comment).group(1) for f in frames]
     mb = np.array([int(_MBI.search(f.comment).group(1)) for f in frames])

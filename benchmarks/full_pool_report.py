@@ -53,6 +53,23 @@ def claims_table(claims: dict) -> str:
     return "\n".join(lines)
 
 
+#: BaLoRA's prior weight beta at 10,000 crystals on the chosen recipe, with LoRA at the same size
+BETA = {"0": "balora_beta0_10k", "0.01": "balora_curve_10k", "0.1": "balora_beta0.1_10k", "1": "balora_beta1_10k", "LoRA": "lora_curve_10k"}
+
+
+def beta_table(results: dict) -> str:
+    lines = ["| beta | run | MAE all / non-metals (eV) | Spearman all / non-metals | 90 % coverage | mean log a | noise ratios at the ceiling | best val MAE |",
+             "|---|---|---|---|---|---|---|---|"]
+    runs = results.get("runs", {})
+    for beta, name in BETA.items():
+        if name not in runs:
+            continue
+        r, noise = runs[name], runs[name].get("noise") or {}
+        lines.append(f"| {beta} | {name} | {_f(r['all']['mae'])} / {_f(r['nonmetal']['mae'])} | {_f(r['all']['spearman'])} / {_f(r['nonmetal']['spearman'])} | "
+                     f"{_f(r['all']['coverage_90'], 2)} | {_f(noise.get('log_a_mean'), 2)} | {_f(noise.get('fraction_at_ceiling'), 2)} | {_f(r.get('best_val_mae'))} |")
+    return "\n".join(lines)
+
+
 #: learning-curve points: method -> run names at 2k, 10k, 40k and the full pool (one epoch), and the
 #: full-pool warm restarts (three and five epochs)
 CURVE = {"lora": ["lora_curve_2k", "lora_curve_10k", "lora_curve_40k", "lora_full_seed0"],
@@ -104,7 +121,7 @@ def plot_curve(points: dict, path: Path) -> Path:
 
 def main() -> None:
     results, forest, claims = _load(FULL / "results.json"), _load(FULL / "forest.json"), _load(FULL / "claims.json")
-    print(runs_table(results, forest), "", classes_table(results), "", claims_table(claims), sep="\n")
+    print(runs_table(results, forest), "", classes_table(results), "", claims_table(claims), "", beta_table(results), sep="\n")
     points = curve_points(results, forest)
     print("", curve_table(points), f"\nlearning curve plot: {plot_curve(points, FULL / 'learning_curve.png')}", sep="\n")
     if claims:
