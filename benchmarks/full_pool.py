@@ -57,6 +57,8 @@ RECIPES: dict[str, tuple] = {
     "lora_nll_meanmax_10k": ("lora", AdapterConfig(), NLL_MEANMAX, {**BF16, "epochs": 8}, 10_000),
     "lora_l1nll_meanmax_10k": ("lora", AdapterConfig(), L1NLL_MEANMAX, {**BF16, "epochs": 8}, 10_000),
     "lora_nll_meanmax_fp32_10k": ("lora", AdapterConfig(), NLL_MEANMAX, {"epochs": 8}, 10_000),
+    # pooling over atoms: mean alone against mean+max (lora_curve_10k) on the chosen recipe
+    "lora_l1nll_mean_10k": ("lora", AdapterConfig(), replace(L1NLL_MEANMAX, pooling="mean"), {**BF16, "epochs": 8, "head_refit_epochs": 300}, 10_000),
     # BaLoRA's prior weight on the chosen recipe (l1_nll + mean_max, head refit, KL warm-up); beta = 0.01
     # is balora_curve_10k
     **{f"balora_beta{b}_10k": ("balora", AdapterConfig(bayesian=True), L1NLL_MEANMAX,
