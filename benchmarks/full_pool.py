@@ -192,22 +192,39 @@ def evaluate() -> dict:
     return results
 
 
+def pool_labels() -> tuple[dict[str, float], dict[str, str]]:
+    """PBE gap (eV) and formula of every crystal of the pool, by Materials Project id."""
+    frames, ids, _ = raw_frames()
+    comment = {sid: f.comment for sid, f in zip(ids, frames)}
+    sids = full_pool().ids
+    return ({s: float(re.search(r"band_gap=(\S+)", comment[s]).group(1)) for s in sids},
+            {s: _FORMULA.search(comment[s]).group(1) for s in sids})
+
+
+def magpie_forest(X: np.ndarray, y) -> object:
+    """The baseline forest: 100 trees on Magpie features, min_samples_leaf=2, one core."""
+    from sklearn.ensemble import RandomForestRegressor
+
+    return RandomForestRegressor(n_estimators=100, n_jobs=1, random_state=0, min_samples_leaf=2).fit(X, y)
+
+
+def forest_predict(rf, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and spread (std over the trees) of a forest's predictions."""
+    trees = np.stack([t.predict(X) for t in rf.estimators_])
+    return trees.mean(0), np.maximum(trees.std(0, ddof=1), 1e-6)
+
+
 def forest(sizes: list[str]) -> dict:
     """Magpie composition features + a 100-tree random forest (std = spread of the trees) trained on
     the learning-curve subsets, recalibrated on validation, scored on the test crystals (the baseline
     a materials scientist picks first; matminer + scikit-learn)."""
-    from sklearn.ensemble import RandomForestRegressor
+    from mp_gap_data import MagpieFeatures
 
     from matbalora.calibration import StdScaler, fit_recalibration
     from matbalora.predict import raw_total_std
 
     pool = full_pool()
-    frames, ids, _ = raw_frames()
-    row = {sid: i for i, sid in enumerate(ids)}
-    gap = {sid: float(re.search(r"band_gap=(\S+)", frames[row[sid]].comment).group(1)) for sid in pool.ids}
-    formula = {sid: _FORMULA.search(frames[row[sid]].comment).group(1) for sid in pool.ids}
-    from mp_gap_data import MagpieFeatures
-
+    gap, formula = pool_labels()
     magpie = MagpieFeatures()
 
     def features(sids):
@@ -220,17 +237,11 @@ def forest(sizes: list[str]) -> dict:
     for size in sizes:
         sids = pool.train_subset(SIZES[size])
         t0 = time.perf_counter()
-        X = features(sids)
-        rf = RandomForestRegressor(n_estimators=100, n_jobs=1, random_state=0, min_samples_leaf=2).fit(X, [gap[s] for s in sids])
+        rf = magpie_forest(features(sids), [gap[s] for s in sids])
         seconds = time.perf_counter() - t0
-
-        def predict(X):
-            trees = np.stack([t.predict(X) for t in rf.estimators_])
-            return trees.mean(0), np.maximum(trees.std(0, ddof=1), 1e-6)
-
-        vm, vs = predict(X_val)
+        vm, vs = forest_predict(rf, X_val)
         scaler = StdScaler.from_calibration(fit_recalibration(vm, vs, y_val))
-        mean, raw = predict(X_te)
+        mean, raw = forest_predict(rf, X_te)
         import pandas as pd
 
         frame = pd.DataFrame({"band_gap": mean, "std": scaler.transform(raw_total_std(raw, np.full_like(raw, np.nan)))})

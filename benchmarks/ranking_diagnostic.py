@@ -15,7 +15,6 @@ the network's errors too. Writes ``benchmarks/results/full_pool/ranking_NAME.jso
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -25,8 +24,8 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from full_pool import _FORMULA, RESULTS, RUNS, SIZES, eval_data  # noqa: E402
-from full_pool_data import full_pool, open_store, raw_frames  # noqa: E402
+from full_pool import RESULTS, RUNS, SIZES, eval_data, forest_predict, magpie_forest, pool_labels  # noqa: E402
+from full_pool_data import full_pool, open_store  # noqa: E402
 from mp_gap_data import MagpieFeatures  # noqa: E402
 
 from matbalora.atomic import write_json  # noqa: E402
@@ -53,20 +52,12 @@ def network_signals(name: str) -> dict:
 
 def forest_signals(size: str, parts: dict) -> None:
     """Adds the Magpie forest's tree spread, its mean and the disagreement to each part of ``parts``."""
-    from sklearn.ensemble import RandomForestRegressor
-
-    pool = full_pool()
-    frames, ids, _ = raw_frames()
-    row = {sid: i for i, sid in enumerate(ids)}
-    comment = lambda sid: frames[row[sid]].comment  # noqa: E731
+    gap, formula = pool_labels()
     magpie = MagpieFeatures()
-    train = pool.train_subset(SIZES[size])
-    rf = RandomForestRegressor(n_estimators=100, n_jobs=1, random_state=0, min_samples_leaf=2)
-    rf.fit(magpie([_FORMULA.search(comment(s)).group(1) for s in train]),
-           [float(re.search(r"band_gap=(\S+)", comment(s)).group(1)) for s in train])
+    train = full_pool().train_subset(SIZES[size])
+    rf = magpie_forest(magpie([formula[s] for s in train]), [gap[s] for s in train])
     for p in parts.values():
-        trees = np.stack([t.predict(magpie([_FORMULA.search(comment(s)).group(1) for s in p["ids"]])) for t in rf.estimators_])
-        p["forest tree std"], p["forest mean"] = trees.std(0), trees.mean(0)
+        p["forest mean"], p["forest tree std"] = forest_predict(rf, magpie([formula[s] for s in p["ids"]]))
         p["|network - forest|"] = np.abs(p["mean"] - p["forest mean"])
 
 
