@@ -3,6 +3,8 @@
     python benchmarks/full_pool_data.py cache --worker 0 --workers 2 &   # once; resumable (both cores)
     python benchmarks/full_pool_data.py cache --worker 1 --workers 2
     python benchmarks/full_pool.py train NAME [NAME ...]   # resumable: a killed run continues from its checkpoint
+    # runs on another store (STORES) need it first, e.g. for sevennet_lora_10k:
+    python benchmarks/full_pool_data.py cache --backbone sevennet --n-train 10000 --worker 0 --workers 2 &  # and --worker 1
     python benchmarks/full_pool.py evaluate                # benchmarks/results/full_pool/results.json
     python benchmarks/full_pool.py forest                  # Magpie random forest at the learning-curve sizes
     python benchmarks/full_pool.py ship BALORA ENSEMBLE_PREFIX   # copy into models/
@@ -68,6 +70,15 @@ RECIPES: dict[str, tuple] = {
     **{f"{m}_curve_{size}": (m, AdapterConfig(bayesian=m == "balora"), L1NLL_MEANMAX,
                              {**BF16, "epochs": ep, "head_refit_epochs": 300, **({"beta": 0.01, "kl_warmup_steps": kl} if m == "balora" else {})}, SIZES[size])
        for m in ("lora", "balora") for size, ep, kl in (("2k", 20, 600), ("10k", 8, 600), ("40k", 2, 2000))},
+    # adapters in the last two CHGNet blocks (a store entering block 2) against the last block alone
+    # (lora_curve_10k, balora_curve_10k), same recipe
+    "lora_2blocks_10k": ("lora", AdapterConfig(last_blocks=2), L1NLL_MEANMAX, {**BF16, "epochs": 8, "head_refit_epochs": 300}, 10_000),
+    "balora_2blocks_10k": ("balora", AdapterConfig(bayesian=True, last_blocks=2), L1NLL_MEANMAX,
+                           {**BF16, "epochs": 8, "head_refit_epochs": 300, "beta": 0.01, "kl_warmup_steps": 600}, 10_000),
+    # SevenNet-0 (adapters in its last interaction block, the family's default targets; float32: its
+    # e3nn blocks have no bf16 path) against CHGNet at 10,000, same recipe
+    "sevennet_lora_10k": ("lora", None, L1NLL_MEANMAX, {"epochs": 8, "head_refit_epochs": 300}, 10_000),
+    "sevennet_balora_10k": ("balora", None, L1NLL_MEANMAX, {"epochs": 8, "head_refit_epochs": 300, "beta": 0.01, "kl_warmup_steps": 600}, 10_000),
     # the full pool
     "balora_full": ("balora", AdapterConfig(bayesian=True), L1NLL_MEANMAX, {**BF16, "epochs": 1, "beta": 0.01, "kl_warmup_steps": 2000, "head_refit_epochs": 300}, None),
     **{f"lora_full_seed{s}": ("lora", AdapterConfig(), L1NLL_MEANMAX, {**BF16, "epochs": 1, "seed": s, "head_refit_epochs": 300}, None) for s in range(5)},
@@ -77,6 +88,9 @@ RECIPES: dict[str, tuple] = {
     # a second warm restart: two more epochs from the three-epoch BaLoRA (five in all)
     "balora_full_5ep": ("balora", None, None, {**BF16, "epochs": 2, "beta": 0.01, "kl_warmup_steps": 0, "head_refit_epochs": 300}, None),
 }
+#: run -> the prefix store it trains from (``full_pool_data.open_store`` keywords; default: CHGNet, last block)
+STORES = {"lora_2blocks_10k": {"block": 2}, "balora_2blocks_10k": {"block": 2},
+          "sevennet_lora_10k": {"backbone": "sevennet"}, "sevennet_balora_10k": {"backbone": "sevennet"}}
 #: run -> the finished run it warm-starts from (its weights, adapters and head; a fresh cosine schedule)
 WARM_STARTS = {"balora_full_3ep": "balora_full", "balora_full_5ep": "balora_full_3ep", **{f"lora_full_3ep_seed{s}": f"lora_full_seed{s}" for s in range(5)}}
 
@@ -96,7 +110,7 @@ def eval_data(store) -> PreparedData:
     from pymatgen.core import Composition
 
     return PreparedData(
-        ids=keep, formulas=[Composition(formula[i]).reduced_formula for i in keep], n_atoms=[int(g.atom.shape[0]) for g in graphs],
+        ids=keep, formulas=[Composition(formula[i]).reduced_formula for i in keep], n_atoms=[int(store.shards[k].counts["atom"][j]) for k, j in store.locate(keep)],
         targets=store.targets(keep), graphs=graphs, split=split,
         provenance={"source": "shared/data/mp_gap/mp_gap.extxyz.gz", "protocol": "benchmarks/full_pool_data.py", "store": str(store.root),
                     "rejected_in_store": len(store.rejected())},
@@ -108,11 +122,14 @@ def train(name: str) -> Path:
     torch.set_num_threads(1)
     pool = full_pool()
     # a subset run may start while the full-pool build is still running: it needs only its own shards
-    store = open_store(allow_missing=n_train is not None)
+    where = STORES.get(name, {})
+    store = open_store(allow_missing=n_train is not None, **where)
     wanted = pool.val + pool.test + pool.train_subset(n_train)
     missing = {store.locate_position(i) for i in wanted} - set(store.shards)
     if missing:
-        raise SystemExit(f"{name}: shards {sorted(missing)[:8]} of the prefix store are not built yet; run full_pool_data.py cache")
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in where.items())
+        raise SystemExit(f"{name}: shards {sorted(missing)[:8]} of the prefix store are not built yet; run "
+                         f"full_pool_data.py cache {flags} --n-train {n_train}".replace("--n-train None", "").strip())
     train_ids = [i for i in pool.train_subset(n_train) if i in store.kept]
     cfg = replace(TrainConfig(method=method), **overrides)
     out = RUNS / name
@@ -123,7 +140,7 @@ def train(name: str) -> Path:
     if init is not None and not (init / "config.json").is_file():
         raise SystemExit(f"{name}: warm-starts from {init}, which is not finished; train {WARM_STARTS[name]} first")
     t0 = time.perf_counter()
-    train_model(None, out, train=cfg, adapter=adapter, head=head, data=eval_data(store), train_batches=StoreBatches(store, train_ids),
+    train_model(None, out, train=cfg, adapter=adapter, head=head, data=eval_data(store), train_batches=StoreBatches(store, train_ids), backbone=where.get("backbone", "chgnet"),
                 resume=(out / "checkpoint").is_dir(), samples=16, progress=True, init_from=init)
     print(f"{name}: {len(train_ids)} crystals, {time.perf_counter() - t0:.0f} s -> {out}")
     return out

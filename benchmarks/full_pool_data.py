@@ -8,6 +8,10 @@ frozen-prefix features on disk (:mod:`matbalora.backbones.prefix_store`).
   (2,000, 10,000, 40,000, all) are nested prefixes of one another and live in the first shards.
 
     python benchmarks/full_pool_data.py cache --worker 0 --workers 2   # one process per core; resumable
+
+Other stores of the same pool (the recipe study): ``--block 2`` (CHGNet adapters in the last two
+blocks), ``--backbone sevennet`` (SevenNet-0, last interaction block); ``--n-train 10000`` builds only
+the shards of validation, test and the first 10,000 training crystals (a later call completes it).
 """
 
 from __future__ import annotations
@@ -86,16 +90,39 @@ def data_fingerprint(path: Path = MP_GAP) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def store_root(backbone_version: str = "0.3.0") -> Path:
+#: backbone family -> the block its last-block stores start at
+LAST_BLOCK = {"chgnet": BLOCK, "sevennet": 4}
+
+
+def store_root(*, backbone: str = "chgnet", block: int | None = None) -> Path:
+    """Where the pool's store of ``backbone`` entering ``block`` (default: its last block) lives; the
+    CHGNet last-block key is the one every earlier store was built under."""
+    from matbalora.backbones import get_backbone
+
+    backbone_version = "0.3.0" if backbone == "chgnet" else f"sevenn {get_backbone(backbone).package_version()}"
     pool = full_pool()
-    key = store_key(backbone_version=backbone_version, block=BLOCK, data_fingerprint=data_fingerprint(), ids=pool.ids,
-                    shard_size=SHARD_SIZE, extra={"max_atoms": MAX_ATOMS})
+    block = LAST_BLOCK[backbone] if block is None else block
+    extra = {"max_atoms": MAX_ATOMS, **({} if backbone == "chgnet" else {"family": backbone})}
+    key = store_key(backbone_version=backbone_version, block=block, data_fingerprint=data_fingerprint(), ids=pool.ids,
+                    shard_size=SHARD_SIZE, extra=extra)
     return default_cache_dir() / "prefix_store" / key[:24]
 
 
-def _loader(backbone):
-    from matbalora.backbones.chgnet import FAMILY as CHGNET
+def n_positions(n_train: int | None) -> int | None:
+    """Store positions holding validation, test and the first ``n_train`` training crystals."""
+    return None if n_train is None else N_VAL + N_TEST + n_train
 
+
+def store_model(backbone: str = "chgnet"):
+    """The pretrained model whose frozen blocks fill a store (last-block BaLoRA adapters: every
+    earlier block is frozen, so any store block up to the last is valid)."""
+    from matbalora.model import BandGapModel
+
+    return BandGapModel.from_pretrained("balora", backbone=backbone)
+
+
+def _loader(model, block: int):
+    backbone, family = model.backbone, model.family
     frames, ids, _ = raw_frames()
     where = {sid: i for i, sid in enumerate(ids)}
     order = full_pool().ids
@@ -108,35 +135,35 @@ def _loader(backbone):
         graphs, targets, kept = [], [], []
         for s, t, sid in zip(ds.structures, ds.targets, ds.ids):
             try:
-                graphs.append(backbone.graph_converter(s, graph_id=sid))
+                graphs.append(model.structure_to_graph(s, graph_id=sid))
             except Exception as exc:  # isolated atoms, converter limits: reported per crystal
                 rejected[sid] = f"graph conversion: {type(exc).__name__}: {exc}"
                 continue
             targets.append(float(t))
             kept.append(sid)
-        prefixes = CHGNET.compute_prefixes(backbone, graphs, BLOCK, batch_size=32, progress=False) if graphs else []
+        prefixes = family.compute_prefixes(backbone, graphs, block, batch_size=32, progress=False) if graphs else []
         return prefixes, targets, kept, rejected
 
     return load
 
 
-def build(worker: int, workers: int) -> Path:
-    from matbalora.model import BandGapModel
-
+def build(worker: int, workers: int, *, backbone: str = "chgnet", block: int | None = None, n_train: int | None = None) -> Path:
     torch.set_num_threads(1)
-    model = BandGapModel.from_pretrained("balora")  # last-block adapters: blocks 0..2 are the frozen prefix
-    root = store_root(model.backbone_version)
+    model = store_model(backbone)
+    block = LAST_BLOCK[backbone] if block is None else block
+    root = store_root(backbone=backbone, block=block)
     pool = full_pool()
     t0 = time.perf_counter()
-    build_prefix_store(root, ids=pool.ids, load_shard=_loader(model.backbone), key=root.name, block=BLOCK, shard_size=SHARD_SIZE,
-                       worker=worker, workers=workers, info={"protocol": "full pool, benchmarks/full_pool_data.py", "n_val": len(pool.val),
-                                                             "n_test": len(pool.test), "n_train": len(pool.train)})
+    build_prefix_store(root, ids=pool.ids, load_shard=_loader(model, block), key=root.name, block=block, shard_size=SHARD_SIZE,
+                       worker=worker, workers=workers, family=backbone, upto=n_positions(n_train),
+                       info={"protocol": "full pool, benchmarks/full_pool_data.py", "backbone": backbone, "n_val": len(pool.val),
+                             "n_test": len(pool.test), "n_train": len(pool.train)})
     log.info("worker %d/%d done in %.0f s: %s", worker, workers, time.perf_counter() - t0, root)
     return root
 
 
-def open_store(*, verify: bool = True, allow_missing: bool = False) -> PrefixStore:
-    return PrefixStore(store_root(), verify=verify, allow_missing=allow_missing)
+def open_store(*, verify: bool = True, allow_missing: bool = False, backbone: str = "chgnet", block: int | None = None) -> PrefixStore:
+    return PrefixStore(store_root(backbone=backbone, block=block), verify=verify, allow_missing=allow_missing)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -145,13 +172,16 @@ def main(argv: list[str] | None = None) -> None:
     c = sub.add_parser("cache", help="build (or resume) the full-pool prefix store")
     c.add_argument("--worker", type=int, default=0)
     c.add_argument("--workers", type=int, default=1)
-    sub.add_parser("info", help="size and rejections of the finished store")
+    for sp in (c, sub.add_parser("info", help="size and rejections of the finished store")):
+        sp.add_argument("--backbone", default="chgnet", choices=sorted(LAST_BLOCK))
+        sp.add_argument("--block", type=int, default=None, help="the block the stored features enter (default: the last)")
+    c.add_argument("--n-train", type=int, default=None, help="build only validation, test and the first N training crystals")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.cmd == "cache":
-        print(build(args.worker, args.workers))
+        print(build(args.worker, args.workers, backbone=args.backbone, block=args.block, n_train=args.n_train))
     else:
-        store = open_store()
+        store = open_store(backbone=args.backbone, block=args.block, allow_missing=True)
         print(f"{store.root}: {len(store.kept)} crystals in {store.n_shards} shards, {store.nbytes() / 1e9:.2f} GB, rejected {len(store.rejected())}")
 
 

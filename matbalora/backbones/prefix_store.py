@@ -1,13 +1,14 @@
-"""CHGNet's frozen-prefix features on disk: fp16 features and int32 indices in safetensors shards, memory-mapped.
+"""Frozen-prefix features on disk: fp16 features and int32 indices in safetensors shards, memory-mapped.
 
 The in-memory prefixes of CHGNet (:class:`~matbalora.backbones.chgnet.PrefixGraph`) cost ~450 KB per crystal in
 fp32 / int64 at the last block; the ~84,000 training crystals of Materials Project would need
 twice the machine's RAM. A :class:`PrefixStore` keeps them on disk instead:
 
-* layout: ``root/manifest.json`` (the key and the ordered ids) and ``root/shard_NNNNN.safetensors``,
-  each holding ``shard_size`` consecutive crystals as concatenated tensors (CSR: per-crystal row
-  counts for atoms, undirected bonds, directed bonds and angles; index tensors local to their
-  crystal), features in fp16, indices in int32, targets in fp32;
+* layout: ``root/manifest.json`` (the key, the backbone family and the ordered ids) and
+  ``root/shard_NNNNN.safetensors``, each holding ``shard_size`` consecutive crystals as concatenated
+  tensors (CSR: per-crystal row counts of each row kind, e.g. CHGNet's atoms, undirected bonds,
+  directed bonds and angles, SevenNet's atoms and edges; index tensors local to their crystal),
+  features in fp16, indices in int32, targets in fp32; a family's :class:`Codec` says which tensors;
 * reading maps every tensor with ``numpy.memmap`` (the safetensors header gives its offsets), so
   several training processes share one copy through the page cache, and a process holds only the
   batches it gathers;
@@ -29,6 +30,7 @@ import logging
 import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,25 +39,128 @@ from safetensors.numpy import save_file
 
 from matbalora.atomic import atomic_write, write_json
 from matbalora.backbones.base import PrefixBatch
-from matbalora.backbones.chgnet import PrefixGraph, State
 
 log = logging.getLogger(__name__)
 
 FORMAT = "matbalora-prefix-store/1"
 MANIFEST = "manifest.json"
 MAX_HEADER_BYTES = 64 << 20  # a safetensors header longer than this is refused (hostile or corrupt file)
-#: PrefixGraph field -> (row kind, stored dtype); index fields are local to their crystal
-FIELDS: dict[str, tuple[str, str]] = {
-    "atom": ("atom", "float16"),
-    "bond": ("und", "float16"),
-    "bond_w_ag": ("und", "float16"),
-    "bond_w_bg": ("und", "float16"),
-    "angle": ("angle", "float16"),
-    "atom_graph": ("dir", "int32"),
-    "d2u": ("dir", "int32"),
-    "bond_graph": ("angle", "int32"),
-}
-KINDS = ("atom", "und", "dir", "angle")
+
+
+@dataclass(frozen=True)
+class Field:
+    """One stored tensor: its row kind, stored dtype, and for index tensors the row kind each column
+    points into (shifted by that kind's batch offsets when crystals are gathered)."""
+
+    kind: str
+    dtype: str
+    points_to: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How a backbone family's prefixes become stored tensors and back: ``fields`` of each crystal
+    (``arrays(prefix)``: name -> tensor [rows, ...] with local indices; ``counts(prefix)``: rows of
+    each kind), a batch ``state(tensors, n_crystals)`` for training and a per-crystal
+    ``prefix(tensors, block, graph_id)`` for prediction."""
+
+    family: str
+    kinds: tuple[str, ...]
+    fields: dict[str, Field]
+    counts: Callable[[object], dict[str, int]]
+    arrays: Callable[[object], dict[str, torch.Tensor | None]]
+    state: Callable[[dict[str, torch.Tensor], int], object]
+    prefix: Callable[[dict[str, torch.Tensor], int, str], object]
+
+
+def _owners(n_atom: np.ndarray) -> torch.Tensor:
+    return torch.repeat_interleave(torch.arange(len(n_atom)), torch.from_numpy(np.asarray(n_atom, dtype=np.int64)))
+
+
+def _chgnet_state(t: dict[str, torch.Tensor], n: int):
+    from matbalora.backbones.chgnet import State
+
+    angles = "bond_graph" in t and t["bond_graph"].shape[0] > 0
+    return State(
+        atom=t["atom"], bond=t["bond"], angle=t["angle"] if angles else None, bond_w_ag=t["bond_w_ag"],
+        bond_w_bg=t["bond_w_bg"] if "bond_w_bg" in t else torch.zeros(0),
+        atom_graph=t["atom_graph"].reshape(-1, 2), bond_graph=t["bond_graph"] if angles else torch.zeros(0, 3, dtype=torch.long),
+        d2u=t["d2u"], atom_owners=_owners(t["n_atom"].numpy()), n_groups=n,
+    )
+
+
+def _chgnet_prefix(t: dict[str, torch.Tensor], block: int, sid: str):
+    from matbalora.backbones.chgnet import PrefixGraph
+
+    item = PrefixGraph(block=block, atom=t["atom"], bond=t["bond"], bond_w_ag=t["bond_w_ag"], atom_graph=t["atom_graph"].reshape(-1, 2), d2u=t["d2u"], graph_id=sid)
+    if "bond_graph" in t:
+        item.angle, item.bond_w_bg, item.bond_graph = t["angle"], t["bond_w_bg"], t["bond_graph"]
+    return item
+
+
+CHGNET_CODEC = Codec(
+    family="chgnet",
+    kinds=("atom", "und", "dir", "angle"),
+    fields={
+        "atom": Field("atom", "float16"),
+        "bond": Field("und", "float16"),
+        "bond_w_ag": Field("und", "float16"),
+        "bond_w_bg": Field("und", "float16"),
+        "angle": Field("angle", "float16"),
+        "atom_graph": Field("dir", "int32", ("atom", "atom")),
+        "d2u": Field("dir", "int32", ("und",)),
+        "bond_graph": Field("angle", "int32", ("atom", "und", "und")),
+    },
+    counts=lambda p: {"atom": p.atom.shape[0], "und": p.bond.shape[0], "dir": p.atom_graph.shape[0],
+                      "angle": 0 if p.bond_graph is None else p.bond_graph.shape[0]},
+    arrays=lambda p: {name: getattr(p, name) for name in ("atom", "bond", "bond_w_ag", "bond_w_bg", "angle", "atom_graph", "d2u", "bond_graph")},
+    state=_chgnet_state,
+    prefix=_chgnet_prefix,
+)
+
+
+def _sevennet_data(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    data = {k: t[k] for k in ("x", "node_attr", "edge_embedding", "edge_attr") if k in t}
+    data["edge_index"] = t["edge_index"].reshape(-1, 2).T.contiguous()
+    return data
+
+
+def _sevennet_state(t: dict[str, torch.Tensor], n: int):
+    from matbalora.backbones.sevennet import State
+
+    return State(_sevennet_data(t), _owners(t["n_atom"].numpy()), n)
+
+
+def _sevennet_prefix(t: dict[str, torch.Tensor], block: int, sid: str):
+    from matbalora.backbones.sevennet import SevenNetPrefix
+
+    return SevenNetPrefix(block, _sevennet_data(t), sid)
+
+
+SEVENNET_CODEC = Codec(
+    family="sevennet",
+    kinds=("atom", "edge"),
+    fields={
+        "x": Field("atom", "float16"),
+        "node_attr": Field("atom", "float16"),
+        "edge_embedding": Field("edge", "float16"),
+        "edge_attr": Field("edge", "float16"),
+        "edge_index": Field("edge", "int32", ("atom", "atom")),  # stored [n_edges, 2]
+    },
+    counts=lambda p: {"atom": p.data["x"].shape[0], "edge": p.data["edge_index"].shape[1]},
+    arrays=lambda p: {**{k: p.data.get(k) for k in ("x", "node_attr", "edge_embedding", "edge_attr")}, "edge_index": p.data["edge_index"].T},
+    state=_sevennet_state,
+    prefix=_sevennet_prefix,
+)
+CODECS = {c.family: c for c in (CHGNET_CODEC, SEVENNET_CODEC)}
+
+
+def codec_for(family: str) -> Codec:
+    if family not in CODECS:
+        raise ValueError(f"no prefix-store codec for backbone family {family!r} (known: {sorted(CODECS)})")
+    return CODECS[family]
+
+
 _DTYPES = {"F16": np.float16, "F32": np.float32, "I32": np.int32, "I64": np.int64, "I8": np.int8, "U8": np.uint8}
 
 
@@ -127,21 +232,28 @@ def _exclusive_cumsum(counts: np.ndarray) -> np.ndarray:
 class Shard:
     """One memory-mapped shard: tensors, per-crystal counts and offsets."""
 
-    def __init__(self, path: Path, *, verify: bool = True) -> None:
+    def __init__(self, path: Path, *, verify: bool = True, codec: Codec = CHGNET_CODEC) -> None:
         self.path = path
+        self.codec = codec
         self.arrays, meta = read_safetensors_mmap(path)
         self.meta = meta
         if verify and _checksum(self.arrays) != meta.get("sha256"):
             raise CorruptShardError(f"{path}: checksum mismatch (truncated or altered); delete it and rebuild")
         self.ids: list[str] = json.loads(meta.get("ids", "[]"))
         self.block = int(meta.get("block", -1))
-        self.counts = {k: np.asarray(self.arrays[f"n_{k}"], dtype=np.int64) for k in KINDS}
+        family = meta.get("family", "chgnet")  # stores written before SevenNet had no family: CHGNet
+        if family != codec.family:
+            raise CorruptShardError(f"{path}: holds {family} prefixes, the store says {codec.family}")
+        missing = [k for k in codec.kinds if f"n_{k}" not in self.arrays]
+        if missing:
+            raise CorruptShardError(f"{path}: no row counts for {missing}")
+        self.counts = {k: np.asarray(self.arrays[f"n_{k}"], dtype=np.int64) for k in codec.kinds}
         if any(len(c) != len(self.ids) for c in self.counts.values()):
             raise CorruptShardError(f"{path}: row counts do not match its {len(self.ids)} ids")
         self.offsets = {k: _exclusive_cumsum(c) for k, c in self.counts.items()}
-        for name, (kind, _) in FIELDS.items():
-            if name in self.arrays and self.arrays[name].shape[0] != int(self.counts[kind].sum()):
-                raise CorruptShardError(f"{path}: {name} has {self.arrays[name].shape[0]} rows, the counts say {int(self.counts[kind].sum())}")
+        for name, f in codec.fields.items():
+            if name in self.arrays and self.arrays[name].shape[0] != int(self.counts[f.kind].sum()):
+                raise CorruptShardError(f"{path}: {name} has {self.arrays[name].shape[0]} rows, the counts say {int(self.counts[f.kind].sum())}")
         self.targets = np.asarray(self.arrays["target"], dtype=np.float64)
 
     def __len__(self) -> int:
@@ -150,24 +262,22 @@ class Shard:
     def gather(self, sel: np.ndarray) -> dict[str, np.ndarray]:
         """Rows of crystals ``sel`` (positions in this shard), features in fp32, indices shifted to the batch."""
         sel = np.asarray(sel, dtype=np.int64)
-        counts = {k: self.counts[k][sel] for k in KINDS}
-        rows = {k: _ranges(self.offsets[k][sel], counts[k]) for k in KINDS}
-        new_off = {k: _exclusive_cumsum(counts[k]) for k in KINDS}
-        out: dict[str, np.ndarray] = {f"n_{k}": counts[k] for k in KINDS}
-        for name, (kind, dtype) in FIELDS.items():
+        kinds = self.codec.kinds
+        counts = {k: self.counts[k][sel] for k in kinds}
+        rows = {k: _ranges(self.offsets[k][sel], counts[k]) for k in kinds}
+        new_off = {k: _exclusive_cumsum(counts[k]) for k in kinds}
+        out: dict[str, np.ndarray] = {f"n_{k}": counts[k] for k in kinds}
+        for name, f in self.codec.fields.items():
             if name not in self.arrays:
                 continue
-            part = self.arrays[name][rows[kind]]
-            if dtype == "float16":
+            part = self.arrays[name][rows[f.kind]]
+            if f.dtype == "float16":
                 out[name] = part.astype(np.float32)
                 continue
             part = part.astype(np.int64)
-            if name == "atom_graph":
-                part += np.repeat(new_off["atom"], counts["dir"])[:, None]
-            elif name == "d2u":
-                part += np.repeat(new_off["und"], counts["dir"])
-            elif name == "bond_graph":
-                part += np.stack([np.repeat(new_off["atom"], counts["angle"]), *[np.repeat(new_off["und"], counts["angle"])] * 2], axis=1)
+            if f.points_to:  # local indices -> batch indices: + the offset of each crystal in the kind pointed into
+                shift = np.stack([np.repeat(new_off[k], counts[f.kind]) for k in f.points_to], axis=1)
+                part += shift[:, 0] if part.ndim == 1 else shift
             out[name] = part
         return out
 
@@ -186,10 +296,11 @@ class PrefixStore:
         self.ids: list[str] = list(self.manifest["ids"])
         self.shard_size = int(self.manifest["shard_size"])
         self.block = int(self.manifest["block"])
+        self.codec = codec_for(self.manifest.get("family", "chgnet"))
         missing = [k for k in range(self.n_shards) if not self.shard_path(k).is_file()]
         if missing and not allow_missing:
             raise FileNotFoundError(f"{self.root}: shards {missing[:5]}{'...' if len(missing) > 5 else ''} missing; resume the build")
-        self.shards = {k: Shard(self.shard_path(k), verify=verify) for k in range(self.n_shards) if k not in missing}
+        self.shards = {k: Shard(self.shard_path(k), verify=verify, codec=self.codec) for k in range(self.n_shards) if k not in missing}
         #: (shard, position) of every stored crystal; rejected ones (and those of missing shards) are absent
         self.kept = {sid: (k, j) for k, sh in self.shards.items() for j, sid in enumerate(sh.ids)}
 
@@ -229,29 +340,16 @@ class PrefixStore:
     def batch(self, shard: int, sel: np.ndarray) -> PrefixBatch:
         """Collated prefixes of crystals ``sel`` of one shard (vectorised gather)."""
         g = self.shards[shard].gather(sel)
-        n = len(sel)
-        angles = "bond_graph" in g and g["bond_graph"].shape[0] > 0
         t = {k: torch.from_numpy(v) for k, v in g.items()}
-        state = State(
-            atom=t["atom"], bond=t["bond"], angle=t["angle"] if angles else None, bond_w_ag=t["bond_w_ag"],
-            bond_w_bg=t["bond_w_bg"] if "bond_w_bg" in t else torch.zeros(0),
-            atom_graph=t["atom_graph"].reshape(-1, 2), bond_graph=t["bond_graph"] if angles else torch.zeros(0, 3, dtype=torch.long),
-            d2u=t["d2u"], atom_owners=torch.repeat_interleave(torch.arange(n), torch.from_numpy(g["n_atom"])), n_groups=n,
-        )
-        return PrefixBatch(self.block, state, n)
+        return PrefixBatch(self.block, self.codec.state(t, len(sel)), len(sel))
 
     def prefix_graphs(self, ids: Sequence[str]) -> list:
-        """In-memory PrefixGraph objects (fp32) of ``ids``: for validation and test sets that the
+        """The family's in-memory prefixes (fp32) of ``ids``: for validation and test sets that the
         prediction code handles as lists."""
         out = []
         for (k, j), sid in zip(self.locate(ids), ids):
             g = self.shards[k].gather(np.array([j]))
-            t = {name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in g.items()}
-            item = PrefixGraph(block=self.block, atom=t["atom"], bond=t["bond"], bond_w_ag=t["bond_w_ag"],
-                               atom_graph=t["atom_graph"].reshape(-1, 2), d2u=t["d2u"], graph_id=sid)
-            if "bond_graph" in t:
-                item.angle, item.bond_w_bg, item.bond_graph = t["angle"], t["bond_w_bg"], t["bond_graph"]
-            out.append(item)
+            out.append(self.codec.prefix({name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in g.items()}, self.block, sid))
         return out
 
 
@@ -286,26 +384,27 @@ class StoreBatches:
             yield self.store.batch(k, sel), torch.as_tensor(self.store.shards[k].targets[sel], dtype=torch.float32)
 
 
-def _shard_arrays(prefixes: Sequence, targets: Sequence[float], ids: Sequence[str], block: int, rejected: dict[str, str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def _shard_arrays(prefixes: Sequence, targets: Sequence[float], ids: Sequence[str], block: int, rejected: dict[str, str],
+                  codec: Codec = CHGNET_CODEC) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     arrays: dict[str, np.ndarray] = {}
-    counts = {k: [] for k in KINDS}
+    counts = {k: [] for k in codec.kinds}
+    per_crystal = [codec.arrays(p) for p in prefixes]
     for p in prefixes:
-        counts["atom"].append(p.atom.shape[0])
-        counts["und"].append(p.bond.shape[0])
-        counts["dir"].append(p.atom_graph.shape[0])
-        counts["angle"].append(0 if p.bond_graph is None else p.bond_graph.shape[0])
-    for name, (_, dtype) in FIELDS.items():
-        parts = [getattr(p, name) for p in prefixes]
+        for k, c in codec.counts(p).items():
+            counts[k].append(int(c))
+    for name, f in codec.fields.items():
+        parts = [a[name] for a in per_crystal]
+        dtype = f.dtype
         if not parts or any(x is None for x in parts):
             continue
         arr = torch.cat([x.reshape(x.shape[0], -1) if x.dim() > 1 else x for x in parts]).numpy()
         if dtype == "float16" and np.abs(arr).max(initial=0.0) > 6e4:
             raise ValueError(f"{name}: values up to {np.abs(arr).max():.3g} overflow float16")
         arrays[name] = np.ascontiguousarray(arr.astype(dtype))
-    for k in KINDS:
+    for k in codec.kinds:
         arrays[f"n_{k}"] = np.array(counts[k], dtype=np.int32)
     arrays["target"] = np.array(targets, dtype=np.float32)
-    meta = {"format": FORMAT, "block": str(block), "ids": json.dumps(list(ids)), "rejected": json.dumps(rejected)}
+    meta = {"format": FORMAT, "family": codec.family, "block": str(block), "ids": json.dumps(list(ids)), "rejected": json.dumps(rejected)}
     meta["sha256"] = _checksum(arrays)
     return arrays, meta
 
@@ -322,13 +421,17 @@ def build_prefix_store(
     workers: int = 1,
     progress: bool = True,
     info: dict | None = None,
+    family: str = "chgnet",
+    upto: int | None = None,
 ) -> Path:
     """Build (or resume) the store of crystals ``ids`` at ``root``.
 
     ``load_shard(positions)`` -> (prefixes, targets, kept ids, {rejected id: reason}) for the
     crystals at those positions of ``ids`` (graph conversion and the frozen blocks happen there).
     This process builds the missing or corrupt shards k with ``k % workers == worker``; the manifest
-    is written first, so concurrent workers agree on the layout. Returns ``root``.
+    is written first, so concurrent workers agree on the layout. ``family``: the backbone family of the
+    prefixes (its :class:`Codec`). ``upto``: build only the shards holding the first ``upto`` crystals
+    (a later call without it completes the store). Returns ``root``.
     """
     from tqdm.auto import tqdm
 
@@ -336,7 +439,8 @@ def build_prefix_store(
         raise ValueError(f"worker={worker} must be in 0..{workers - 1}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    manifest = {"format": FORMAT, "key": key, "block": int(block), "shard_size": int(shard_size), "ids": list(ids), "info": info or {}}
+    codec = codec_for(family)
+    manifest = {"format": FORMAT, "key": key, "family": family, "block": int(block), "shard_size": int(shard_size), "ids": list(ids), "info": info or {}}
     path = root / MANIFEST
     if path.is_file():
         old = json.loads(path.read_text())
@@ -344,18 +448,18 @@ def build_prefix_store(
             raise ValueError(f"{root} holds a store with another key ({old.get('key', '?')[:12]}...); use another folder")
     else:
         write_json(path, manifest)
-    n_shards = -(-len(ids) // shard_size)
+    n_shards = -(-min(len(ids), len(ids) if upto is None else upto) // shard_size)
     mine = [k for k in range(n_shards) if k % workers == worker]
     for k in tqdm(mine, desc=f"prefix shards (worker {worker}/{workers})", disable=not progress):
         shard = root / f"shard_{k:05d}.safetensors"
         if shard.is_file():
             try:
-                Shard(shard, verify=True)
+                Shard(shard, verify=True, codec=codec)
                 continue
             except CorruptShardError as exc:
                 log.warning("%s; rebuilding", exc)
         positions = list(range(k * shard_size, min(len(ids), (k + 1) * shard_size)))
         prefixes, targets, kept, rejected = load_shard(positions)
-        arrays, meta = _shard_arrays(prefixes, targets, kept, block, rejected)
+        arrays, meta = _shard_arrays(prefixes, targets, kept, block, rejected, codec)
         atomic_write(shard, lambda tmp: save_file(arrays, tmp, metadata=meta))
     return root
