@@ -397,7 +397,7 @@ def _shard_arrays(prefixes: Sequence, targets: Sequence[float], ids: Sequence[st
         dtype = f.dtype
         if not parts or any(x is None for x in parts):
             continue
-        arr = torch.cat([x.reshape(x.shape[0], -1) if x.dim() > 1 else x for x in parts]).numpy()
+        arr = torch.cat([x.flatten(1) if x.dim() > 1 else x for x in parts]).numpy()  # [rows, ...] -> [rows, d], 0 rows too
         if dtype == "float16" and np.abs(arr).max(initial=0.0) > 6e4:
             raise ValueError(f"{name}: values up to {np.abs(arr).max():.3g} overflow float16")
         arrays[name] = np.ascontiguousarray(arr.astype(dtype))
