@@ -82,6 +82,36 @@ def test_build_resumes_and_rebuilds_a_corrupt_shard(tmp_path, prefixed):
         build_prefix_store(root, ids=["x"], load_shard=lambda p: ([], [], [], {}), key="other", block=2, progress=False)
 
 
+def test_partial_build_then_completion_and_crystals_without_angles(tmp_path, crystals):
+    """``upto`` builds only the shards holding the first crystals (a later build completes the store);
+    a store entering a block that uses angles keeps crystals that have none (the tiny CHGNet's
+    silicon), also a whole shard of them."""
+    model = late_model("balora", 2)
+    silicon, nacl, copper = crystals[:3]
+    block = CHGNET.prefix_block(model.backbone, model.method) - 1  # the block before the adapted one: angles are kept
+    prefixes = CHGNET.compute_prefixes(model.backbone, graphs_of(model, [silicon] * 4 + [nacl, copper]), block, progress=False)
+    assert [p.bond_graph.shape[0] == 0 for p in prefixes] == [True] * 4 + [False, False]
+    ids = [f"c{i}" for i in range(6)]
+    calls: list[int] = []
+
+    def load(pos):
+        calls.extend(pos)
+        return [prefixes[p] for p in pos], [0.0] * len(pos), [ids[p] for p in pos], {}
+
+    root = build_prefix_store(tmp_path / "s", ids=ids, load_shard=load, key="k", block=block, shard_size=3, upto=2, progress=False)
+    assert calls == [0, 1, 2] and len(PrefixStore(root, allow_missing=True).kept) == 3
+    build_prefix_store(root, ids=ids, load_shard=load, key="k", block=block, shard_size=3, progress=False)
+    assert calls == [0, 1, 2, 3, 4, 5]
+    store = PrefixStore(root)
+    assert store.shards[0].arrays["bond_graph"].shape == (0, 3)
+    batch = store.batch(1, np.array([0, 1]))  # silicon (no angles) and NaCl
+    ref = CHGNET.collate_prefixes(model.backbone, prefixes[3:5])
+    assert batch.state.bond_graph.shape[0] == prefixes[4].bond_graph.shape[0] > 0
+    assert torch.equal(batch.state.bond_graph, ref.bond_graph) and torch.equal(batch.state.atom_graph, ref.atom_graph)
+    with torch.no_grad():
+        np.testing.assert_allclose(model(batch, samples=1)["gap"].numpy(), model(prefixes[3:5], samples=1)["gap"].numpy(), atol=2e-3)
+
+
 def test_truncated_or_hostile_header_is_refused(tmp_path):
     path = tmp_path / "shard_00000.safetensors"
     path.write_bytes((2**40).to_bytes(8, "little") + b"{}")

@@ -263,6 +263,33 @@ def test_prefix_cache_gives_the_same_features(tiny_sevennet):
                                    model.sample_gaps(graphs, samples=samples, seed=seed).gaps, atol=1e-5)
 
 
+def test_prefix_store_holds_sevennet_prefixes(tiny_sevennet, tmp_path):
+    """SevenNet prefixes in the on-disk store (fp16 features, int32 edges) give the in-memory
+    prefixes' gaps, per crystal and as gathered training batches; a CHGNet reading of it is refused."""
+    from matbalora.backbones.prefix_store import CorruptShardError, PrefixStore, Shard, build_prefix_store
+    from matbalora.backbones.sevennet import FAMILY
+
+    model = randomize(make("balora", tiny_sevennet), log_a=-0.5)
+    structures = [distorted(), silicon(), perovskite(), rotated(distorted())]
+    ids = [f"c{i}" for i in range(len(structures))]
+    block = FAMILY.prefix_block(model.backbone, model.method)
+    prefixes = FAMILY.compute_prefixes(model.backbone, [model.structure_to_graph(s, graph_id=i) for s, i in zip(structures, ids)], block)
+    root = build_prefix_store(tmp_path / "s", ids=ids, load_shard=lambda pos: ([prefixes[p] for p in pos], [1.0] * len(pos), [ids[p] for p in pos], {}),
+                              key="k", block=block, shard_size=3, family="sevennet", progress=False)
+    store = PrefixStore(root)
+    assert store.codec.family == "sevennet" and store.shards[0].arrays["x"].dtype == np.float16
+    assert store.shards[0].arrays["edge_index"].dtype == np.int32
+    with torch.no_grad():
+        ref = model(prefixes, samples=1)["gap"].numpy()[0]
+        per_crystal = model(store.prefix_graphs(ids), samples=1)["gap"].numpy()[0]
+        batched = np.concatenate([model(store.batch(0, np.array([0, 2])), samples=1)["gap"].numpy()[0],
+                                  model(store.batch(1, np.array([0])), samples=1)["gap"].numpy()[0]])
+    np.testing.assert_allclose(per_crystal, ref, atol=2e-3)  # fp16 storage
+    np.testing.assert_allclose(batched, per_crystal[[0, 2, 3]], atol=1e-5)
+    with pytest.raises(CorruptShardError, match="sevennet prefixes, the store says chgnet"):
+        Shard(store.shard_path(0))
+
+
 # ----------------------------------------------------------------------------- model folders
 
 
