@@ -168,9 +168,12 @@ def evaluate() -> dict:
     from matbalora.predict import EnsemblePredictor, Predictor
 
     results = {"protocol": __doc__.split("Protocol")[1].strip(), "runs": {}}
+    earlier = json.loads((RESULTS / "results.json").read_text()).get("runs", {}) if (RESULTS / "results.json").is_file() else {}
     for name in RECIPES:
         folder = RUNS / name
         if not (folder / "config.json").is_file():
+            if name in earlier:  # trained on another machine (runs/ is not in git): keep its committed scores
+                results["runs"][name] = earlier[name]
             continue
         card = json.loads((folder / "config.json").read_text())
         tr = card["training"]
@@ -187,11 +190,11 @@ def evaluate() -> dict:
             results["runs"][name]["noise"] = noise_summary(Predictor.load(folder).model)
         print(name, json.dumps(results["runs"][name]["all"]), json.dumps(results["runs"][name]["nonmetal"]), flush=True)
     prefixes = sorted({re.sub(r"_seed\d+$", "", n) for n in RECIPES if re.search(r"_seed\d+$", n)})
-    earlier = json.loads((RESULTS / "results.json").read_text()).get("runs", {}) if (RESULTS / "results.json").is_file() else {}
     data = None
     for prefix in prefixes:
         members = sorted(p for p in RUNS.glob(f"{prefix}_seed*") if (p / "config.json").is_file())
         if len(members) < 2:
+            results["runs"].update({k: v for k, v in earlier.items() if k.startswith(f"{prefix}_ensemble")})
             continue
         name = f"{prefix}_ensemble{len(members)}"
         stamp = [f"{p.name}:{(p / 'model.safetensors').stat().st_mtime_ns}" for p in members]

@@ -70,6 +70,26 @@ def beta_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+#: where the adapters go and on which backbone, at 10,000 crystals on the chosen recipe
+PLACEMENT = {"CHGNet 0.3.0, last block": ("lora_curve_10k", "balora_curve_10k"),
+             "CHGNet 0.3.0, last two blocks": ("lora_2blocks_10k", "balora_2blocks_10k"),
+             "SevenNet-0, last interaction block": ("sevennet_lora_10k", "sevennet_balora_10k")}
+
+
+def placement_table(results: dict) -> str:
+    lines = ["| backbone, adapted blocks | method | MAE all / non-metals (eV) | Spearman all / non-metals | 90 % coverage | best val MAE | train s | ms per crystal per epoch |",
+             "|---|---|---|---|---|---|---|---|"]
+    runs = results.get("runs", {})
+    for where, names in PLACEMENT.items():
+        for method, name in zip(("LoRA", "BaLoRA"), names):
+            if name not in runs:
+                continue
+            r = runs[name]
+            lines.append(f"| {where} | {method} | {_f(r['all']['mae'])} / {_f(r['nonmetal']['mae'])} | {_f(r['all']['spearman'])} / {_f(r['nonmetal']['spearman'])} | "
+                         f"{_f(r['all']['coverage_90'], 2)} | {_f(r.get('best_val_mae'))} | {_f(r.get('train_seconds'), 0)} | {_f(r.get('ms_per_crystal_epoch'), 1)} |")
+    return "\n".join(lines)
+
+
 #: learning-curve points: method -> run names at 2k, 10k, 40k and the full pool (one epoch), and the
 #: full-pool warm restarts (three and five epochs)
 CURVE = {"lora": ["lora_curve_2k", "lora_curve_10k", "lora_curve_40k", "lora_full_seed0"],
@@ -121,7 +141,7 @@ def plot_curve(points: dict, path: Path) -> Path:
 
 def main() -> None:
     results, forest, claims = _load(FULL / "results.json"), _load(FULL / "forest.json"), _load(FULL / "claims.json")
-    print(runs_table(results, forest), "", classes_table(results), "", claims_table(claims), "", beta_table(results), sep="\n")
+    print(runs_table(results, forest), "", classes_table(results), "", claims_table(claims), "", beta_table(results), "", placement_table(results), sep="\n")
     points = curve_points(results, forest)
     print("", curve_table(points), f"\nlearning curve plot: {plot_curve(points, FULL / 'learning_curve.png')}", sep="\n")
     if claims:
