@@ -10,6 +10,12 @@ the predicted gap, the atom count, the forest's tree spread, the network-forest 
 gradient-boosted error model fitted on the validation crystals' signals (scored on test only). The
 forest's own ranking (0.53 on non-metals at full pool) is only worth borrowing if its spread ranks
 the network's errors too. Writes ``benchmarks/results/full_pool/ranking_NAME.json``.
+
+It also reports the *calibrated ceiling* of each std: the Spearman(|error|, std) that the same stds
+would reach if the errors were exactly Gaussian with those stds (error = std * z, z ~ N(0, 1), mean of
+200 draws of z). Even a perfectly calibrated std cannot rank errors better than its own spread
+allows; a target above the ceiling needs a sharper std (one that varies more between crystals),
+not a better calibrated one. ``NAME`` may also be a model folder (e.g. ``models/balora``).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ METAL_CUT = 0.1
 def network_signals(name: str) -> dict:
     """Per part ("val", "test"): targets, predicted mean gap and the candidate signals of run ``name``."""
     data = eval_data(open_store())
-    predictor = Predictor.load(RUNS / name)
+    predictor = Predictor.load(Path(name) if Path(name).is_dir() else RUNS / name)
     out = {}
     for part, idx in (("val", data.split.val), ("test", data.split.test)):
         draws = predictor.sample(data.part(part), samples=16, seed=0)
@@ -68,6 +74,13 @@ def _rho(a: np.ndarray, b: np.ndarray) -> float:
     return round(float(spearmanr(a, b)[0]), 3)
 
 
+def calibrated_ceiling(std: np.ndarray, reps: int = 200, seed: int = 0) -> float:
+    """Mean Spearman(|std * z|, std) over ``reps`` draws of z ~ N(0, 1): the ranking these stds give
+    when they are exactly right."""
+    rng = np.random.default_rng(seed)
+    return round(float(np.mean([spearmanr(np.abs(std * rng.standard_normal(std.shape)), std)[0] for _ in range(reps)])), 3)
+
+
 def error_model(parts: dict) -> np.ndarray:
     """A gradient-boosted regressor of log |error| on the signals, fitted on validation; test predictions."""
     from sklearn.ensemble import HistGradientBoostingRegressor
@@ -94,16 +107,20 @@ def diagnose(name: str, forest_size: str) -> dict:
             "spearman_all": {k: _rho(err, p[k]) for k in keys},
             "spearman_nonmetal": {k: _rho(err[nm], p[k][nm]) for k in keys},
             "spearman_nonmetal_network_vs_forest_error": _rho(err[nm], np.abs(p["forest mean"] - p["y"])[nm]),
+            "calibrated_ceiling_all": {k: calibrated_ceiling(p[k]) for k in ("total std", "aleatoric std", "forest tree std")},
+            "calibrated_ceiling_nonmetal": {k: calibrated_ceiling(p[k][nm]) for k in ("total std", "aleatoric std", "forest tree std")},
+            "forest_own_error_spearman": {"all": _rho(np.abs(p["forest mean"] - p["y"]), p["forest tree std"]),
+                                          "nonmetal": _rho(np.abs(p["forest mean"] - p["y"])[nm], p["forest tree std"][nm])},
             "nonmetals_predicted_metal": round(float(missed.sum() / nm.sum()), 3),
             "their_share_of_nonmetal_abs_error": round(float(err[missed].sum() / err[nm].sum()), 3),
         }
-    write_json(RESULTS / f"ranking_{name}.json", report)
+    write_json(RESULTS / f"ranking_{name.strip('/').replace('/', '_')}.json", report)
     return report
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", help="a finished run in runs/full_pool")
+    ap.add_argument("run", help="a finished run in runs/full_pool, or a model folder (models/balora)")
     ap.add_argument("--forest-size", choices=sorted(SIZES), default="10k")
     args = ap.parse_args(argv)
     report = diagnose(args.run, args.forest_size)
@@ -116,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{part}: non-metals predicted metal {r['nonmetals_predicted_metal']:.3f} (share of their abs error "
               f"{r['their_share_of_nonmetal_abs_error']:.3f}); Spearman(network error, forest error) on non-metals "
               f"{r['spearman_nonmetal_network_vs_forest_error']:.3f}")
+        print(f"{part}: calibrated ceiling all {r['calibrated_ceiling_all']}, non-metals {r['calibrated_ceiling_nonmetal']}; "
+              f"the forest's spread on its own errors {r['forest_own_error_spearman']}")
 
 
 if __name__ == "__main__":
