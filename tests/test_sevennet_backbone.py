@@ -290,6 +290,40 @@ def test_prefix_store_holds_sevennet_prefixes(tiny_sevennet, tmp_path):
         Shard(store.shard_path(0))
 
 
+def test_training_from_a_sevennet_store_with_the_full_pool_recipe(tiny_sevennet, tmp_path):
+    """The full-pool recipe on SevenNet: BaLoRA with an L1 + NLL head and mean+max pooling trained from
+    store batches, head refit on pooled features, recalibration, a model folder that reloads and
+    predicts structures."""
+    import matbalora
+    from matbalora.backbones.prefix_store import PrefixStore, StoreBatches, build_prefix_store
+    from matbalora.backbones.sevennet import FAMILY
+    from matbalora.config import TrainConfig
+    from matbalora.data.splits import Split
+    from matbalora.finetune import PreparedData, train_model
+
+    base = [distorted(), silicon(), perovskite()]
+    structures = [rotated(s, seed=k) if k % 2 else s for k in range(4) for s in base]  # 12 crystals
+    targets = np.array([1.0, 0.0, 3.0] * 4)
+    ids = [f"c{i}" for i in range(len(structures))]
+    probe = make("balora", tiny_sevennet)
+    block = FAMILY.prefix_block(probe.backbone, "balora")
+    prefixes = FAMILY.compute_prefixes(probe.backbone, [probe.structure_to_graph(s, graph_id=i) for s, i in zip(structures, ids)], block)
+    store = PrefixStore(build_prefix_store(tmp_path / "s", ids=ids, load_shard=lambda pos: ([prefixes[p] for p in pos], [float(targets[p]) for p in pos], [ids[p] for p in pos], {}),
+                                           key="k", block=block, shard_size=4, family="sevennet", progress=False))
+    held = ids[8:]
+    data = PreparedData(ids=held, formulas=[s.composition.reduced_formula for s in structures[8:]], n_atoms=[len(s) for s in structures[8:]],
+                        targets=store.targets(held), graphs=store.prefix_graphs(held), split=Split(np.zeros(0, np.int64), np.arange(2), np.arange(2, 4), kind="test"),
+                        provenance={"source": "test"})
+    cfg = TrainConfig(method="balora", epochs=2, batch_size=4, beta=0.01, kl_warmup_steps=2, head_refit_epochs=5)
+    out = train_model(None, tmp_path / "model", train=cfg, head=HeadConfig(hidden=8, loss="l1_nll", pooling="mean_max"), data=data,
+                      train_batches=StoreBatches(store, ids[:8]), samples=4, progress=False, backbone="sevennet", backbone_checkpoint=str(tiny_sevennet))
+    card = json.loads((out / "config.json").read_text())
+    assert card["backbone"]["name"] == "sevennet" and card["data"]["n_train"] == 8 and card["training"]["epochs_run"] == 2
+    assert card["training"]["head_refit"]["val_mae_after"] <= card["training"]["head_refit"]["val_mae_before"]
+    df = matbalora.load_model(out).predict(structures[:2], samples=4)
+    assert np.all(np.isfinite(df["band_gap"])) and np.all(df["std_aleatoric"] > 0) and np.all(df["std_epistemic"] > 0)
+
+
 # ----------------------------------------------------------------------------- model folders
 
 
