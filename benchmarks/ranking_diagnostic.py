@@ -43,7 +43,7 @@ METAL_CUT = 0.1
 
 def network_signals(name: str) -> dict:
     """Per part ("val", "test"): targets, predicted mean gap and the candidate signals of run ``name``."""
-    data = eval_data(open_store())
+    data = eval_data(open_store(allow_missing=True))
     predictor = Predictor.load(Path(name) if Path(name).is_dir() else RUNS / name)
     out = {}
     for part, idx in (("val", data.split.val), ("test", data.split.test)):
