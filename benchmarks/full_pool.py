@@ -3,7 +3,7 @@
     python benchmarks/full_pool_data.py cache --worker 0 --workers 2 &   # once; resumable (both cores)
     python benchmarks/full_pool_data.py cache --worker 1 --workers 2
     python benchmarks/full_pool.py train NAME [NAME ...]   # resumable: a killed run continues from its checkpoint
-    # runs on another store (STORES) need it first, e.g. for sevennet_lora_10k:
+    # runs on another store (STORES) need it first, e.g. for sevennet_lora_10k_seed0:
     python benchmarks/full_pool_data.py cache --backbone sevennet --n-train 10000 --worker 0 --workers 2 &  # and --worker 1
     python benchmarks/full_pool.py evaluate                # benchmarks/results/full_pool/results.json
     python benchmarks/full_pool.py forest                  # Magpie random forest at the learning-curve sizes
@@ -77,7 +77,8 @@ RECIPES: dict[str, tuple] = {
                            {**BF16, "epochs": 8, "head_refit_epochs": 300, "beta": 0.01, "kl_warmup_steps": 600}, 10_000),
     # SevenNet-0 (adapters in its last interaction block, the family's default targets; float32: its
     # e3nn blocks have no bf16 path) against CHGNet at 10,000, same recipe
-    "sevennet_lora_10k": ("lora", None, L1NLL_MEANMAX, {"epochs": 8, "head_refit_epochs": 300}, 10_000),
+    # (five LoRA seeds: the SevenNet ensemble; seed 0 is the recipe-study run)
+    **{f"sevennet_lora_10k_seed{s}": ("lora", None, L1NLL_MEANMAX, {"epochs": 8, "head_refit_epochs": 300, "seed": s}, 10_000) for s in range(5)},
     "sevennet_balora_10k": ("balora", None, L1NLL_MEANMAX, {"epochs": 8, "head_refit_epochs": 300, "beta": 0.01, "kl_warmup_steps": 600}, 10_000),
     # the full pool
     "balora_full": ("balora", AdapterConfig(bayesian=True), L1NLL_MEANMAX, {**BF16, "epochs": 1, "beta": 0.01, "kl_warmup_steps": 2000, "head_refit_epochs": 300}, None),
@@ -89,8 +90,8 @@ RECIPES: dict[str, tuple] = {
     "balora_full_5ep": ("balora", None, None, {**BF16, "epochs": 2, "beta": 0.01, "kl_warmup_steps": 0, "head_refit_epochs": 300}, None),
 }
 #: run -> the prefix store it trains from (``full_pool_data.open_store`` keywords; default: CHGNet, last block)
-STORES = {"lora_2blocks_10k": {"block": 2}, "balora_2blocks_10k": {"block": 2},
-          "sevennet_lora_10k": {"backbone": "sevennet"}, "sevennet_balora_10k": {"backbone": "sevennet"}}
+STORES = {"lora_2blocks_10k": {"block": 2}, "balora_2blocks_10k": {"block": 2}, "sevennet_balora_10k": {"backbone": "sevennet"},
+          **{f"sevennet_lora_10k_seed{s}": {"backbone": "sevennet"} for s in range(5)}}
 #: run -> the finished run it warm-starts from (its weights, adapters and head; a fresh cosine schedule)
 WARM_STARTS = {"balora_full_3ep": "balora_full", "balora_full_5ep": "balora_full_3ep", **{f"lora_full_3ep_seed{s}": f"lora_full_seed{s}" for s in range(5)}}
 

@@ -73,7 +73,7 @@ def beta_table(results: dict) -> str:
 #: where the adapters go and on which backbone, at 10,000 crystals on the chosen recipe
 PLACEMENT = {"CHGNet 0.3.0, last block": ("lora_curve_10k", "balora_curve_10k"),
              "CHGNet 0.3.0, last two blocks": ("lora_2blocks_10k", "balora_2blocks_10k"),
-             "SevenNet-0, last interaction block": ("sevennet_lora_10k", "sevennet_balora_10k")}
+             "SevenNet-0, last interaction block": ("sevennet_lora_10k_seed0", "sevennet_balora_10k")}
 
 
 def placement_table(results: dict) -> str:
