@@ -103,6 +103,9 @@ def eval_data(store) -> PreparedData:
     pool = full_pool()
     frames, ids, _ = raw_frames()
     formula = {sid: _FORMULA.search(f.comment).group(1) for sid, f in zip(ids, frames)}
+    unbuilt = {store.locate_position(i) for i in pool.val + pool.test} - set(store.shards)
+    if unbuilt:
+        raise SystemExit(f"{store.root}: shards {sorted(unbuilt)} (validation / test) are not built yet; run full_pool_data.py cache")
     val = [i for i in pool.val if i in store.kept]
     test = [i for i in pool.test if i in store.kept]
     keep = val + test
@@ -191,7 +194,7 @@ def evaluate() -> dict:
             results["runs"][name]["noise"] = noise_summary(Predictor.load(folder).model)
         print(name, json.dumps(results["runs"][name]["all"]), json.dumps(results["runs"][name]["nonmetal"]), flush=True)
     prefixes = sorted({re.sub(r"_seed\d+$", "", n) for n in RECIPES if re.search(r"_seed\d+$", n)})
-    data = None
+    data: dict[str, PreparedData] = {}
     for prefix in prefixes:
         members = sorted(p for p in RUNS.glob(f"{prefix}_seed*") if (p / "config.json").is_file())
         if len(members) < 2:
@@ -202,9 +205,11 @@ def evaluate() -> dict:
         if earlier.get(name, {}).get("member_files") == stamp:  # the same member files: keep its scores
             results["runs"][name] = earlier[name]
             continue
-        data = data or eval_data(open_store())
+        where = STORES.get(members[0].name, {})
+        key = json.dumps(where, sort_keys=True)
+        data[key] = data.get(key) or eval_data(open_store(allow_missing=True, **where))
         ens = EnsemblePredictor([Predictor.load(p) for p in members])
-        calibration, metrics = calibrate_and_score(ens, data, samples=0)
+        calibration, metrics = calibrate_and_score(ens, data[key], samples=0)
         results["runs"][name] = {"members": len(members), "member_files": stamp, "std_scale": calibration.get("std_scale"), "std_floor": calibration.get("std_floor"),
                                  "test_classes": metrics.get("test_classes"), **_split_scores(metrics["test"])}
         print(name, json.dumps(results["runs"][name]["all"]), json.dumps(results["runs"][name]["nonmetal"]), flush=True)
@@ -283,8 +288,10 @@ def ship(balora: str, ensemble_prefix: str) -> None:
     members = sorted(p for p in RUNS.glob(f"{ensemble_prefix}_seed*") if (p / "config.json").is_file())
     if not (RUNS / balora / "config.json").is_file() or len(members) < 2:
         raise SystemExit(f"ship needs a finished {balora} and >= 2 finished {ensemble_prefix}_seedK runs in {RUNS}")
-    store = open_store()
-    data = eval_data(store)
+    where = STORES.get(balora, {})
+    if any(STORES.get(m.name, {}) != where for m in members):
+        raise SystemExit(f"ship: {balora} and the {ensemble_prefix} members were trained on different stores (backbones or blocks)")
+    data = eval_data(open_store(allow_missing=True, **where))
     ens = EnsemblePredictor([Predictor.load(p) for p in members])
     calibration, metrics = calibrate_and_score(ens, data, samples=0)
     staging = models / ".staging"
@@ -343,7 +350,7 @@ def claims(name: str = "balora_full", lora: str = "lora_full_seed0", sweep: tupl
     from matbalora.metrics import evaluate as metrics
     from matbalora.predict import Predictor, raw_total_std
 
-    data = eval_data(open_store())
+    data = eval_data(open_store(allow_missing=True, **STORES.get(name, {})))
     y = data.targets[data.split.test]
     pred = Predictor.load(RUNS / name)
     draws = pred.sample(data.part("test"), samples=max(sweep), seed=0)

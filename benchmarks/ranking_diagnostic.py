@@ -43,8 +43,9 @@ METAL_CUT = 0.1
 
 def network_signals(name: str) -> dict:
     """Per part ("val", "test"): targets, predicted mean gap and the candidate signals of run ``name``."""
-    data = eval_data(open_store(allow_missing=True))
     predictor = Predictor.load(Path(name) if Path(name).is_dir() else RUNS / name)
+    model = predictor.model  # the store of its backbone, entering its first adapted block
+    data = eval_data(open_store(allow_missing=True, backbone=model.backbone_name, block=model.family.prefix_block(model.backbone, model.method)))
     out = {}
     for part, idx in (("val", data.split.val), ("test", data.split.test)):
         draws = predictor.sample(data.part(part), samples=16, seed=0)
