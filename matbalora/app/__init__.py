@@ -14,7 +14,7 @@ out, by role. Everything a page shows is computed here, without Streamlit:
 The names the pages use are importable from here (``from matbalora import app``).
 """
 
-from matbalora.app.cards import benchmark_images, model_cards
+from matbalora.app.cards import backbone_label, benchmark_images, model_cards
 from matbalora.app.figures import interval_figure, samples_figure
 from matbalora.app.gaps import probabilities_text, reading
 from matbalora.app.launcher import APP_SCRIPT, launch, server_flags
@@ -45,7 +45,7 @@ from matbalora.app.uploads import (
 )
 
 __all__ = [
-    "ACCEPTED", "APP_SCRIPT", "EXAMPLES", "PREDICTION_KEYS", "WINDOW", "Bonds", "Item", "Limits", "Models",
+    "ACCEPTED", "APP_SCRIPT", "EXAMPLES", "PREDICTION_KEYS", "WINDOW", "Bonds", "Item", "Limits", "Models", "backbone_label",
     "Prediction", "batch_table", "benchmark_images", "cell_figure", "collect", "display_name", "example", "explain",
     "find_bonds", "interval_figure", "load_models", "launch", "model_cards", "out_of_time", "predict_items",
     "predict_structure", "probabilities_text", "read_upload", "read_uploads", "reading", "samples_figure",

@@ -234,3 +234,14 @@ def benchmark_images(root: str | os.PathLike = REPO / "benchmarks") -> list[Path
     """Benchmark plots (PNG/SVG/JPEG) found under ``root``, sorted by path."""
     root = Path(root)
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".svg", ".jpg", ".jpeg")) if root.is_dir() else []
+
+
+#: how the app names a backbone family
+BACKBONE_NAMES = {"chgnet": "CHGNet", "sevennet": "SevenNet"}
+
+
+def backbone_label(predictor) -> str:
+    """'CHGNet 0.3.0', 'SevenNet 7net-0': the family and checkpoint version of a loaded model."""
+    backbone = predictor.card.get("backbone", {})
+    name = backbone.get("name", "")
+    return " ".join(str(v) for v in (BACKBONE_NAMES.get(name, name), backbone.get("version")) if v)

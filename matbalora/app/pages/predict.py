@@ -11,14 +11,14 @@ LIMITS = cached.LIMITS
 PLOTLY = {"displaylogo": False}
 
 st.title("Band gaps with honest uncertainty")
-st.caption("PBE band gap predicted by BaLoRA (Bayesian low-rank adapters on pretrained CHGNet), "
-           "next to a deep ensemble of LoRA models. PBE underestimates measured gaps.")
 folder = str(models_dir())
 try:
     models = cached.load_models(folder)
 except (OSError, ValueError) as exc:
     st.error(f"The models could not be loaded: {exc}")
     st.stop()
+st.caption(f"PBE band gap predicted by BaLoRA (Bayesian low-rank adapters on pretrained {sup.backbone_label(models.model)}), "
+           "next to a deep ensemble of LoRA models. PBE underestimates measured gaps.")
 
 with st.sidebar:
     uploads = st.file_uploader("Crystal structure files", accept_multiple_files=True, key="uploads",
