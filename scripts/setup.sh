@@ -8,4 +8,4 @@ if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test,app,sources,cluster]"
+python -m pip install -q -e ".[test,app,sources,cluster,sevennet]"

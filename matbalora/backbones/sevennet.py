@@ -286,7 +286,7 @@ def _collate(items: Sequence[SevenNetPrefix]) -> State:
 
 
 class SevenNetBackbone(Backbone):
-    """SevenNet (``sevenn`` package, a dependency: the shipped models run on it): equivariant node features; adapters on e3nn ``o3.Linear``."""
+    """SevenNet (``sevenn`` package, an optional extra): equivariant node features; adapters on e3nn ``o3.Linear``."""
 
     name = "sevennet"
     default_targets = DEFAULT_TARGETS
