@@ -197,8 +197,10 @@ def evaluate() -> dict:
     data: dict[str, PreparedData] = {}
     for prefix in prefixes:
         members = sorted(p for p in RUNS.glob(f"{prefix}_seed*") if (p / "config.json").is_file())
+        # ensembles of more members than are here were scored on another machine: keep them
+        results["runs"].update({k: v for k, v in earlier.items() if re.fullmatch(rf"{re.escape(prefix)}_ensemble(\d+)", k)
+                                and int(k.rsplit("ensemble", 1)[1]) > len(members)})
         if len(members) < 2:
-            results["runs"].update({k: v for k, v in earlier.items() if k.startswith(f"{prefix}_ensemble")})
             continue
         name = f"{prefix}_ensemble{len(members)}"
         stamp = [f"{p.name}:{(p / 'model.safetensors').stat().st_mtime_ns}" for p in members]

@@ -80,6 +80,8 @@ def test_build_resumes_and_rebuilds_a_corrupt_shard(tmp_path, prefixed):
     assert len(PrefixStore(root).kept) == 7
     with pytest.raises(ValueError, match="another key"):
         build_prefix_store(root, ids=["x"], load_shard=lambda p: ([], [], [], {}), key="other", block=2, progress=False)
+    with pytest.raises(ValueError, match="holds chgnet prefixes, not sevennet"):  # never overwrite another family's shards
+        build_prefix_store(root, ids=["x"], load_shard=lambda p: ([], [], [], {}), key="test-key", block=2, family="sevennet", progress=False)
 
 
 def test_partial_build_then_completion_and_crystals_without_angles(tmp_path, crystals):

@@ -447,6 +447,8 @@ def build_prefix_store(
         old = json.loads(path.read_text())
         if old.get("key") != key:
             raise ValueError(f"{root} holds a store with another key ({old.get('key', '?')[:12]}...); use another folder")
+        if old.get("family", "chgnet") != family:  # (its shards would all look corrupt and be overwritten)
+            raise ValueError(f"{root} holds {old.get('family', 'chgnet')} prefixes, not {family}; use another folder")
     else:
         write_json(path, manifest)
     n_shards = -(-min(len(ids), len(ids) if upto is None else upto) // shard_size)
