@@ -114,7 +114,7 @@ def eval_data(store) -> PreparedData:
     from pymatgen.core import Composition
 
     return PreparedData(
-        ids=keep, formulas=[Composition(formula[i]).reduced_formula for i in keep], n_atoms=[int(store.shards[k].counts["atom"][j]) for k, j in store.locate(keep)],
+        ids=keep, formulas=[Composition(formula[i]).reduced_formula for i in keep], n_atoms=store.n_atoms(keep),
         targets=store.targets(keep), graphs=graphs, split=split,
         provenance={"source": "shared/data/mp_gap/mp_gap.extxyz.gz", "protocol": "benchmarks/full_pool_data.py", "store": str(store.root),
                     "rejected_in_store": len(store.rejected())},
@@ -131,9 +131,9 @@ def train(name: str) -> Path:
     wanted = pool.val + pool.test + pool.train_subset(n_train)
     missing = {store.locate_position(i) for i in wanted} - set(store.shards)
     if missing:
-        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in where.items())
+        flags = [f"--{k} {v}" for k, v in where.items()] + ([f"--n-train {n_train}"] if n_train is not None else [])
         raise SystemExit(f"{name}: shards {sorted(missing)[:8]} of the prefix store are not built yet; run "
-                         f"full_pool_data.py cache {flags} --n-train {n_train}".replace("--n-train None", "").strip())
+                         f"full_pool_data.py cache {' '.join(flags)}".rstrip())
     train_ids = [i for i in pool.train_subset(n_train) if i in store.kept]
     cfg = replace(TrainConfig(method=method), **overrides)
     out = RUNS / name

@@ -150,7 +150,10 @@ def _loader(model, block: int):
 def build(worker: int, workers: int, *, backbone: str = "chgnet", block: int | None = None, n_train: int | None = None) -> Path:
     torch.set_num_threads(1)
     model = store_model(backbone)
-    block = LAST_BLOCK[backbone] if block is None else block
+    last = model.family.prefix_block(model.backbone, model.method)  # the store model adapts only the last block
+    if LAST_BLOCK[backbone] != last:
+        raise RuntimeError(f"LAST_BLOCK[{backbone!r}] = {LAST_BLOCK[backbone]}, but the pretrained model's last block is {last}")
+    block = last if block is None else block
     root = store_root(backbone=backbone, block=block)
     pool = full_pool()
     t0 = time.perf_counter()

@@ -98,22 +98,24 @@ def _chgnet_prefix(t: dict[str, torch.Tensor], block: int, sid: str):
     return item
 
 
+#: PrefixGraph attribute -> how it is stored
+_CHGNET_FIELDS = {
+    "atom": Field("atom", "float16"),
+    "bond": Field("und", "float16"),
+    "bond_w_ag": Field("und", "float16"),
+    "bond_w_bg": Field("und", "float16"),
+    "angle": Field("angle", "float16"),
+    "atom_graph": Field("dir", "int32", ("atom", "atom")),
+    "d2u": Field("dir", "int32", ("und",)),
+    "bond_graph": Field("angle", "int32", ("atom", "und", "und")),
+}
 CHGNET_CODEC = Codec(
     family="chgnet",
     kinds=("atom", "und", "dir", "angle"),
-    fields={
-        "atom": Field("atom", "float16"),
-        "bond": Field("und", "float16"),
-        "bond_w_ag": Field("und", "float16"),
-        "bond_w_bg": Field("und", "float16"),
-        "angle": Field("angle", "float16"),
-        "atom_graph": Field("dir", "int32", ("atom", "atom")),
-        "d2u": Field("dir", "int32", ("und",)),
-        "bond_graph": Field("angle", "int32", ("atom", "und", "und")),
-    },
+    fields=_CHGNET_FIELDS,
     counts=lambda p: {"atom": p.atom.shape[0], "und": p.bond.shape[0], "dir": p.atom_graph.shape[0],
                       "angle": 0 if p.bond_graph is None else p.bond_graph.shape[0]},
-    arrays=lambda p: {name: getattr(p, name) for name in ("atom", "bond", "bond_w_ag", "bond_w_bg", "angle", "atom_graph", "d2u", "bond_graph")},
+    arrays=lambda p: {name: getattr(p, name) for name in _CHGNET_FIELDS},
     state=_chgnet_state,
     prefix=_chgnet_prefix,
 )
@@ -337,6 +339,9 @@ class PrefixStore:
 
     def targets(self, ids: Sequence[str]) -> np.ndarray:
         return np.array([self.shards[k].targets[j] for k, j in self.locate(ids)])
+
+    def n_atoms(self, ids: Sequence[str]) -> list[int]:
+        return [int(self.shards[k].counts["atom"][j]) for k, j in self.locate(ids)]
 
     def batch(self, shard: int, sel: np.ndarray) -> PrefixBatch:
         """Collated prefixes of crystals ``sel`` of one shard (vectorised gather)."""
