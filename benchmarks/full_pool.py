@@ -38,7 +38,7 @@ from mp_gap_data import REPO  # noqa: E402
 
 from matbalora.atomic import write_json  # noqa: E402
 from matbalora.backbones.prefix_store import StoreBatches  # noqa: E402
-from matbalora.config import AdapterConfig, HeadConfig, TrainConfig  # noqa: E402
+from matbalora.config import AdapterConfig, HeadConfig, TrainConfig, to_dict  # noqa: E402
 from matbalora.data.splits import Split  # noqa: E402
 from matbalora.finetune import PreparedData, train_model  # noqa: E402
 
@@ -88,12 +88,20 @@ RECIPES: dict[str, tuple] = {
     **{f"lora_full_3ep_seed{s}": ("lora", None, None, {**BF16, "epochs": 2, "seed": s, "head_refit_epochs": 300}, None) for s in range(5)},
     # a second warm restart: two more epochs from the three-epoch BaLoRA (five in all)
     "balora_full_5ep": ("balora", None, None, {**BF16, "epochs": 2, "beta": 0.01, "kl_warmup_steps": 0, "head_refit_epochs": 300}, None),
+    # adapters widened into the last two blocks (the recipe study's largest gain at 10k), warm-started
+    # from the full-pool models above: the block-2 adapters start at B = 0, so training starts from them
+    "balora_full_2blocks_7ep": ("balora", AdapterConfig(bayesian=True, last_blocks=2), None,
+                                {**BF16, "epochs": 2, "beta": 0.01, "kl_warmup_steps": 0, "head_refit_epochs": 300}, None),
+    **{f"lora_full_2blocks_4ep_seed{s}": ("lora", AdapterConfig(last_blocks=2), None, {**BF16, "epochs": 1, "seed": s, "head_refit_epochs": 300}, None)
+       for s in range(5)},
 }
 #: run -> the prefix store it trains from (``full_pool_data.open_store`` keywords; default: CHGNet, last block)
 STORES = {"lora_2blocks_10k": {"block": 2}, "balora_2blocks_10k": {"block": 2}, "sevennet_balora_10k": {"backbone": "sevennet"},
-          **{f"sevennet_lora_10k_seed{s}": {"backbone": "sevennet"} for s in range(5)}}
+          **{f"sevennet_lora_10k_seed{s}": {"backbone": "sevennet"} for s in range(5)},
+          "balora_full_2blocks_7ep": {"block": 2}, **{f"lora_full_2blocks_4ep_seed{s}": {"block": 2} for s in range(5)}}
 #: run -> the finished run it warm-starts from (its weights, adapters and head; a fresh cosine schedule)
-WARM_STARTS = {"balora_full_3ep": "balora_full", "balora_full_5ep": "balora_full_3ep", **{f"lora_full_3ep_seed{s}": f"lora_full_seed{s}" for s in range(5)}}
+WARM_STARTS = {"balora_full_3ep": "balora_full", "balora_full_5ep": "balora_full_3ep", **{f"lora_full_3ep_seed{s}": f"lora_full_seed{s}" for s in range(5)},
+               "balora_full_2blocks_7ep": "balora_full_5ep", **{f"lora_full_2blocks_4ep_seed{s}": f"lora_full_3ep_seed{s}" for s in range(5)}}
 
 _FORMULA = re.compile(r"formula=(\S+)")
 
@@ -140,14 +148,30 @@ def train(name: str) -> Path:
     if (out / "config.json").is_file():
         print(f"{name}: finished already ({out})")
         return out
-    init = RUNS / WARM_STARTS[name] if name in WARM_STARTS else None
-    if init is not None and not (init / "config.json").is_file():
-        raise SystemExit(f"{name}: warm-starts from {init}, which is not finished; train {WARM_STARTS[name]} first")
+    init = finished_run(WARM_STARTS[name]) if name in WARM_STARTS else None
+    if name in WARM_STARTS and init is None:
+        raise SystemExit(f"{name}: warm-starts from {RUNS / WARM_STARTS[name]}, which is not finished; train {WARM_STARTS[name]} first")
     t0 = time.perf_counter()
     train_model(None, out, train=cfg, adapter=adapter, head=head, data=eval_data(store), train_batches=StoreBatches(store, train_ids), backbone=where.get("backbone", "chgnet"),
                 resume=(out / "checkpoint").is_dir(), samples=16, progress=True, init_from=init)
     print(f"{name}: {len(train_ids)} crystals, {time.perf_counter() - t0:.0f} s -> {out}")
     return out
+
+
+def finished_run(name: str) -> Path | None:
+    """The folder of finished run ``name``: ``runs/full_pool/NAME``, or else its shipped copy in
+    ``models/`` (a card whose command trained it, with the recipe's training config: one command may
+    train several runs; runs/ is not in git, so a fresh machine has only the shipped copies)."""
+    if (RUNS / name / "config.json").is_file():
+        return RUNS / name
+    method, _adapter, _head, overrides, _n = RECIPES[name]
+    wanted = to_dict(replace(TrainConfig(method=method), **overrides))
+    for config in sorted((REPO / "models").glob("**/config.json")):
+        card = json.loads(config.read_text())
+        words = str(card.get("command", "")).split()
+        if "train" in words and name in words[words.index("train") + 1 :] and card.get("training", {}).get("config") == wanted:
+            return config.parent
+    return None
 
 
 KEYS = ("mae", "rmse", "spearman", "nll", "coverage_90", "mean_interval_width_90", "auc_sparsification_error")

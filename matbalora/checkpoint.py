@@ -181,3 +181,29 @@ def load_model_folder(folder: str | os.PathLike) -> tuple[BandGapModel, dict]:
                 raise ModelFolderError(f"{weights}: {name} has shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}")
             params[name].copy_(tensor)
     return model.eval(), config
+
+
+def with_adapters(model: BandGapModel, adapter: AdapterConfig) -> BandGapModel:
+    """``model`` rebuilt with ``adapter`` in place of its adapters (e.g. ``last_blocks=2`` where it had
+    1), every trained tensor of ``model`` carried over: the adapters it adds start with B = 0, so the
+    result computes the same function until it is trained. Refuses an ``adapter`` that would drop or
+    reshape a trained tensor, or change LoRA into BaLoRA or back."""
+    old = model.adapter_config
+    if old is None:
+        raise ValueError(f"a {model.method} model has no adapters to widen")
+    if adapter.bayesian != old.bayesian:
+        raise ValueError(f"adapter.bayesian={adapter.bayesian} differs from the model's ({old.bayesian}): widening keeps the method")
+    wider = BandGapModel(
+        get_backbone(model.backbone_name).load(model.backbone_checkpoint), method=model.method, adapter=adapter, head=model.head_config,
+        backbone_checkpoint=model.backbone_checkpoint, backbone_name=model.backbone_name,
+    )
+    state, params = trained_state(model), dict(wider.named_parameters())
+    dropped = sorted(n for n in state if n not in params or not params[n].requires_grad)
+    if dropped:
+        raise ValueError(f"adapter {adapter} has no place for trained tensors {dropped[:3]} ({len(dropped)} in all)")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if params[name].shape != tensor.shape:
+                raise ValueError(f"adapter {adapter}: {name} would change shape {tuple(tensor.shape)} -> {tuple(params[name].shape)}")
+            params[name].copy_(tensor)
+    return wider.train(model.training)

@@ -22,7 +22,7 @@ import torch
 from matbalora.atomic import write_json
 from matbalora.backbones import DEFAULT_BACKBONE
 from matbalora.calibration import StdScaler, fit_recalibration
-from matbalora.checkpoint import load_model_folder, save_model
+from matbalora.checkpoint import load_model_folder, save_model, with_adapters
 from matbalora.config import AdapterConfig, HeadConfig, TrainConfig, to_dict
 from matbalora.data.readers import load_dataset
 from matbalora.data.splits import Split, grouped_split, random_split
@@ -250,8 +250,10 @@ def train_model(
     that family's default targets.
 
     ``init_from`` (a model folder) warm-starts from that model's architecture and trained weights
-    (``adapter``, ``head`` and ``backbone`` are then taken from it): ``train.epochs`` more epochs with
-    a fresh warm-up + cosine schedule (a warm restart)."""
+    (``head`` and ``backbone`` are then taken from it): ``train.epochs`` more epochs with a fresh
+    warm-up + cosine schedule (a warm restart). An ``adapter`` given with it widens the model's
+    adapters (:func:`~matbalora.checkpoint.with_adapters`, e.g. into one more block), the added ones
+    starting at B = 0 so that training starts from the folder's model."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(train.seed)
@@ -261,6 +263,9 @@ def train_model(
             raise ValueError(f"init_from={init_from}: a {model.method} model cannot warm-start {train.method} training")
         init = {"folder": str(init_from), "epochs_run": init_card.get("training", {}).get("epochs_run"),
                 "previous_epochs": _previous_epochs(init_card)}
+        if adapter is not None and adapter != model.adapter_config:
+            model = with_adapters(model, adapter)
+            init["widened_adapter"] = to_dict(adapter)
     else:
         model = BandGapModel.from_pretrained(train.method, adapter=adapter, head=head or HeadConfig(), checkpoint=backbone_checkpoint, backbone=backbone)
         init = None

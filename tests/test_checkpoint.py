@@ -113,3 +113,27 @@ def test_folder_without_last_blocks_loads_adapters_in_every_block(tiny_checkpoin
     assert {n for n, _ in loaded.backbone.named_modules() if hasattr(_, "lora_A")} == {n for n, _ in model.backbone.named_modules() if hasattr(_, "lora_A")}
     g = [model.structure_to_graph(s) for s in crystals]
     np.testing.assert_array_equal(loaded.sample_gaps(g, samples=0).gaps, model.sample_gaps(g, samples=0).gaps)
+
+
+def test_widened_adapters_keep_the_trained_model_and_add_zero_updates(tiny_checkpoint, tmp_path, crystals):
+    """``with_adapters`` (a warm start into more blocks): the trained tensors carried over, the added
+    adapters at B = 0, so the widened model predicts what the folder's model predicts."""
+    from matbalora.checkpoint import with_adapters
+    from matbalora.config import AdapterConfig
+
+    model = _trained_balora(tiny_checkpoint)
+    save_model(model, tmp_path / "m")
+    loaded, _ = load_model_folder(tmp_path / "m")
+    wide = with_adapters(loaded, AdapterConfig(rank=2, bayesian=True, log_a_init=-1.0, last_blocks=2))
+    old, new = {n for n, m in loaded.backbone.named_modules() if hasattr(m, "lora_A")}, {n for n, m in wide.backbone.named_modules() if hasattr(m, "lora_A")}
+    assert old < new
+    added = dict(wide.backbone.named_modules())
+    assert all(float(added[n].lora_B.detach().abs().max()) == 0 for n in new - old)
+    g = [model.structure_to_graph(s) for s in crystals]
+    np.testing.assert_allclose(wide.sample_gaps(g, samples=0).gaps, model.sample_gaps(g, samples=0).gaps, atol=1e-6)
+    with pytest.raises(ValueError, match="keeps the method"):
+        with_adapters(loaded, AdapterConfig(rank=2, bayesian=False, last_blocks=2))
+    with pytest.raises(ValueError, match="would change shape"):
+        with_adapters(loaded, AdapterConfig(rank=4, bayesian=True, last_blocks=2))
+    with pytest.raises(ValueError, match="no place for trained tensors"):
+        with_adapters(wide, AdapterConfig(rank=2, bayesian=True, last_blocks=1))
