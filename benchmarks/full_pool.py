@@ -90,18 +90,18 @@ RECIPES: dict[str, tuple] = {
     "balora_full_5ep": ("balora", None, None, {**BF16, "epochs": 2, "beta": 0.01, "kl_warmup_steps": 0, "head_refit_epochs": 300}, None),
     # adapters widened into the last two blocks (the recipe study's largest gain at 10k), warm-started
     # from the full-pool models above: the block-2 adapters start at B = 0, so training starts from them
-    "balora_full_2blocks_7ep": ("balora", AdapterConfig(bayesian=True, last_blocks=2), None,
-                                {**BF16, "epochs": 2, "beta": 0.01, "kl_warmup_steps": 0, "head_refit_epochs": 300}, None),
+    "balora_full_2blocks_6ep": ("balora", AdapterConfig(bayesian=True, last_blocks=2), None,
+                                {**BF16, "epochs": 1, "beta": 0.01, "kl_warmup_steps": 0, "head_refit_epochs": 300}, None),
     **{f"lora_full_2blocks_4ep_seed{s}": ("lora", AdapterConfig(last_blocks=2), None, {**BF16, "epochs": 1, "seed": s, "head_refit_epochs": 300}, None)
        for s in range(5)},
 }
 #: run -> the prefix store it trains from (``full_pool_data.open_store`` keywords; default: CHGNet, last block)
 STORES = {"lora_2blocks_10k": {"block": 2}, "balora_2blocks_10k": {"block": 2}, "sevennet_balora_10k": {"backbone": "sevennet"},
           **{f"sevennet_lora_10k_seed{s}": {"backbone": "sevennet"} for s in range(5)},
-          "balora_full_2blocks_7ep": {"block": 2}, **{f"lora_full_2blocks_4ep_seed{s}": {"block": 2} for s in range(5)}}
+          "balora_full_2blocks_6ep": {"block": 2}, **{f"lora_full_2blocks_4ep_seed{s}": {"block": 2} for s in range(5)}}
 #: run -> the finished run it warm-starts from (its weights, adapters and head; a fresh cosine schedule)
 WARM_STARTS = {"balora_full_3ep": "balora_full", "balora_full_5ep": "balora_full_3ep", **{f"lora_full_3ep_seed{s}": f"lora_full_seed{s}" for s in range(5)},
-               "balora_full_2blocks_7ep": "balora_full_5ep", **{f"lora_full_2blocks_4ep_seed{s}": f"lora_full_3ep_seed{s}" for s in range(5)}}
+               "balora_full_2blocks_6ep": "balora_full_5ep", **{f"lora_full_2blocks_4ep_seed{s}": f"lora_full_3ep_seed{s}" for s in range(5)}}
 
 _FORMULA = re.compile(r"formula=(\S+)")
 
