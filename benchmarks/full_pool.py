@@ -304,28 +304,38 @@ def forest(sizes: list[str]) -> dict:
     return out
 
 
-def ship(balora: str, ensemble_prefix: str) -> None:
+def ship(balora: str, ensemble_prefix: str | None) -> None:
     """Copy run ``balora`` to models/balora and the runs ``{ensemble_prefix}_seedK`` to
-    models/lora_ensemble (members recalibrated together on validation, ensemble.json written)."""
+    models/lora_ensemble (members recalibrated together on validation, ensemble.json written); without
+    ``ensemble_prefix`` the shipped ensemble stays as it is."""
     from matbalora.finetune import calibrate_and_score
     from matbalora.predict import ENSEMBLE_FILE, EnsemblePredictor, Predictor
 
     models = REPO / "models"
-    members = sorted(p for p in RUNS.glob(f"{ensemble_prefix}_seed*") if (p / "config.json").is_file())
-    if not (RUNS / balora / "config.json").is_file() or len(members) < 2:
-        raise SystemExit(f"ship needs a finished {balora} and >= 2 finished {ensemble_prefix}_seedK runs in {RUNS}")
+    if not (RUNS / balora / "config.json").is_file():
+        raise SystemExit(f"ship needs a finished {balora} in {RUNS}")
     where = STORES.get(balora, {})
-    if any(STORES.get(m.name, {}) != where for m in members):
-        raise SystemExit(f"ship: {balora} and the {ensemble_prefix} members were trained on different stores (backbones or blocks)")
     data = eval_data(open_store(allow_missing=True, **where))
-    ens = EnsemblePredictor([Predictor.load(p) for p in members])
-    calibration, metrics = calibrate_and_score(ens, data, samples=0)
     staging = models / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
     files = ("config.json", "model.safetensors", "split.json")
     (staging / "balora").mkdir(parents=True)
     for f in files:
         shutil.copy2(RUNS / balora / f, staging / "balora" / f)
+    if ensemble_prefix is None:
+        _swap_in(models, staging, ("balora",))
+        ens_card = json.loads((models / "lora_ensemble" / ENSEMBLE_FILE).read_text())
+        ens_data = eval_data(open_store(allow_missing=True, **STORES.get(ens_card["runs"][0], {})))
+        shipped_plots(data, ens_card["metrics"], ensemble_data=ens_data)
+        print(f"shipped {balora} into {models}; the ensemble stays ({', '.join(ens_card['runs'])})")
+        return
+    members = sorted(p for p in RUNS.glob(f"{ensemble_prefix}_seed*") if (p / "config.json").is_file())
+    if len(members) < 2:
+        raise SystemExit(f"ship needs >= 2 finished {ensemble_prefix}_seedK runs in {RUNS}")
+    if any(STORES.get(m.name, {}) != where for m in members):
+        raise SystemExit(f"ship: {balora} and the {ensemble_prefix} members were trained on different stores (backbones or blocks)")
+    ens = EnsemblePredictor([Predictor.load(p) for p in members])
+    calibration, metrics = calibrate_and_score(ens, data, samples=0)
     names = [f"member_{k}" for k in range(len(members))]
     for name, src in zip(names, members):
         (staging / "lora_ensemble" / name).mkdir(parents=True)
@@ -336,7 +346,14 @@ def ship(balora: str, ensemble_prefix: str) -> None:
         "members": names, "seeds": [json.loads((m / "config.json").read_text())["training"]["config"]["seed"] for m in members],
         "method": "lora", "runs": [m.name for m in members], "calibration": calibration, "metrics": metrics, "data": card["data"],
         "command": f"python benchmarks/full_pool.py train {' '.join(m.name for m in members)} && python benchmarks/full_pool.py ship {balora} {ensemble_prefix}"})
-    for name in ("balora", "lora_ensemble"):  # swap in whole folders
+    _swap_in(models, staging, ("balora", "lora_ensemble"))
+    shipped_plots(data, metrics)
+    print(f"shipped {balora} and {len(members)} members of {ensemble_prefix} into {models}")
+
+
+def _swap_in(models: Path, staging: Path, names: tuple[str, ...]) -> None:
+    """Replace whole folders ``models/NAME`` by ``staging/NAME``, then drop the staging folder."""
+    for name in names:
         old = models / f".old_{name}"
         shutil.rmtree(old, ignore_errors=True)
         if (models / name).exists():
@@ -344,14 +361,13 @@ def ship(balora: str, ensemble_prefix: str) -> None:
         (staging / name).rename(models / name)
         shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(staging, ignore_errors=True)
-    shipped_plots(data, metrics)
-    print(f"shipped {balora} and {len(members)} members of {ensemble_prefix} into {models}")
 
 
-def shipped_plots(data: PreparedData, ensemble_metrics: dict) -> None:
+def shipped_plots(data: PreparedData, ensemble_metrics: dict, ensemble_data: PreparedData | None = None) -> None:
     """Calibration, parity and sparsification plots of the shipped models on the test crystals, and
     ``results/full_pool/shipped.json`` whose ``methods`` rows are the cards' test metrics (the app's
-    model card page shows plots only next to the card whose numbers they come from)."""
+    model card page shows plots only next to the card whose numbers they come from); ``ensemble_data``:
+    the ensemble's own prefixes where it was trained on another store than BaLoRA."""
     from matbalora.evaluation import plot_all
     from matbalora.predict import EnsemblePredictor, Predictor
 
@@ -359,7 +375,11 @@ def shipped_plots(data: PreparedData, ensemble_metrics: dict) -> None:
     test, y = data.part("test"), data.targets[data.split.test]
     balora = Predictor.load(models / "balora")
     rows = {"balora": balora.card["metrics"]["test"], "lora_ensemble": ensemble_metrics["test"]}
-    frames = {"balora": balora.predict_prepared(test, samples=16, seed=0), "lora_ensemble": EnsemblePredictor.load(models / "lora_ensemble").predict_prepared(test)}
+    ens_data = ensemble_data or data
+    ens_test = ens_data.part("test")
+    if not np.array_equal(ens_data.targets[ens_data.split.test], y):
+        raise SystemExit("shipped_plots: the two stores do not hold the same test crystals")
+    frames = {"balora": balora.predict_prepared(test, samples=16, seed=0), "lora_ensemble": EnsemblePredictor.load(models / "lora_ensemble").predict_prepared(ens_test)}
     plots = []
     for name, frame in frames.items():
         plots += [p.name for p in plot_all(frame, y, RESULTS / "plots", name)]
@@ -413,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("lora", nargs="?", default="lora_full_seed0")
     sh = sub.add_parser("ship")
     sh.add_argument("balora")
-    sh.add_argument("ensemble_prefix")
+    sh.add_argument("ensemble_prefix", nargs="?", help="without it, the shipped ensemble stays")
     f = sub.add_parser("forest")
     f.add_argument("sizes", nargs="*", default=list(SIZES), choices=list(SIZES))
     args = parser.parse_args(argv)
