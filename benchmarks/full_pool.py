@@ -322,10 +322,11 @@ def ship(balora: str, ensemble_prefix: str | None) -> None:
     (staging / "balora").mkdir(parents=True)
     for f in files:
         shutil.copy2(RUNS / balora / f, staging / "balora" / f)
-    if ensemble_prefix is None:
-        _swap_in(models, staging, ("balora",))
+    if ensemble_prefix is None:  # the ensemble's own test prefixes are loaded before anything is swapped in
         ens_card = json.loads((models / "lora_ensemble" / ENSEMBLE_FILE).read_text())
-        ens_data = eval_data(open_store(allow_missing=True, **STORES.get(ens_card["runs"][0], {})))
+        ens_where = STORES.get(ens_card["runs"][0], {})
+        ens_data = data if ens_where == where else eval_data(open_store(allow_missing=True, **ens_where))
+        _swap_in(models, staging, ("balora",))
         shipped_plots(data, ens_card["metrics"], ensemble_data=ens_data)
         print(f"shipped {balora} into {models}; the ensemble stays ({', '.join(ens_card['runs'])})")
         return
