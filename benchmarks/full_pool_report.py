@@ -91,12 +91,14 @@ def placement_table(results: dict) -> str:
 
 
 #: learning-curve points: method -> run names at 2k, 10k, 40k and the full pool (one epoch), and the
-#: full-pool warm restarts (three and five epochs)
+#: full-pool warm restarts (three and five epochs, and the widened two-block runs)
 CURVE = {"lora": ["lora_curve_2k", "lora_curve_10k", "lora_curve_40k", "lora_full_seed0"],
          "balora": ["balora_curve_2k", "balora_curve_10k", "balora_curve_40k", "balora_full"],
          "lora, 3 epochs": ["lora_full_3ep_seed0"],
          "balora, 3 epochs": ["balora_full_3ep"],
-         "balora, 5 epochs": ["balora_full_5ep"]}
+         "balora, 5 epochs": ["balora_full_5ep"],
+         "lora, 4 epochs (last in two blocks)": ["lora_full_2blocks_4ep_seed0"],
+         "balora, 6 epochs (last in two blocks)": ["balora_full_2blocks_6ep"]}
 
 
 def curve_points(results: dict, forest: dict) -> dict:
@@ -123,7 +125,7 @@ def plot_curve(points: dict, path: Path) -> Path:
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for (method, pts), color in zip(points.items(), ("C0", "C1", "C4", "C3", "C5", "C2")):
+    for (method, pts), color in zip(points.items(), ("C0", "C1", "C4", "C3", "C5", "C6", "C7", "C2")):
         n, a, b = (np.array(v, float) for v in zip(*pts))
         ax.plot(n, a, "o-", color=color, label=f"{method}, all")
         ax.plot(n, b, "s--", color=color, alpha=0.7, label=f"{method}, non-metals")
