@@ -305,15 +305,16 @@ def forest(sizes: list[str]) -> dict:
 
 
 def ship(balora: str, ensemble_prefix: str | None) -> None:
-    """Copy run ``balora`` to models/balora and the runs ``{ensemble_prefix}_seedK`` to
-    models/lora_ensemble (members recalibrated together on validation, ensemble.json written); without
-    ``ensemble_prefix`` the shipped ensemble stays as it is."""
+    """Copy run ``balora`` (from runs/, or the copy already in models/) to models/balora and the runs
+    ``{ensemble_prefix}_seedK`` to models/lora_ensemble (members recalibrated together on validation,
+    ensemble.json written); without ``ensemble_prefix`` the shipped ensemble stays as it is."""
     from matbalora.finetune import calibrate_and_score
     from matbalora.predict import ENSEMBLE_FILE, EnsemblePredictor, Predictor
 
     models = REPO / "models"
-    if not (RUNS / balora / "config.json").is_file():
-        raise SystemExit(f"ship needs a finished {balora} in {RUNS}")
+    source = finished_run(balora)  # runs/full_pool/NAME, or its shipped copy (re-shipping it with a new ensemble)
+    if source is None:
+        raise SystemExit(f"ship needs a finished {balora} in {RUNS} (or its shipped copy in models/)")
     where = STORES.get(balora, {})
     data = eval_data(open_store(allow_missing=True, **where))
     staging = models / ".staging"
@@ -321,7 +322,7 @@ def ship(balora: str, ensemble_prefix: str | None) -> None:
     files = ("config.json", "model.safetensors", "split.json")
     (staging / "balora").mkdir(parents=True)
     for f in files:
-        shutil.copy2(RUNS / balora / f, staging / "balora" / f)
+        shutil.copy2(source / f, staging / "balora" / f)
     if ensemble_prefix is None:  # the ensemble's own test prefixes are loaded before anything is swapped in
         ens_card = json.loads((models / "lora_ensemble" / ENSEMBLE_FILE).read_text())
         ens_where = STORES.get(ens_card["runs"][0], {})
