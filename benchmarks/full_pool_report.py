@@ -124,7 +124,7 @@ def plot_curve(points: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(9.6, 4.2))
     for (method, pts), color in zip(points.items(), ("C0", "C1", "C4", "C3", "C5", "C6", "C7", "C2")):
         n, a, b = (np.array(v, float) for v in zip(*pts))
         ax.plot(n, a, "o-", color=color, label=f"{method}, all")
@@ -134,7 +134,7 @@ def plot_curve(points: dict, path: Path) -> Path:
     ax.set_xticks([2000, 10_000, 40_000, 82_111], ["2k", "10k", "40k", "82k (full)"], minor=False)
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: eight methods would hide the curves
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
