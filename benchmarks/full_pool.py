@@ -94,14 +94,16 @@ RECIPES: dict[str, tuple] = {
                                 {**BF16, "epochs": 1, "beta": 0.01, "kl_warmup_steps": 0, "head_refit_epochs": 300}, None),
     **{f"lora_full_2blocks_4ep_seed{s}": ("lora", AdapterConfig(last_blocks=2), None, {**BF16, "epochs": 1, "seed": s, "head_refit_epochs": 300}, None)
        for s in range(5)},
+    # one more two-block epoch from the shipped two-block BaLoRA (seven in all, the last two in two blocks)
+    "balora_full_2blocks_7ep": ("balora", None, None, {**BF16, "epochs": 1, "beta": 0.01, "kl_warmup_steps": 0, "head_refit_epochs": 300}, None),
 }
 #: run -> the prefix store it trains from (``full_pool_data.open_store`` keywords; default: CHGNet, last block)
 STORES = {"lora_2blocks_10k": {"block": 2}, "balora_2blocks_10k": {"block": 2}, "sevennet_balora_10k": {"backbone": "sevennet"},
           **{f"sevennet_lora_10k_seed{s}": {"backbone": "sevennet"} for s in range(5)},
-          "balora_full_2blocks_6ep": {"block": 2}, **{f"lora_full_2blocks_4ep_seed{s}": {"block": 2} for s in range(5)}}
+          "balora_full_2blocks_6ep": {"block": 2}, "balora_full_2blocks_7ep": {"block": 2}, **{f"lora_full_2blocks_4ep_seed{s}": {"block": 2} for s in range(5)}}
 #: run -> the finished run it warm-starts from (its weights, adapters and head; a fresh cosine schedule)
 WARM_STARTS = {"balora_full_3ep": "balora_full", "balora_full_5ep": "balora_full_3ep", **{f"lora_full_3ep_seed{s}": f"lora_full_seed{s}" for s in range(5)},
-               "balora_full_2blocks_6ep": "balora_full_5ep", **{f"lora_full_2blocks_4ep_seed{s}": f"lora_full_3ep_seed{s}" for s in range(5)}}
+               "balora_full_2blocks_6ep": "balora_full_5ep", "balora_full_2blocks_7ep": "balora_full_2blocks_6ep", **{f"lora_full_2blocks_4ep_seed{s}": f"lora_full_3ep_seed{s}" for s in range(5)}}
 
 _FORMULA = re.compile(r"formula=(\S+)")
 
@@ -129,9 +131,9 @@ def eval_data(store) -> PreparedData:
     )
 
 
-def train(name: str) -> Path:
+def train(name: str, threads: int = 1) -> Path:
     method, adapter, head, overrides, n_train = RECIPES[name]
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     pool = full_pool()
     # a subset run may start while the full-pool build is still running: it needs only its own shards
     where = STORES.get(name, {})
@@ -429,6 +431,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train")
     t.add_argument("names", nargs="+", choices=sorted(RECIPES))
+    t.add_argument("--threads", type=int, default=1, help="torch threads (1: two jobs share the two cores)")
     sub.add_parser("evaluate")
     c = sub.add_parser("claims")
     c.add_argument("balora", nargs="?", default="balora_full")
@@ -442,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.cmd == "train":
         for name in args.names:
-            train(name)
+            train(name, args.threads)
     elif args.cmd == "evaluate":
         evaluate()
     elif args.cmd == "claims":
