@@ -94,16 +94,18 @@ RECIPES: dict[str, tuple] = {
                                 {**BF16, "epochs": 1, "beta": 0.01, "kl_warmup_steps": 0, "head_refit_epochs": 300}, None),
     **{f"lora_full_2blocks_4ep_seed{s}": ("lora", AdapterConfig(last_blocks=2), None, {**BF16, "epochs": 1, "seed": s, "head_refit_epochs": 300}, None)
        for s in range(5)},
-    # one more two-block epoch from the shipped two-block BaLoRA (seven in all, the last two in two blocks)
-    "balora_full_2blocks_7ep": ("balora", None, None, {**BF16, "epochs": 1, "beta": 0.01, "kl_warmup_steps": 0, "head_refit_epochs": 300}, None),
+    # one more two-block epoch from the shipped two-block BaLoRA (seven in all, the last two in two blocks),
+    # and one more again (eight, the last three in two blocks)
+    **{f"balora_full_2blocks_{n}ep": ("balora", None, None, {**BF16, "epochs": 1, "beta": 0.01, "kl_warmup_steps": 0, "head_refit_epochs": 300}, None)
+       for n in (7, 8)},
 }
 #: run -> the prefix store it trains from (``full_pool_data.open_store`` keywords; default: CHGNet, last block)
 STORES = {"lora_2blocks_10k": {"block": 2}, "balora_2blocks_10k": {"block": 2}, "sevennet_balora_10k": {"backbone": "sevennet"},
           **{f"sevennet_lora_10k_seed{s}": {"backbone": "sevennet"} for s in range(5)},
-          "balora_full_2blocks_6ep": {"block": 2}, "balora_full_2blocks_7ep": {"block": 2}, **{f"lora_full_2blocks_4ep_seed{s}": {"block": 2} for s in range(5)}}
+          "balora_full_2blocks_6ep": {"block": 2}, "balora_full_2blocks_7ep": {"block": 2}, "balora_full_2blocks_8ep": {"block": 2}, **{f"lora_full_2blocks_4ep_seed{s}": {"block": 2} for s in range(5)}}
 #: run -> the finished run it warm-starts from (its weights, adapters and head; a fresh cosine schedule)
 WARM_STARTS = {"balora_full_3ep": "balora_full", "balora_full_5ep": "balora_full_3ep", **{f"lora_full_3ep_seed{s}": f"lora_full_seed{s}" for s in range(5)},
-               "balora_full_2blocks_6ep": "balora_full_5ep", "balora_full_2blocks_7ep": "balora_full_2blocks_6ep", **{f"lora_full_2blocks_4ep_seed{s}": f"lora_full_3ep_seed{s}" for s in range(5)}}
+               "balora_full_2blocks_6ep": "balora_full_5ep", "balora_full_2blocks_7ep": "balora_full_2blocks_6ep", "balora_full_2blocks_8ep": "balora_full_2blocks_7ep", **{f"lora_full_2blocks_4ep_seed{s}": f"lora_full_3ep_seed{s}" for s in range(5)}}
 
 _FORMULA = re.compile(r"formula=(\S+)")
 
