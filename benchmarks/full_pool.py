@@ -404,7 +404,10 @@ def claims(name: str = "balora_full", lora: str = "lora_full_seed0", sweep: tupl
 
     data = eval_data(open_store(allow_missing=True, **STORES.get(name, {})))
     y = data.targets[data.split.test]
-    pred = Predictor.load(RUNS / name)
+    folders = {n: finished_run(n) for n in (name, lora)}  # runs/full_pool/NAME or its shipped copy in models/
+    if folders[name] is None:
+        raise SystemExit(f"claims needs a finished {name} in {RUNS} (or its shipped copy in models/)")
+    pred = Predictor.load(folders[name])
     draws = pred.sample(data.part("test"), samples=max(sweep), seed=0)
     alea = np.sqrt(draws.aleatoric_var) if draws.aleatoric_var is not None else np.full(y.shape, np.nan)
     out: dict = {"run": name, "samples": {}}
@@ -420,7 +423,7 @@ def claims(name: str = "balora_full", lora: str = "lora_full_seed0", sweep: tupl
     aleatoric_only = metrics(draws.gaps.mean(0), alea, y)
     out["spearman_aleatoric_only"] = {"all": aleatoric_only["spearman"], "nonmetal": aleatoric_only["nonmetal_spearman"]}
     out["noise"] = noise_summary(pred.model)
-    cards = {n: json.loads((RUNS / n / "config.json").read_text()) for n in (name, lora) if (RUNS / n / "config.json").is_file()}
+    cards = {n: json.loads((f / "config.json").read_text()) for n, f in folders.items() if f is not None}
     out["parameters"] = {n: c["training"]["parameters"] for n, c in cards.items()}
     out["ms_per_crystal_epoch"] = {n: 1e3 * float(np.mean([h["seconds_per_structure"] for h in c["training"]["history"]])) for n, c in cards.items()}
     RESULTS.mkdir(parents=True, exist_ok=True)
