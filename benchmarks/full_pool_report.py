@@ -98,7 +98,9 @@ CURVE = {"lora": ["lora_curve_2k", "lora_curve_10k", "lora_curve_40k", "lora_ful
          "balora, 3 epochs": ["balora_full_3ep"],
          "balora, 5 epochs": ["balora_full_5ep"],
          "lora, 4 epochs (last in two blocks)": ["lora_full_2blocks_4ep_seed0"],
-         "balora, 6 epochs (last in two blocks)": ["balora_full_2blocks_6ep"]}
+         "balora, 6 epochs (last in two blocks)": ["balora_full_2blocks_6ep"],
+         "balora, 7 epochs (last two in two blocks)": ["balora_full_2blocks_7ep"],
+         "balora, 8 epochs (last three in two blocks)": ["balora_full_2blocks_8ep"]}
 
 
 def curve_points(results: dict, forest: dict) -> dict:
