@@ -129,7 +129,7 @@ class TrainConfig:
     max_loss: float = field(default=1e4, metadata={"help": "stop the run if the loss exceeds this or is NaN"})
     compute_dtype: ComputeDtype = field(
         default="float32",
-        metadata={"help": "dtype of the adapted blocks during training steps on cached frozen features (bfloat16: ~2x faster on CPUs with AMX/AVX512-BF16; adapters keep float32 weights, validation and prediction run in float32)"},
+        metadata={"help": "dtype of the adapted blocks during training steps on cached frozen features (bfloat16: ~2x faster on CPUs with AMX/AVX512-BF16, several times slower where bf16 is emulated, e.g. AVX2 only; adapters keep float32 weights, validation and prediction run in float32)"},
     )
 
     def __post_init__(self) -> None:

@@ -167,6 +167,25 @@ def test_bf16_training_from_the_store_learns_and_restores_float32_weights(tmp_pa
     assert out.gaps.shape == (4, 3) and out.aleatoric_var is not None and np.all(out.aleatoric_var > 0)
 
 
+@pytest.mark.parametrize("native, warned", [(False, True), (True, False), (None, False)])
+def test_bf16_training_warns_where_bf16_is_emulated(tmp_path, prefixed, monkeypatch, caplog, native, warned):
+    import matbalora.training as training
+
+    store = PrefixStore(build(tmp_path / "s", prefixed))
+    ids = sorted(store.kept)
+    monkeypatch.setattr(training, "native_bf16", lambda: native)
+    cfg = TrainConfig(method="balora", epochs=1, batch_size=4, compute_dtype="bfloat16")
+    with caplog.at_level("WARNING", logger=training.log.name):
+        fit(_fresh(), StoreBatches(store, ids), (store.prefix_graphs(ids[:2]), store.targets(ids[:2])), cfg, progress=False)
+    assert any("without native bf16" in r.getMessage() for r in caplog.records) == warned
+
+
+def test_native_bf16_answers_without_raising():
+    from matbalora.training import native_bf16
+
+    assert native_bf16() in (True, False, None)
+
+
 def test_mid_epoch_resume_equals_an_uninterrupted_run(tmp_path, prefixed, monkeypatch):
     store = PrefixStore(build(tmp_path / "s", prefixed))
     ids = sorted(store.kept)
