@@ -50,6 +50,8 @@ NLL_MEANMAX = HeadConfig(loss="nll", pooling="mean_max")
 L1NLL_MEANMAX = HeadConfig(loss="l1_nll", pooling="mean_max")
 BF16 = {"compute_dtype": "bfloat16"}
 SIZES = {"2k": 2000, "10k": 10_000, "40k": 40_000, "full": None}
+#: total epochs of the two-block BaLoRA warm restarts after the six-epoch one
+BALORA_2BLOCK_EPOCHS = range(7, 13)
 
 #: name -> (method, adapter, head, TrainConfig overrides, training crystals)
 RECIPES: dict[str, tuple] = {
@@ -94,18 +96,26 @@ RECIPES: dict[str, tuple] = {
                                 {**BF16, "epochs": 1, "beta": 0.01, "kl_warmup_steps": 0, "head_refit_epochs": 300}, None),
     **{f"lora_full_2blocks_4ep_seed{s}": ("lora", AdapterConfig(last_blocks=2), None, {**BF16, "epochs": 1, "seed": s, "head_refit_epochs": 300}, None)
        for s in range(5)},
-    # one more two-block epoch from the shipped two-block BaLoRA (seven in all, the last two in two blocks),
-    # and one more again (eight, the last three in two blocks)
-    **{f"balora_full_2blocks_{n}ep": ("balora", None, None, {**BF16, "epochs": 1, "beta": 0.01, "kl_warmup_steps": 0, "head_refit_epochs": 300}, None)
-       for n in (7, 8)},
+    # one more two-block epoch at a time from the six-epoch two-block BaLoRA (7 epochs: the last two in two
+    # blocks, 8: the last three, ...), each a warm restart of the one before; from the ninth on in float32:
+    # they ran on an AVX2 machine without native bf16, where bf16 steps are emulated (9.9 s per step of 32
+    # against 0.55 s on the machine with bf16 units that trained epochs 7-8)
+    **{f"balora_full_2blocks_{n}ep": ("balora", None, None, {**(BF16 if n <= 8 else {}), "epochs": 1, "beta": 0.01, "kl_warmup_steps": 0,
+                                                             "head_refit_epochs": 300}, None)
+       for n in BALORA_2BLOCK_EPOCHS},
+    # the ensemble members' fifth epoch (the second in two blocks), float32 as above
+    **{f"lora_full_2blocks_5ep_seed{s}": ("lora", None, None, {"epochs": 1, "seed": s, "head_refit_epochs": 300}, None) for s in range(5)},
 }
 #: run -> the prefix store it trains from (``full_pool_data.open_store`` keywords; default: CHGNet, last block)
 STORES = {"lora_2blocks_10k": {"block": 2}, "balora_2blocks_10k": {"block": 2}, "sevennet_balora_10k": {"backbone": "sevennet"},
           **{f"sevennet_lora_10k_seed{s}": {"backbone": "sevennet"} for s in range(5)},
-          "balora_full_2blocks_6ep": {"block": 2}, "balora_full_2blocks_7ep": {"block": 2}, "balora_full_2blocks_8ep": {"block": 2}, **{f"lora_full_2blocks_4ep_seed{s}": {"block": 2} for s in range(5)}}
+          "balora_full_2blocks_6ep": {"block": 2}, **{f"balora_full_2blocks_{n}ep": {"block": 2} for n in BALORA_2BLOCK_EPOCHS},
+          **{f"lora_full_2blocks_{n}ep_seed{s}": {"block": 2} for n in (4, 5) for s in range(5)}}
 #: run -> the finished run it warm-starts from (its weights, adapters and head; a fresh cosine schedule)
 WARM_STARTS = {"balora_full_3ep": "balora_full", "balora_full_5ep": "balora_full_3ep", **{f"lora_full_3ep_seed{s}": f"lora_full_seed{s}" for s in range(5)},
-               "balora_full_2blocks_6ep": "balora_full_5ep", "balora_full_2blocks_7ep": "balora_full_2blocks_6ep", "balora_full_2blocks_8ep": "balora_full_2blocks_7ep", **{f"lora_full_2blocks_4ep_seed{s}": f"lora_full_3ep_seed{s}" for s in range(5)}}
+               "balora_full_2blocks_6ep": "balora_full_5ep", **{f"balora_full_2blocks_{n}ep": f"balora_full_2blocks_{n - 1}ep" for n in BALORA_2BLOCK_EPOCHS},
+               **{f"lora_full_2blocks_4ep_seed{s}": f"lora_full_3ep_seed{s}" for s in range(5)},
+               **{f"lora_full_2blocks_5ep_seed{s}": f"lora_full_2blocks_4ep_seed{s}" for s in range(5)}}
 
 _FORMULA = re.compile(r"formula=(\S+)")
 
@@ -173,9 +183,17 @@ def finished_run(name: str) -> Path | None:
     for config in sorted((REPO / "models").glob("**/config.json")):
         card = json.loads(config.read_text())
         words = str(card.get("command", "")).split()
-        if "train" in words and name in words[words.index("train") + 1 :] and card.get("training", {}).get("config") == wanted:
+        training = card.get("training", {})
+        # one command may train warm restarts of one config (7ep then 8ep): the epochs behind it tell them apart
+        if ("train" in words and name in words[words.index("train") + 1 :] and training.get("config") == wanted
+                and training.get("total_epochs", training.get("epochs_run")) == total_epochs(name)):
             return config.parent
     return None
+
+
+def total_epochs(name: str) -> int:
+    """Epochs behind run ``name``: its own and those of the chain of runs it warm-starts from."""
+    return RECIPES[name][3].get("epochs", TrainConfig().epochs) + (total_epochs(WARM_STARTS[name]) if name in WARM_STARTS else 0)
 
 
 KEYS = ("mae", "rmse", "spearman", "nll", "coverage_90", "mean_interval_width_90", "auc_sparsification_error")
