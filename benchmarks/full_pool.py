@@ -5,6 +5,7 @@
     python benchmarks/full_pool.py train NAME [NAME ...]   # resumable: a killed run continues from its checkpoint
     # runs on another store (STORES) need it first, e.g. for sevennet_lora_10k_seed0:
     python benchmarks/full_pool_data.py cache --backbone sevennet --n-train 10000 --worker 0 --workers 2 &  # and --worker 1
+    python benchmarks/full_pool.py revar NAME [NAME ...]   # a finished run with separate variance MLPs (VARIANCE_REFITS)
     python benchmarks/full_pool.py evaluate                # benchmarks/results/full_pool/results.json
     python benchmarks/full_pool.py forest                  # Magpie random forest at the learning-curve sizes
     python benchmarks/full_pool.py ship BALORA ENSEMBLE_PREFIX   # copy into models/
@@ -116,6 +117,10 @@ WARM_STARTS = {"balora_full_3ep": "balora_full", "balora_full_5ep": "balora_full
                "balora_full_2blocks_6ep": "balora_full_5ep", **{f"balora_full_2blocks_{n}ep": f"balora_full_2blocks_{n - 1}ep" for n in BALORA_2BLOCK_EPOCHS},
                **{f"lora_full_2blocks_4ep_seed{s}": f"lora_full_3ep_seed{s}" for s in range(5)},
                **{f"lora_full_2blocks_5ep_seed{s}": f"lora_full_2blocks_4ep_seed{s}" for s in range(5)}}
+#: run -> the finished run whose head variance it replaces by five separate MLPs (``revar``:
+#: ``matbalora.finetune.refit_variance_of``, 100 epochs each on the head refit's 20,000 training crystals)
+VARIANCE_REFITS = {f"balora_full_2blocks_{n}ep_var5": f"balora_full_2blocks_{n}ep" for n in (8, *BALORA_2BLOCK_EPOCHS)}
+STORES |= {name: STORES[source] for name, source in VARIANCE_REFITS.items()}
 
 _FORMULA = re.compile(r"formula=(\S+)")
 
@@ -178,22 +183,52 @@ def finished_run(name: str) -> Path | None:
     train several runs; runs/ is not in git, so a fresh machine has only the shipped copies)."""
     if (RUNS / name / "config.json").is_file():
         return RUNS / name
+    if name in VARIANCE_REFITS:  # its shipped copy: a card written by ``revar NAME``
+        return next((c.parent for c in sorted((REPO / "models").glob("**/config.json"))
+                     if name in _words_after(json.loads(c.read_text()).get("command", ""), "revar")), None)
     method, _adapter, _head, overrides, _n = RECIPES[name]
     wanted = to_dict(replace(TrainConfig(method=method), **overrides))
     for config in sorted((REPO / "models").glob("**/config.json")):
         card = json.loads(config.read_text())
-        words = str(card.get("command", "")).split()
         training = card.get("training", {})
         # one command may train warm restarts of one config (7ep then 8ep): the epochs behind it tell them apart
-        if ("train" in words and name in words[words.index("train") + 1 :] and training.get("config") == wanted
+        if (name in _words_after(card.get("command", ""), "train") and training.get("config") == wanted and "variance_refit" not in training
                 and training.get("total_epochs", training.get("epochs_run")) == total_epochs(name)):
             return config.parent
     return None
 
 
+def _words_after(command: str, verb: str) -> list[str]:
+    """The words after ``verb`` in a card's command (``... full_pool.py train A B`` -> [A, B])."""
+    words = str(command).split()
+    return words[words.index(verb) + 1 :] if verb in words else []
+
+
 def total_epochs(name: str) -> int:
     """Epochs behind run ``name``: its own and those of the chain of runs it warm-starts from."""
     return RECIPES[name][3].get("epochs", TrainConfig().epochs) + (total_epochs(WARM_STARTS[name]) if name in WARM_STARTS else 0)
+
+
+def revar(name: str, threads: int = 1) -> Path:
+    """Run ``name`` of VARIANCE_REFITS: its source run with five separate variance MLPs (resumable in
+    the sense that a finished one is kept)."""
+    from matbalora.finetune import HEAD_REFIT_CRYSTALS, refit_variance_of
+
+    torch.set_num_threads(threads)
+    out = RUNS / name
+    if (out / "config.json").is_file():
+        print(f"{name}: finished already ({out})")
+        return out
+    source = finished_run(VARIANCE_REFITS[name])
+    if source is None:
+        raise SystemExit(f"{name}: needs the finished run {VARIANCE_REFITS[name]}; train it first")
+    store = open_store(allow_missing=True, **STORES[name])
+    train_ids = [i for i in full_pool().train if i in store.kept]
+    t0 = time.perf_counter()
+    refit_variance_of(source, out, data=eval_data(store), train_batches=StoreBatches(store, train_ids), members=5, epochs=100,
+                      crystals=HEAD_REFIT_CRYSTALS, samples=16)
+    print(f"{name}: {time.perf_counter() - t0:.0f} s -> {out}")
+    return out
 
 
 KEYS = ("mae", "rmse", "spearman", "nll", "coverage_90", "mean_interval_width_90", "auc_sparsification_error")
@@ -219,7 +254,7 @@ def evaluate() -> dict:
 
     results = {"protocol": __doc__.split("Protocol")[1].strip(), "runs": {}}
     earlier = json.loads((RESULTS / "results.json").read_text()).get("runs", {}) if (RESULTS / "results.json").is_file() else {}
-    for name in RECIPES:
+    for name in (*RECIPES, *VARIANCE_REFITS):
         folder = RUNS / name
         if not (folder / "config.json").is_file():
             if name in earlier:  # trained on another machine (runs/ is not in git): keep its committed scores
@@ -455,6 +490,9 @@ def main(argv: list[str] | None = None) -> None:
     t = sub.add_parser("train")
     t.add_argument("names", nargs="+", choices=sorted(RECIPES))
     t.add_argument("--threads", type=int, default=1, help="torch threads (1: two jobs share the two cores)")
+    v = sub.add_parser("revar", help="separate variance MLPs on a finished run (VARIANCE_REFITS)")
+    v.add_argument("names", nargs="+", choices=sorted(VARIANCE_REFITS))
+    v.add_argument("--threads", type=int, default=1)
     sub.add_parser("evaluate")
     c = sub.add_parser("claims")
     c.add_argument("balora", nargs="?", default="balora_full")
@@ -469,6 +507,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "train":
         for name in args.names:
             train(name, args.threads)
+    elif args.cmd == "revar":
+        for name in args.names:
+            revar(name, args.threads)
     elif args.cmd == "evaluate":
         evaluate()
     elif args.cmd == "claims":

@@ -14,6 +14,7 @@ Method = Literal["head", "lora", "balora", "full"]
 NoiseMode = Literal["per_crystal", "per_row"]
 HeadOutput = Literal["softplus", "gated"]
 TaskLoss = Literal["l1", "mse", "nll", "l1_nll"]
+VarianceHead = Literal["shared", "separate"]
 Pooling = Literal["mean", "mean_max"]
 ComputeDtype = Literal["float32", "bfloat16"]
 
@@ -97,11 +98,18 @@ class HeadConfig:
     dropout: float = field(default=0.0, metadata={"help": "dropout inside the head"})
     pooling: Pooling = field(default="mean", metadata={"help": "pooling of the final atom features: mean, or mean and max concatenated"})
     standardize: bool = field(default=False, metadata={"help": "z-score the pooled features with training-set statistics of the pretrained backbone (set once before training; for features that vary little across crystals, e.g. MOFs)"})
+    variance: VarianceHead = field(default="shared", metadata={"help": "with loss nll / l1_nll: shared (the log-variance is one more output of the gap MLP) or separate (variance_members MLPs of the same size on the pooled features, their variances averaged; see training.refit_variance)"})
+    variance_members: int = field(default=1, metadata={"help": "MLPs of a separate variance head"})
 
     def __post_init__(self) -> None:
         _choice("output", self.output, HeadOutput)
         _choice("loss", self.loss, TaskLoss)
         _choice("pooling", self.pooling, Pooling)
+        _choice("variance", self.variance, VarianceHead)
+        if not isinstance(self.variance_members, int) or self.variance_members < 1:
+            raise ValueError(f"variance_members={self.variance_members!r} must be an integer >= 1")
+        if self.variance == "separate" and self.loss not in ("nll", "l1_nll"):
+            raise ValueError(f"variance='separate' needs a loss that learns a variance (nll, l1_nll), not loss={self.loss!r}")
         if self.hidden < 1 or self.layers < 0:
             raise ValueError(f"hidden={self.hidden}, layers={self.layers}: need hidden >= 1, layers >= 0")
         if not 0.0 <= self.dropout < 1.0:

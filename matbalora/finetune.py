@@ -31,7 +31,7 @@ from matbalora.model import BandGapModel
 from matbalora.conformal import MondrianIntervals
 from matbalora.defaults import METAL_THRESHOLD
 from matbalora.predict import ENSEMBLE_FILE, EnsemblePredictor, Predictor, Prepared, summarize, to_frame
-from matbalora.training import ListBatches, fit, pooled_features_of, refit_head
+from matbalora.training import ListBatches, fit, pooled_features_of, refit_head, refit_variance
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +325,35 @@ def train_model(
     }
     save_model(model, out, extra=card)
     log.info("saved %s (test MAE %s)", out, metrics.get("test", {}).get("mae"))
+    return out
+
+
+def refit_variance_of(source: str | os.PathLike, out: str | os.PathLike, *, data: PreparedData, train_batches, members: int = 5,
+                      epochs: int = 100, crystals: int = HEAD_REFIT_CRYSTALS, samples: int = 16, seed: int = 0) -> Path:
+    """Model folder ``out``: the model of folder ``source`` with its head's variance replaced by
+    ``members`` separate MLPs (:meth:`BandGapHead.with_separate_variance`; the gap and the adapters
+    stay as they are) trained by :func:`~matbalora.training.refit_variance` on the pooled features of
+    ``crystals`` training crystals of ``train_batches`` (the seeded subset the head refit uses), then
+    recalibrated on ``data``'s validation part and scored on its test part. The card is ``source``'s
+    with the new calibration, metrics and command, and the refit under ``training.variance_refit``."""
+    out = Path(out)
+    model, card = load_model_folder(source)
+    t0 = time.perf_counter()
+    model.head = model.head.with_separate_variance(members)
+    model.head_config = model.head.config
+    batches = train_batches if not isinstance(train_batches, tuple) else ListBatches(*train_batches)
+    feats = pooled_features_of(model, batches, limit=crystals)
+    val = ([data.graphs[i] for i in data.split.val], torch.as_tensor(data.targets[data.split.val], dtype=torch.float32))
+    info = refit_variance(model.head, feats, (model.pooled_features(val[0]), val[1]), epochs=epochs, seed=seed)
+    info |= {"source": str(source), "seconds": time.perf_counter() - t0}
+    calibration, metrics = calibrate_and_score(Predictor(model), data, samples=samples if model.is_bayesian or model.has_dropout else 0)
+    kept = {k: v for k, v in card.items() if k not in ("format", "format_version", "backbone", "method", "adapter", "head", "weights")}
+    kept["training"] = {**kept.get("training", {}), "variance_refit": info}
+    save_model(model, out, extra={**kept, "calibration": calibration, "metrics": metrics, "command": _command()})
+    split = Path(source) / card.get("split_file", SPLIT_FILE)
+    if split.is_file():
+        (out / SPLIT_FILE).write_bytes(split.read_bytes())
+    log.info("saved %s (variance refit of %s; test MAE %s)", out, source, metrics.get("test", {}).get("mae"))
     return out
 
 

@@ -24,6 +24,8 @@ MAX_CONFIG_DEPTH = 32
 MAX_RANK = 256
 MAX_HEAD_HIDDEN = 2048
 MAX_HEAD_LAYERS = 16
+#: MLPs of a separate variance head (the shipped BaLoRA: 5).
+MAX_VARIANCE_MEMBERS = 64
 #: Blocks an adapter may be limited to (``last_blocks``; CHGNet has 4 or 5, SevenNet-0 5).
 MAX_LAST_BLOCKS = 64
 #: Strings and lists inside the adapter and head sections (target regexes).
@@ -106,6 +108,7 @@ def check_card(card: dict[str, Any]) -> None:
     head = _plain_section("head", card.get("head"))
     _integer("head.hidden", head.get("hidden"), 1, MAX_HEAD_HIDDEN)
     _integer("head.layers", head.get("layers"), 0, MAX_HEAD_LAYERS)
+    _integer("head.variance_members", head.get("variance_members", 1), 1, MAX_VARIANCE_MEMBERS)
     check_calibration(card.get("calibration"))
 
 

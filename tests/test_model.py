@@ -170,3 +170,49 @@ def test_l1_nll_head_trains_the_gap_by_l1_and_the_variance_by_nll():
     # the gap row of the output layer gets exactly L1's gradient: the NLL term sees a detached gap
     assert torch.allclose(g_gap["out.weight"][0], l1.out.weight.grad[0], atol=1e-6)
     assert g_gap["out.weight"][1].abs().sum() > 0  # the variance row learns from the NLL term
+
+
+def test_separate_variance_keeps_the_gap_and_averages_member_variances():
+    from matbalora.head import BandGapHead
+
+    torch.manual_seed(0)
+    shared = BandGapHead(8, HeadConfig(hidden=8, loss="l1_nll", output="gated")).eval()
+    separate = shared.with_separate_variance(3).eval()
+    feats = torch.randn(5, 8)
+    a, b = shared(feats), separate(feats)
+    assert separate.config.variance == "separate" and separate.config.variance_members == 3
+    assert torch.allclose(a["gap"], b["gap"], atol=1e-5) and torch.allclose(a["metal_logit"], b["metal_logit"], atol=1e-5)
+    with torch.no_grad():
+        for k, m in enumerate(separate.variance_members):  # members of log-variance 0, 1, 2 -> log of their mean variance
+            m[-1].weight.zero_()
+            m[-1].bias.fill_(float(k))
+    assert torch.allclose(separate(feats)["log_var"], torch.full((5,), float(np.log(np.mean(np.exp([0.0, 1.0, 2.0]))))), atol=1e-5)
+    with pytest.raises(ValueError, match="learns no variance"):
+        BandGapHead(8, HeadConfig(hidden=8, loss="l1")).with_separate_variance(2)
+    with pytest.raises(ValueError, match="variance='separate' needs"):
+        HeadConfig(loss="l1", variance="separate")
+    with pytest.raises(ValueError, match="variance_members=0"):
+        HeadConfig(loss="nll", variance="separate", variance_members=0)
+
+
+def test_refit_variance_learns_where_the_noise_is_and_leaves_the_gap():
+    from scipy.stats import spearmanr
+
+    from matbalora.head import BandGapHead
+    from matbalora.training import refit_variance
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 6, generator=gen) * 5 + 3  # not standardised: refit_variance standardises for its members
+    noise = 0.05 + 1.0 * torch.sigmoid((x[:, 0] - 3) / 2)  # eV: the noise grows with the first feature
+    torch.manual_seed(0)
+    head = BandGapHead(6, HeadConfig(hidden=16, loss="l1_nll")).with_separate_variance(2).eval()
+    before = head(x)["gap"].detach().clone()
+    y = before + noise * torch.randn(3000, generator=gen)  # gaps around the head's own: residuals are the noise
+    info = refit_variance(head, (x[:2500], y[:2500]), (x[2500:], y[2500:]), epochs=15)
+    assert info["members"] == 2 and len(info["val_nll_members"]) == 2 and np.isfinite(info["val_nll"])
+    assert torch.equal(head(x)["gap"], before)  # the gap is untouched
+    # on held-out rows the learned std follows the true noise
+    std = head(x[2500:])["log_var"].detach().exp().sqrt()
+    assert spearmanr(std, noise[2500:]).statistic > 0.7
+    with pytest.raises(ValueError, match="variance='separate'"):
+        refit_variance(BandGapHead(6, HeadConfig(hidden=4, loss="l1_nll")), (x, y), (x, y), epochs=1)

@@ -203,6 +203,7 @@ def test_non_finite_weights_are_refused_at_load(folder):
     ({"adapter__rank": 4e6}, "adapter.rank=4000000.0 must be an integer in [1, 256]"),  # before: 10 GB allocated
     ({"adapter__rank": 4_000_000}, "adapter.rank=4000000 must be an integer"),
     ({"head__hidden": 10**6}, "head.hidden=1000000 must be an integer in [1, 2048]"),
+    ({"head__variance_members": 10**6}, "head.variance_members=1000000 must be an integer in [1, 64]"),
     ({"calibration": {"std_scale": 1e-3}}, "calibration.std_scale=0.001 must be a finite number in [0.01, 1e+08]"),
     ({"calibration": {"std_scale": "wide"}}, "calibration.std_scale='wide'"),  # before: ValueError without the folder
     ({"calibration": {"std_scale": 2.0, "std_floor": -1}}, "calibration.std_floor=-1"),

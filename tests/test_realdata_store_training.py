@@ -69,3 +69,17 @@ def test_store_training_with_nll_head_and_refit(tmp_path):
     assert warm_card["training"]["history"][0]["train_loss"] < card["training"]["history"][0]["train_loss"]
     with pytest.raises(ValueError, match="cannot warm-start"):
         train_model(None, tmp_path / "bad", train=TrainConfig(method="lora", epochs=1), data=data, train_batches=StoreBatches(store, ids[:N_TRAIN]), init_from=out, progress=False)
+
+    # separate variance MLPs on the trained folder: the gap and adapters stay, the card says what was refit
+    from matbalora.finetune import refit_variance_of
+
+    var = refit_variance_of(out, tmp_path / "var", data=data, train_batches=StoreBatches(store, ids[:N_TRAIN]), members=2, epochs=5,
+                            crystals=N_TRAIN, samples=4)
+    var_card = json.loads((var / "config.json").read_text())
+    assert var_card["head"]["variance"] == "separate" and var_card["head"]["variance_members"] == 2
+    assert var_card["training"]["variance_refit"]["members"] == 2 and var_card["training"]["variance_refit"]["source"] == str(out)
+    assert var_card["training"]["history"] == card["training"]["history"] and (var / "split.json").is_file()
+    refit = matbalora.load_model(var)
+    a, b = model.predict(ds.structures[N_TRAIN : N_TRAIN + 4], samples=0), refit.predict(ds.structures[N_TRAIN : N_TRAIN + 4], samples=0)
+    assert np.allclose(a["band_gap"], b["band_gap"], atol=1e-4) and np.all(b["std_aleatoric"] > 0)
+    assert not np.allclose(a["std_aleatoric"], b["std_aleatoric"])
