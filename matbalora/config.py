@@ -130,7 +130,7 @@ class TrainConfig:
     warmup_steps: int = field(default=20, metadata={"help": "linear warm-up steps before cosine decay"})
     beta: float = field(default=1.0, metadata={"help": "KL weight in the ELBO (0: noise without prior)"})
     kl_warmup_steps: int = field(default=0, metadata={"help": "KL warm-up: the KL weight rises linearly from 0 to beta over this many steps"})
-    head_refit_epochs: int = field(default=0, metadata={"help": "after fine-tuning, train the head alone for up to this many epochs on the training crystals' pooled features (computed once, posterior mean), keeping the epoch with the lowest validation MAE"})
+    head_refit_epochs: int = field(default=0, metadata={"help": "after fine-tuning, train the head alone for up to this many epochs on the training crystals' pooled features (computed once, posterior mean), keeping the epoch with the lowest validation MAE; the members of a separate variance head are then trained on the refitted gap's residuals"})
     patience: int = field(default=3, metadata={"help": "early stopping: epochs without validation gain"})
     grad_clip: float = field(default=5.0, metadata={"help": "gradient norm clip"})
     seed: int = field(default=0, metadata={"help": "random seed (init, shuffling, noise)"})

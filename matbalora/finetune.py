@@ -40,6 +40,9 @@ SPLIT_FILE = "split.json"
 #: all 83,000 of the full pool took 12+ minutes on a loaded 2-core machine; 20,000 is 5x the 4,000 of the
 #: probe in issue 14 that first showed the head gain)
 HEAD_REFIT_CRYSTALS = 20_000
+#: epochs of each member of a separate variance head (``HeadConfig(variance="separate")``) after the
+#: head refit: validation ranking of non-metal errors rose until 60-120 epochs (benchmarks/variance_study.py)
+VARIANCE_REFIT_EPOCHS = 100
 
 
 def default_cache_dir() -> Path:
@@ -298,6 +301,8 @@ def train_model(
         val_feats = model.pooled_features([data.graphs[i] for i in data.split.val])
         val_y = torch.as_tensor(data.targets[data.split.val], dtype=torch.float32)
         head_refit = refit_head(model, feats, (val_feats, val_y), epochs=train.head_refit_epochs, seed=train.seed)
+        if model.head_config.variance == "separate":  # its members learn the refitted gap's residuals
+            head_refit["variance_refit"] = refit_variance(model.head, feats, (val_feats, val_y), epochs=VARIANCE_REFIT_EPOCHS, seed=train.seed)
         head_refit["seconds"] = time.perf_counter() - t1
     predictor = Predictor(model)
     calibration, metrics = calibrate_and_score(predictor, data, samples=samples if model.is_bayesian or model.has_dropout else 0)
@@ -329,7 +334,7 @@ def train_model(
 
 
 def refit_variance_of(source: str | os.PathLike, out: str | os.PathLike, *, data: PreparedData, train_batches, members: int = 5,
-                      epochs: int = 100, crystals: int = HEAD_REFIT_CRYSTALS, samples: int = 16, seed: int = 0) -> Path:
+                      epochs: int = VARIANCE_REFIT_EPOCHS, crystals: int = HEAD_REFIT_CRYSTALS, samples: int = 16, seed: int = 0) -> Path:
     """Model folder ``out``: the model of folder ``source`` with its head's variance replaced by
     ``members`` separate MLPs (:meth:`BandGapHead.with_separate_variance`; the gap and the adapters
     stay as they are) trained by :func:`~matbalora.training.refit_variance` on the pooled features of

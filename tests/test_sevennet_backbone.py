@@ -290,7 +290,8 @@ def test_prefix_store_holds_sevennet_prefixes(tiny_sevennet, tmp_path):
         Shard(store.shard_path(0))
 
 
-def test_training_from_a_sevennet_store_with_the_full_pool_recipe(tiny_sevennet, tmp_path):
+@pytest.mark.parametrize("variance", ["shared", "separate"])
+def test_training_from_a_sevennet_store_with_the_full_pool_recipe(tiny_sevennet, tmp_path, variance):
     """The full-pool recipe on SevenNet: BaLoRA with an L1 + NLL head and mean+max pooling trained from
     store batches, head refit on pooled features, recalibration, a model folder that reloads and
     predicts structures."""
@@ -315,11 +316,14 @@ def test_training_from_a_sevennet_store_with_the_full_pool_recipe(tiny_sevennet,
                         targets=store.targets(held), graphs=store.prefix_graphs(held), split=Split(np.zeros(0, np.int64), np.arange(2), np.arange(2, 4), kind="test"),
                         provenance={"source": "test"})
     cfg = TrainConfig(method="balora", epochs=2, batch_size=4, beta=0.01, kl_warmup_steps=2, head_refit_epochs=5)
-    out = train_model(None, tmp_path / "model", train=cfg, head=HeadConfig(hidden=8, loss="l1_nll", pooling="mean_max"), data=data,
+    head = HeadConfig(hidden=8, loss="l1_nll", pooling="mean_max", variance=variance, variance_members=2)
+    out = train_model(None, tmp_path / "model", train=cfg, head=head, data=data,
                       train_batches=StoreBatches(store, ids[:8]), samples=4, progress=False, backbone="sevennet", backbone_checkpoint=str(tiny_sevennet))
     card = json.loads((out / "config.json").read_text())
     assert card["backbone"]["name"] == "sevennet" and card["data"]["n_train"] == 8 and card["training"]["epochs_run"] == 2
     assert card["training"]["head_refit"]["val_mae_after"] <= card["training"]["head_refit"]["val_mae_before"]
+    # a separate variance head's members are trained on the refitted gap's residuals after the head refit
+    assert ("variance_refit" in card["training"]["head_refit"]) == (variance == "separate") and card["head"]["variance"] == variance
     df = matbalora.load_model(out).predict(structures[:2], samples=4)
     assert np.all(np.isfinite(df["band_gap"])) and np.all(df["std_aleatoric"] > 0) and np.all(df["std_epistemic"] > 0)
 
