@@ -119,7 +119,8 @@ WARM_STARTS = {"balora_full_3ep": "balora_full", "balora_full_5ep": "balora_full
                **{f"lora_full_2blocks_5ep_seed{s}": f"lora_full_2blocks_4ep_seed{s}" for s in range(5)}}
 #: run -> the finished run whose head variance it replaces by five separate MLPs (``revar``:
 #: ``matbalora.finetune.refit_variance_of``, 100 epochs each on the head refit's 20,000 training crystals)
-VARIANCE_REFITS = {f"balora_full_2blocks_{n}ep_var5": f"balora_full_2blocks_{n}ep" for n in (8, *BALORA_2BLOCK_EPOCHS)}
+VARIANCE_REFITS = {**{f"balora_full_2blocks_{n}ep_var5": f"balora_full_2blocks_{n}ep" for n in (8, *BALORA_2BLOCK_EPOCHS)},
+                   **{f"lora_full_2blocks_4ep_var5_seed{s}": f"lora_full_2blocks_4ep_seed{s}" for s in range(5)}}
 STORES |= {name: STORES[source] for name, source in VARIANCE_REFITS.items()}
 
 _FORMULA = re.compile(r"formula=(\S+)")
@@ -274,7 +275,7 @@ def evaluate() -> dict:
 
             results["runs"][name]["noise"] = noise_summary(Predictor.load(folder).model)
         print(name, json.dumps(results["runs"][name]["all"]), json.dumps(results["runs"][name]["nonmetal"]), flush=True)
-    prefixes = sorted({re.sub(r"_seed\d+$", "", n) for n in RECIPES if re.search(r"_seed\d+$", n)})
+    prefixes = sorted({re.sub(r"_seed\d+$", "", n) for n in (*RECIPES, *VARIANCE_REFITS) if re.search(r"_seed\d+$", n)})
     data: dict[str, PreparedData] = {}
     for prefix in prefixes:
         members = sorted(p for p in RUNS.glob(f"{prefix}_seed*") if (p / "config.json").is_file())
