@@ -353,7 +353,7 @@ def refit_variance_of(source: str | os.PathLike, out: str | os.PathLike, *, data
     info |= {"source": str(source), "seconds": time.perf_counter() - t0}
     calibration, metrics = calibrate_and_score(Predictor(model), data, samples=samples if model.is_bayesian or model.has_dropout else 0)
     kept = {k: v for k, v in card.items() if k not in ("format", "format_version", "backbone", "method", "adapter", "head", "weights")}
-    kept["training"] = {**kept.get("training", {}), "variance_refit": info}
+    kept["training"] = {**kept.get("training", {}), "variance_refit": info, "parameters": model.parameter_counts()}
     save_model(model, out, extra={**kept, "calibration": calibration, "metrics": metrics, "command": _command()})
     split = Path(source) / card.get("split_file", SPLIT_FILE)
     if split.is_file():

@@ -79,6 +79,7 @@ def test_store_training_with_nll_head_and_refit(tmp_path):
     assert var_card["head"]["variance"] == "separate" and var_card["head"]["variance_members"] == 2
     assert var_card["training"]["variance_refit"]["members"] == 2 and var_card["training"]["variance_refit"]["source"] == str(out)
     assert var_card["training"]["history"] == card["training"]["history"] and (var / "split.json").is_file()
+    assert var_card["training"]["parameters"]["trainable"] > card["training"]["parameters"]["trainable"]  # the members are counted
     refit = matbalora.load_model(var)
     a, b = model.predict(ds.structures[N_TRAIN : N_TRAIN + 4], samples=0), refit.predict(ds.structures[N_TRAIN : N_TRAIN + 4], samples=0)
     assert np.allclose(a["band_gap"], b["band_gap"], atol=1e-4) and np.all(b["std_aleatoric"] > 0)
