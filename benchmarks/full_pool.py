@@ -478,7 +478,7 @@ def claims(name: str = "balora_full", lora: str = "lora_full_seed0", sweep: tupl
     out["spearman_aleatoric_only"] = {"all": aleatoric_only["spearman"], "nonmetal": aleatoric_only["nonmetal_spearman"]}
     out["noise"] = noise_summary(pred.model)
     cards = {n: json.loads((f / "config.json").read_text()) for n, f in folders.items() if f is not None}
-    out["parameters"] = {n: c["training"]["parameters"] for n, c in cards.items()}
+    out["parameters"] = {n: Predictor.load(f).model.parameter_counts() for n, f in folders.items() if f is not None}  # as loaded, heads included
     out["ms_per_crystal_epoch"] = {n: 1e3 * float(np.mean([h["seconds_per_structure"] for h in c["training"]["history"]])) for n, c in cards.items()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / "claims.json", out)
