@@ -100,7 +100,8 @@ CURVE = {"lora": ["lora_curve_2k", "lora_curve_10k", "lora_curve_40k", "lora_ful
          "lora, 4 epochs (last in two blocks)": ["lora_full_2blocks_4ep_seed0"],
          "balora, 6 epochs (last in two blocks)": ["balora_full_2blocks_6ep"],
          "balora, 7 epochs (last two in two blocks)": ["balora_full_2blocks_7ep"],
-         "balora, 8 epochs (last three in two blocks)": ["balora_full_2blocks_8ep"]}
+         "balora, 8 epochs (last three in two blocks)": ["balora_full_2blocks_8ep"],
+         "balora, 9 epochs (last four in two blocks)": ["balora_full_2blocks_9ep"]}
 
 
 def curve_points(results: dict, forest: dict) -> dict:
@@ -127,7 +128,10 @@ def plot_curve(points: dict, path: Path) -> Path:
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(9.6, 4.2))
-    for (method, pts), color in zip(points.items(), ("C0", "C1", "C4", "C3", "C5", "C6", "C7", "C2")):
+    colors = plt.get_cmap("tab20").colors  # one per method: a shorter list would drop the last methods from the plot
+    if len(points) > len(colors):
+        raise ValueError(f"plot_curve: {len(points)} methods, {len(colors)} colours")
+    for (method, pts), color in zip(points.items(), colors):
         n, a, b = (np.array(v, float) for v in zip(*pts))
         ax.plot(n, a, "o-", color=color, label=f"{method}, all")
         ax.plot(n, b, "s--", color=color, alpha=0.7, label=f"{method}, non-metals")
