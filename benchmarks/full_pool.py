@@ -115,13 +115,15 @@ STORES = {"lora_2blocks_10k": {"block": 2}, "balora_2blocks_10k": {"block": 2}, 
 #: run -> the finished run it warm-starts from (its weights, adapters and head; a fresh cosine schedule)
 WARM_STARTS = {"balora_full_3ep": "balora_full", "balora_full_5ep": "balora_full_3ep", **{f"lora_full_3ep_seed{s}": f"lora_full_seed{s}" for s in range(5)},
                "balora_full_2blocks_6ep": "balora_full_5ep", **{f"balora_full_2blocks_{n}ep": f"balora_full_2blocks_{n - 1}ep" for n in BALORA_2BLOCK_EPOCHS},
-               # from the tenth epoch on, from the model with separate variance MLPs (its members train on, then refit)
-               **{f"balora_full_2blocks_{n}ep": f"balora_full_2blocks_{n - 1}ep_var5" for n in BALORA_2BLOCK_EPOCHS if n >= 10},
+               # not from the ``_var5`` models: warm-started from balora_full_2blocks_9ep_var5, the tenth epoch's
+               # loss jumped from ~0 to ~2.4 within 30 steps and stayed there (the sharp variance MLPs
+               # diverged in the warm-up; refit_variance continues from their weights); ``revar`` after
+               # each epoch instead
                **{f"lora_full_2blocks_4ep_seed{s}": f"lora_full_3ep_seed{s}" for s in range(5)},
                **{f"lora_full_2blocks_5ep_seed{s}": f"lora_full_2blocks_4ep_seed{s}" for s in range(5)}}
 #: run -> the finished run whose head variance it replaces by five separate MLPs (``revar``:
 #: ``matbalora.finetune.refit_variance_of``, 100 epochs each on the head refit's 20,000 training crystals)
-VARIANCE_REFITS = {**{f"balora_full_2blocks_{n}ep_var5": f"balora_full_2blocks_{n}ep" for n in (8, 9)},
+VARIANCE_REFITS = {**{f"balora_full_2blocks_{n}ep_var5": f"balora_full_2blocks_{n}ep" for n in BALORA_2BLOCK_EPOCHS if n >= 8},
                    **{f"lora_full_2blocks_4ep_var5_seed{s}": f"lora_full_2blocks_4ep_seed{s}" for s in range(5)}}
 STORES |= {name: STORES[source] for name, source in VARIANCE_REFITS.items()}
 
