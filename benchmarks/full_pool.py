@@ -117,8 +117,7 @@ WARM_STARTS = {"balora_full_3ep": "balora_full", "balora_full_5ep": "balora_full
                "balora_full_2blocks_6ep": "balora_full_5ep", **{f"balora_full_2blocks_{n}ep": f"balora_full_2blocks_{n - 1}ep" for n in BALORA_2BLOCK_EPOCHS},
                # not from the ``_var5`` models: warm-started from balora_full_2blocks_9ep_var5, the tenth epoch's
                # loss jumped from ~0 to ~2.4 within 30 steps and stayed there (the sharp variance MLPs
-               # diverged in the warm-up; refit_variance continues from their weights); ``revar`` after
-               # each epoch instead
+               # diverged in the warm-up, and their gradient reaches the adapters); ``revar`` after each epoch
                **{f"lora_full_2blocks_4ep_seed{s}": f"lora_full_3ep_seed{s}" for s in range(5)},
                **{f"lora_full_2blocks_5ep_seed{s}": f"lora_full_2blocks_4ep_seed{s}" for s in range(5)}}
 #: run -> the finished run whose head variance it replaces by five separate MLPs (``revar``:
@@ -219,7 +218,7 @@ def total_epochs(name: str) -> int:
 def revar(name: str, threads: int = 1) -> Path:
     """Run ``name`` of VARIANCE_REFITS: its source run with five separate variance MLPs (resumable in
     the sense that a finished one is kept)."""
-    from matbalora.finetune import HEAD_REFIT_CRYSTALS, refit_variance_of
+    from matbalora.finetune import refit_variance_of
 
     torch.set_num_threads(threads)
     out = RUNS / name
@@ -232,8 +231,7 @@ def revar(name: str, threads: int = 1) -> Path:
     store = open_store(allow_missing=True, **STORES[name])
     train_ids = [i for i in full_pool().train if i in store.kept]
     t0 = time.perf_counter()
-    refit_variance_of(source, out, data=eval_data(store), train_batches=StoreBatches(store, train_ids), members=5, epochs=100,
-                      crystals=HEAD_REFIT_CRYSTALS, samples=16)
+    refit_variance_of(source, out, data=eval_data(store), train_batches=StoreBatches(store, train_ids))  # its defaults: 5 x 100 epochs, 20,000 crystals
     print(f"{name}: {time.perf_counter() - t0:.0f} s -> {out}")
     return out
 
@@ -484,7 +482,9 @@ def claims(name: str = "balora_full", lora: str = "lora_full_seed0", sweep: tupl
     out["spearman_aleatoric_only"] = {"all": aleatoric_only["spearman"], "nonmetal": aleatoric_only["nonmetal_spearman"]}
     out["noise"] = noise_summary(pred.model)
     cards = {n: json.loads((f / "config.json").read_text()) for n, f in folders.items() if f is not None}
-    out["parameters"] = {n: Predictor.load(f).model.parameter_counts() for n, f in folders.items() if f is not None}  # as loaded, heads included
+    out["parameters"] = {name: pred.model.parameter_counts()}  # as loaded, heads included
+    if folders[lora] is not None:
+        out["parameters"][lora] = Predictor.load(folders[lora]).model.parameter_counts()
     out["ms_per_crystal_epoch"] = {n: 1e3 * float(np.mean([h["seconds_per_structure"] for h in c["training"]["history"]])) for n, c in cards.items()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / "claims.json", out)

@@ -1,7 +1,7 @@
 """Where should the aleatoric variance be learned? (issue 14, the non-metal ranking target)
 
-    python benchmarks/variance_study.py features models/balora   # pooled features, resumable (runs/full_pool/features/)
-    python benchmarks/variance_study.py study models/balora      # benchmarks/results/full_pool/variance_study.json
+    python benchmarks/variance_study.py features MODEL_FOLDER   # pooled features, resumable (runs/full_pool/features/, keyed by the weights)
+    python benchmarks/variance_study.py study MODEL_FOLDER      # benchmarks/results/full_pool/variance_study_<folder>.json
 
 The shipped heads learn their variance from the residuals of *training* crystals, which the adapted
 backbone and the head have fitted for several epochs; a crystal's training residual then says less
@@ -36,6 +36,7 @@ on the non-metals apart (recalibration by scale and floor does not change a rank
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -63,7 +64,10 @@ CHUNK, DRAWS, FOLDS = 8192, 16, 5
 
 
 def feature_dir(model: str) -> Path:
-    return RUNS / "features" / model.strip("/").replace("/", "_")
+    """Where ``features`` writes a model folder's features: keyed by its path and its weights (a folder
+    such as models/balora is replaced when a new model ships; its old features must not be reused)."""
+    weights = hashlib.sha256((Path(model) / "model.safetensors").read_bytes()).hexdigest()[:12]
+    return RUNS / "features" / f"{model.strip('/').replace('/', '_')}_{weights}"
 
 
 def _store_of(predictor: Predictor):
@@ -237,7 +241,7 @@ def study(model: str) -> dict:
     alea = np.sqrt(out["log_var"].double().exp().mean(0).numpy())
     xv_mean = draws[:, val].mean(0)  # validation features for early stopping (mean of the draws)
     rv = torch.as_tensor(yall[val] - mean[val], dtype=torch.float32)
-    report = {"model": model, "n_train": len(y), "draws": DRAWS,
+    report = {"model": model, "features": feature_dir(model).name, "n_train": len(y), "draws": DRAWS,
               "train_mae_of_head": float((train_gap - y).abs().mean()), "val_mae": float(np.abs(mean[val] - yall[val]).mean()),
               "variants": {}}
 

@@ -86,9 +86,7 @@ class BandGapHead(nn.Module):
     def forward(self, feats: Tensor) -> dict[str, Tensor]:
         """feats [..., in_dim] -> dict of tensors [...]: ``gap`` (eV) and optional
         ``metal_logit`` and ``log_var`` (eV^2)."""
-        raw = feats
-        if self.config.standardize:
-            feats = (feats + self.input_shift) * self.input_scale
+        feats = self.standardized(feats)
         z = self.out(self.body(feats))
         out: dict[str, Tensor] = {}
         col = 1
@@ -99,21 +97,26 @@ class BandGapHead(nn.Module):
             positive = positive * torch.sigmoid(-out["metal_logit"])
         out["gap"] = positive
         if self.has_variance and self.config.variance == "separate":  # log of the members' mean variance
-            out["log_var"] = torch.logsumexp(self.member_log_vars(raw), 0) - math.log(len(self.variance_members))
+            out["log_var"] = torch.logsumexp(self._member_log_vars_of(feats), 0) - math.log(len(self.variance_members))
         elif self.has_variance:
             out["log_var"] = z[..., col].clamp(*LOG_VAR_RANGE)
         return out
 
+    def standardized(self, feats: Tensor) -> Tensor:
+        """The head's input [..., in_dim] as its MLPs see it: z-scored with ``standardize``, else as is."""
+        return (feats + self.input_shift) * self.input_scale if self.config.standardize else feats
+
     def variance_input(self, feats: Tensor) -> Tensor:
         """What a separate variance head's members see: the head's input [..., in_dim] standardised."""
-        if self.config.standardize:
-            feats = (feats + self.input_shift) * self.input_scale
-        return (feats + self.variance_shift) * self.variance_scale
+        return (self.standardized(feats) + self.variance_shift) * self.variance_scale
 
     def member_log_vars(self, feats: Tensor) -> Tensor:
         """Log-variances [members, ...] (eV^2) of a separate variance head's members; ``feats``: the
         head's input [..., in_dim]."""
-        z = self.variance_input(feats)
+        return self._member_log_vars_of(self.standardized(feats))
+
+    def _member_log_vars_of(self, standardized: Tensor) -> Tensor:
+        z = (standardized + self.variance_shift) * self.variance_scale
         return torch.stack([member_log_var(m, z) for m in self.variance_members])
 
     def with_separate_variance(self, members: int) -> BandGapHead:

@@ -297,8 +297,10 @@ def pooled_features_of(model: BandGapModel, batches, *, batch_size: int = 128, l
 def refit_variance(head: BandGapHead, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], *, epochs: int,
                    lr: float = 1e-3, batch_size: int = 512, weight_decay: float = 1e-4, seed: int = 0) -> dict:
     """Train the members of a separate variance head (``HeadConfig(variance="separate")``) on fixed
-    pooled features [n, d] and gaps [n] eV: each member on its own shuffles, by the Gaussian NLL of
-    the head's gap residuals on ``train``, for ``epochs`` epochs; the gap is left as it is.
+    pooled features [n, d] and gaps [n] eV: each member from a fresh seeded initialisation (a warm-started
+    fine-tune can leave them diverged: a tenth full-pool epoch from a model with separate members sat
+    at a training loss of ~2.4 instead of ~0.7), on its own shuffles, by the Gaussian NLL of the head's
+    gap residuals on ``train``, for ``epochs`` epochs; the gap is left as it is.
 
     In-sample residuals: the full-pool models fit training and unseen crystals about equally (head
     MAE 0.256 vs 0.267 eV), and out-of-fold residuals ranked no better. No early stop: the epoch of
@@ -312,7 +314,7 @@ def refit_variance(head: BandGapHead, train: tuple[torch.Tensor, torch.Tensor], 
     head.eval()
     with torch.no_grad():
         r, rv = y - head(x)["gap"], yv - head(xv)["gap"]
-        raw = (x + head.input_shift) * head.input_scale if head.config.standardize else x
+        raw = head.standardized(x)
         head.variance_shift.copy_(-raw.mean(0))
         head.variance_scale.copy_(1.0 / raw.std(0).clamp_min(1e-6))
         z, zv = head.variance_input(x), head.variance_input(xv)
@@ -322,6 +324,11 @@ def refit_variance(head: BandGapHead, train: tuple[torch.Tensor, torch.Tensor], 
 
     val_nll = []
     for k, member in enumerate(head.variance_members):
+        with torch.random.fork_rng(devices=[]):  # fresh members: what earlier training did to them does not carry over
+            torch.manual_seed(seed + k)
+            for layer in member.modules():
+                if isinstance(layer, torch.nn.Linear):
+                    layer.reset_parameters()
         opt = torch.optim.AdamW(member.parameters(), lr=lr, weight_decay=weight_decay)
         gen = torch.Generator().manual_seed(seed + k)
         member.train()

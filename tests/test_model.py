@@ -3,6 +3,8 @@ invariances."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -216,3 +218,20 @@ def test_refit_variance_learns_where_the_noise_is_and_leaves_the_gap():
     assert spearmanr(std, noise[2500:]).statistic > 0.7
     with pytest.raises(ValueError, match="variance='separate'"):
         refit_variance(BandGapHead(6, HeadConfig(hidden=4, loss="l1_nll")), (x, y), (x, y), epochs=1)
+
+
+def test_refit_variance_starts_from_fresh_members_whatever_training_did_to_them():
+    from matbalora.head import BandGapHead
+    from matbalora.training import refit_variance
+
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(400, 6, generator=gen), torch.rand(400, generator=gen) * 3
+    torch.manual_seed(0)
+    head = BandGapHead(6, HeadConfig(hidden=8, loss="l1_nll")).with_separate_variance(2).eval()
+    diverged = copy.deepcopy(head)
+    with torch.no_grad():  # as a fine-tune with a high learning rate can leave them
+        for p in diverged.variance_members.parameters():
+            p.fill_(50.0)
+    refit_variance(head, (x[:300], y[:300]), (x[300:], y[300:]), epochs=3, seed=4)
+    refit_variance(diverged, (x[:300], y[:300]), (x[300:], y[300:]), epochs=3, seed=4)
+    assert torch.equal(head(x)["log_var"], diverged(x)["log_var"])
