@@ -223,8 +223,8 @@ def total_epochs(name: str) -> int:
 
 
 def revar(name: str, threads: int = 1) -> Path:
-    """Run ``name`` of VARIANCE_REFITS: its source run with five separate variance MLPs (resumable in
-    the sense that a finished one is kept)."""
+    """Run ``name`` of VARIANCE_REFITS: its source run with five separate variance MLPs (a finished one
+    is kept; a killed one resumes its pass over the training crystals from ``runs/full_pool/.NAME.pooled.pt``)."""
     from matbalora.finetune import refit_variance_of
 
     torch.set_num_threads(threads)

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from matbalora.atomic import write_json
+from matbalora.atomic import sha256_file, write_json
 from matbalora.backbones import DEFAULT_BACKBONE
 from matbalora.calibration import StdScaler, fit_recalibration
-from matbalora.checkpoint import load_model_folder, save_model, with_adapters
+from matbalora.checkpoint import WEIGHTS, load_model_folder, save_model, with_adapters
 from matbalora.config import AdapterConfig, HeadConfig, TrainConfig, to_dict
 from matbalora.data.readers import load_dataset
 from matbalora.data.splits import Split, grouped_split, random_split
@@ -347,7 +347,9 @@ def refit_variance_of(source: str | os.PathLike, out: str | os.PathLike, *, data
     model.head = model.head.with_separate_variance(members)
     model.head_config = model.head.config
     batches = train_batches if not isinstance(train_batches, tuple) else ListBatches(*train_batches)
-    feats = pooled_features_of(model, batches, limit=crystals)
+    # resumable: a pass over the whole pool is ~1 h on one core; keyed by the source's weights
+    feats = pooled_features_of(model, batches, limit=crystals, checkpoint=out.parent / f".{out.name}.pooled.pt",
+                               key=sha256_file(Path(source) / WEIGHTS))
     val = ([data.graphs[i] for i in data.split.val], torch.as_tensor(data.targets[data.split.val], dtype=torch.float32))
     info = refit_variance(model.head, feats, (model.pooled_features(val[0]), val[1]), epochs=epochs, seed=seed)
     info |= {"source": str(source), "seconds": time.perf_counter() - t0}

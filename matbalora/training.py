@@ -275,22 +275,41 @@ def native_bf16() -> bool | None:
 
 
 @torch.no_grad()
-def pooled_features_of(model: BandGapModel, batches, *, batch_size: int = 128, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pooled_features_of(model: BandGapModel, batches, *, batch_size: int = 128, limit: int | None = None,
+                       checkpoint: str | os.PathLike | None = None, key: str = "", save_every_s: float = 300.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The head's inputs [n, d] (deterministic: posterior mean, no dropout) and targets [n] eV of the
     crystals of a batch source (:class:`ListBatches` or ``StoreBatches``), in one pass; ``limit``: stop
-    after about this many (a seeded random choice of batches)."""
+    after about this many (a seeded random choice of batches).
+
+    ``checkpoint``: a file that the features computed so far are written to (atomically, every
+    ``save_every_s`` seconds) and resumed from, so that a killed pass over the whole pool (~1 h on one
+    core) continues where it stopped; it is used only if its ``key`` (say, the weights' sha256) and
+    ``batch_size`` match, and deleted once the pass is done."""
     was_training = model.training
     model.train(False)
     feats, ys = [], []
+    meta = {"key": key, "batch_size": batch_size, "limit": limit}
+    path = Path(checkpoint) if checkpoint is not None else None
+    if path is not None and path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("meta") == meta:
+            feats, ys = list(saved["feats"]), list(saved["ys"])
+            log.info("pooled features: resuming after %d batches from %s", len(feats), path)
+    last_save = time.perf_counter()
     try:
         with model.context.sampling("mean"):
-            for batch, y in batches.epoch(batch_size, torch.Generator().manual_seed(0)):
-                feats.append(model.family.crystal_features(model.backbone, batch, samples=1, context=model.context, pooling=model.head_config.pooling)[0])
-                ys.append(y)
+            for batch, y in batches.epoch(batch_size, torch.Generator().manual_seed(0), skip=len(feats)):
                 if limit is not None and sum(len(v) for v in ys) >= limit:
                     break
+                feats.append(model.family.crystal_features(model.backbone, batch, samples=1, context=model.context, pooling=model.head_config.pooling)[0])
+                ys.append(y)
+                if path is not None and time.perf_counter() - last_save > save_every_s:
+                    atomic_write(path, lambda tmp: torch.save({"meta": meta, "feats": feats, "ys": ys}, tmp))
+                    last_save = time.perf_counter()
     finally:
         model.train(was_training)
+    if path is not None:
+        path.unlink(missing_ok=True)
     return torch.cat(feats), torch.cat(ys)
 
 

@@ -244,3 +244,48 @@ def test_head_refit_on_pooled_features_never_loses_validation_mae(tmp_path, pref
     assert out["val_mae_after"] < out["val_mae_before"]  # a fresh head fitted to its own crystals improves
     with torch.no_grad():
         assert float((model.head(feats[:3])["gap"] - y[:3]).abs().mean()) == pytest.approx(out["val_mae_after"], rel=1e-5)
+
+
+def test_pooled_features_resume_after_a_kill_and_ignore_another_models_checkpoint(tmp_path, prefixed):
+    from matbalora.training import pooled_features_of
+
+    store = PrefixStore(build(tmp_path / "s", prefixed))
+    ids = sorted(store.kept)
+    model = _fresh(method="lora")
+    want, want_y = pooled_features_of(model, StoreBatches(store, ids), batch_size=2)
+    ckpt = tmp_path / "pooled.pt"
+    real = model.family.crystal_features
+    calls = []
+
+    def dies_on_the_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    model.family.crystal_features = dies_on_the_third_batch
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pooled_features_of(model, StoreBatches(store, ids), batch_size=2, checkpoint=ckpt, key="w1", save_every_s=0)
+    finally:
+        model.family.crystal_features = real
+    assert ckpt.is_file()
+    assert len(torch.load(ckpt, weights_only=True)["feats"]) == 2  # the two batches done before the kill
+    counted = []
+
+    def counting(*args, **kwargs):
+        counted.append(1)
+        return real(*args, **kwargs)
+
+    model.family.crystal_features = counting
+    try:
+        got, got_y = pooled_features_of(model, StoreBatches(store, ids), batch_size=2, checkpoint=ckpt, key="w1", save_every_s=0)
+    finally:
+        model.family.crystal_features = real
+    assert len(counted) == 2 and not ckpt.exists()  # 7 crystals in batches of 2: 4 batches, 2 of them resumed
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_y, want_y)
+    # a checkpoint written for other weights (another key) is not used
+    torch.save({"meta": {"key": "other", "batch_size": 2, "limit": None}, "feats": [torch.zeros(2, got.shape[1])], "ys": [torch.zeros(2)]}, ckpt)
+    again, _ = pooled_features_of(model, StoreBatches(store, ids), batch_size=2, checkpoint=ckpt, key="w1")
+    torch.testing.assert_close(again, want)
