@@ -225,7 +225,7 @@ def total_epochs(name: str) -> int:
 def revar(name: str, threads: int = 1) -> Path:
     """Run ``name`` of VARIANCE_REFITS: its source run with five separate variance MLPs (a finished one
     is kept; a killed one resumes its pass over the training crystals from ``runs/full_pool/.NAME.pooled.pt``)."""
-    from matbalora.finetune import refit_variance_of
+    from matbalora.finetune import HEAD_REFIT_CRYSTALS, refit_variance_of
 
     torch.set_num_threads(threads)
     out = RUNS / name
@@ -238,8 +238,8 @@ def revar(name: str, threads: int = 1) -> Path:
     store = open_store(allow_missing=True, **STORES[name])
     train_ids = [i for i in full_pool().train if i in store.kept]
     t0 = time.perf_counter()
-    crystals = {"crystals": VARIANCE_REFIT_CRYSTALS[name] or len(train_ids)} if name in VARIANCE_REFIT_CRYSTALS else {}
-    refit_variance_of(source, out, data=eval_data(store), train_batches=StoreBatches(store, train_ids), **crystals)  # else its defaults: 5 x 100 epochs, 20,000 crystals
+    crystals = VARIANCE_REFIT_CRYSTALS.get(name, HEAD_REFIT_CRYSTALS) or len(train_ids)
+    refit_variance_of(source, out, data=eval_data(store), train_batches=StoreBatches(store, train_ids), crystals=crystals)  # 5 members x 100 epochs
     print(f"{name}: {time.perf_counter() - t0:.0f} s -> {out}")
     return out
 

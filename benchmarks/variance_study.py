@@ -36,7 +36,6 @@ on the non-metals apart (recalibration by scale and floor does not change a rank
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -52,7 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from full_pool import RESULTS, RUNS, eval_data  # noqa: E402
 from full_pool_data import full_pool, open_store  # noqa: E402
 
-from matbalora.atomic import atomic_write, write_json  # noqa: E402
+from matbalora.atomic import atomic_write, sha256_file, write_json  # noqa: E402
+from matbalora.checkpoint import WEIGHTS  # noqa: E402
 from matbalora.backbones.prefix_store import StoreBatches  # noqa: E402
 from matbalora.head import LOG_VAR_RANGE  # noqa: E402
 from matbalora.metrics import evaluate  # noqa: E402
@@ -66,7 +66,7 @@ CHUNK, DRAWS, FOLDS = 8192, 16, 5
 def feature_dir(model: str) -> Path:
     """Where ``features`` writes a model folder's features: keyed by its path and its weights (a folder
     such as models/balora is replaced when a new model ships; its old features must not be reused)."""
-    weights = hashlib.sha256((Path(model) / "model.safetensors").read_bytes()).hexdigest()[:12]
+    weights = sha256_file(Path(model) / WEIGHTS)[:12]
     return RUNS / "features" / f"{model.strip('/').replace('/', '_')}_{weights}"
 
 

@@ -108,7 +108,10 @@ class BandGapHead(nn.Module):
 
     def variance_input(self, feats: Tensor) -> Tensor:
         """What a separate variance head's members see: the head's input [..., in_dim] standardised."""
-        return (self.standardized(feats) + self.variance_shift) * self.variance_scale
+        return self._variance_z(self.standardized(feats))
+
+    def _variance_z(self, standardized: Tensor) -> Tensor:
+        return (standardized + self.variance_shift) * self.variance_scale
 
     def member_log_vars(self, feats: Tensor) -> Tensor:
         """Log-variances [members, ...] (eV^2) of a separate variance head's members; ``feats``: the
@@ -116,7 +119,7 @@ class BandGapHead(nn.Module):
         return self._member_log_vars_of(self.standardized(feats))
 
     def _member_log_vars_of(self, standardized: Tensor) -> Tensor:
-        z = (standardized + self.variance_shift) * self.variance_scale
+        z = self._variance_z(standardized)
         return torch.stack([member_log_var(m, z) for m in self.variance_members])
 
     def with_separate_variance(self, members: int) -> BandGapHead:

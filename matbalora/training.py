@@ -287,22 +287,24 @@ def pooled_features_of(model: BandGapModel, batches, *, batch_size: int = 128, l
     ``batch_size`` match, and deleted once the pass is done."""
     was_training = model.training
     model.train(False)
-    feats, ys = [], []
+    feats, ys, n = [], [], 0
     meta = {"key": key, "batch_size": batch_size, "limit": limit}
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("meta") == meta:
             feats, ys = list(saved["feats"]), list(saved["ys"])
+            n = sum(len(v) for v in ys)
             log.info("pooled features: resuming after %d batches from %s", len(feats), path)
     last_save = time.perf_counter()
     try:
         with model.context.sampling("mean"):
             for batch, y in batches.epoch(batch_size, torch.Generator().manual_seed(0), skip=len(feats)):
-                if limit is not None and sum(len(v) for v in ys) >= limit:
+                if limit is not None and n >= limit:
                     break
                 feats.append(model.family.crystal_features(model.backbone, batch, samples=1, context=model.context, pooling=model.head_config.pooling)[0])
                 ys.append(y)
+                n += len(y)
                 if path is not None and time.perf_counter() - last_save > save_every_s:
                     atomic_write(path, lambda tmp: torch.save({"meta": meta, "feats": feats, "ys": ys}, tmp))
                     last_save = time.perf_counter()
