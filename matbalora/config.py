@@ -98,8 +98,10 @@ class HeadConfig:
     dropout: float = field(default=0.0, metadata={"help": "dropout inside the head"})
     pooling: Pooling = field(default="mean", metadata={"help": "pooling of the final atom features: mean, or mean and max concatenated"})
     standardize: bool = field(default=False, metadata={"help": "z-score the pooled features with training-set statistics of the pretrained backbone (set once before training; for features that vary little across crystals, e.g. MOFs)"})
-    variance: VarianceHead = field(default="shared", metadata={"help": "with loss nll / l1_nll: shared (the log-variance is one more output of the gap MLP) or separate (variance_members MLPs of the same size on the pooled features, their variances averaged; see training.refit_variance)"})
+    variance: VarianceHead = field(default="shared", metadata={"help": "with loss nll / l1_nll: shared (the log-variance is one more output of the gap MLP) or separate (variance_members MLPs on the pooled features, of the gap MLP's size unless variance_hidden / variance_layers say otherwise, their variances averaged; see training.refit_variance)"})
     variance_members: int = field(default=1, metadata={"help": "MLPs of a separate variance head"})
+    variance_hidden: int = field(default=0, metadata={"help": "hidden width of each separate variance MLP (0: the gap MLP's hidden)"})
+    variance_layers: int = field(default=-1, metadata={"help": "hidden layers of each separate variance MLP (-1: the gap MLP's layers)"})
 
     def __post_init__(self) -> None:
         _choice("output", self.output, HeadOutput)
@@ -112,6 +114,9 @@ class HeadConfig:
             raise ValueError(f"variance='separate' needs a loss that learns a variance (nll, l1_nll), not loss={self.loss!r}")
         if self.hidden < 1 or self.layers < 0:
             raise ValueError(f"hidden={self.hidden}, layers={self.layers}: need hidden >= 1, layers >= 0")
+        if self.variance_hidden < 0 or self.variance_layers < -1:
+            raise ValueError(f"variance_hidden={self.variance_hidden}, variance_layers={self.variance_layers}: need variance_hidden >= 0 "
+                             "(0: hidden), variance_layers >= -1 (-1: layers)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
 

@@ -26,6 +26,7 @@ from matbalora.checkpoint import WEIGHTS, load_model_folder, save_model, with_ad
 from matbalora.config import AdapterConfig, HeadConfig, TrainConfig, to_dict
 from matbalora.data.readers import load_dataset
 from matbalora.data.splits import Split, grouped_split, random_split
+from matbalora.head import BandGapHead
 from matbalora.metrics import evaluate
 from matbalora.model import BandGapModel
 from matbalora.conformal import MondrianIntervals
@@ -346,21 +347,67 @@ def refit_variance_of(source: str | os.PathLike, out: str | os.PathLike, *, data
     t0 = time.perf_counter()
     model.head = model.head.with_separate_variance(members)
     model.head_config = model.head.config
-    batches = train_batches if not isinstance(train_batches, tuple) else ListBatches(*train_batches)
-    # resumable: a pass over the whole pool is ~1 h on one core; keyed by the source's weights
-    feats = pooled_features_of(model, batches, limit=crystals, checkpoint=out.parent / f".{out.name}.pooled.pt",
-                               key=sha256_file(Path(source) / WEIGHTS))
-    val = ([data.graphs[i] for i in data.split.val], torch.as_tensor(data.targets[data.split.val], dtype=torch.float32))
-    info = refit_variance(model.head, feats, (model.pooled_features(val[0]), val[1]), epochs=epochs, seed=seed)
+    feats, val = _refit_features(model, source, out, data, train_batches, crystals)
+    info = refit_variance(model.head, feats, val, epochs=epochs, seed=seed)
     info |= {"source": str(source), "seconds": time.perf_counter() - t0}
+    return _save_refit(model, card, source, out, data, samples, {"variance_refit": info})
+
+
+def rehead_of(source: str | os.PathLike, out: str | os.PathLike, *, data: PreparedData, train_batches, head: HeadConfig,
+              epochs: int = 100, patience: int = 20, members: int = 5, variance_hidden: int = 64, variance_layers: int = 2,
+              variance_epochs: int = VARIANCE_REFIT_EPOCHS, crystals: int | None = None, samples: int = 16, seed: int = 0) -> Path:
+    """Model folder ``out``: the adapters of folder ``source`` with a new gap head of config ``head``
+    (say, wider than the source's) trained by L1 from a fresh initialisation on the frozen pooled
+    features of ``crystals`` training crystals of ``train_batches`` (:func:`~matbalora.training.refit_head`,
+    the epoch of lowest validation MAE kept), then ``members`` separate variance MLPs of
+    ``variance_hidden`` x ``variance_layers`` fitted to its residuals on the same crystals
+    (:func:`~matbalora.training.refit_variance`), recalibrated on ``data``'s validation part and scored on
+    its test part. The pass over the training crystals resumes after a kill (keyed by the source weights).
+    ``head.pooling`` must be the source's: the features are the source's pooled atom features."""
+    out = Path(out)
+    model, card = load_model_folder(source)
+    if head.pooling != model.head_config.pooling:
+        raise ValueError(f"head.pooling={head.pooling!r}: the features of {source} are pooled by {model.head_config.pooling!r}")
+    t0 = time.perf_counter()
+    (x, y), val = _refit_features(model, source, out, data, train_batches, crystals)
+    torch.manual_seed(seed)
+    model.head = BandGapHead(x.shape[1], replace(head, loss="l1", variance="shared", variance_members=1))
+    if head.standardize:
+        model.head.set_input_statistics(x.mean(0), x.std(0))
+    model.head_config = model.head.config
+    fitted = refit_head(model, (x, y), val, epochs=epochs, patience=patience, seed=seed)
+    model.head = model.head.with_separate_variance(members, hidden=variance_hidden, layers=variance_layers)
+    model.head_config = model.head.config
+    variance = refit_variance(model.head, (x, y), val, epochs=variance_epochs, seed=seed)
+    info = {"source": str(source), "crystals": len(y), "head": to_dict(model.head_config), "head_refit": fitted,
+            "variance_refit": variance, "seconds": time.perf_counter() - t0}
+    return _save_refit(model, card, source, out, data, samples, {"rehead": info})
+
+
+def _refit_features(model: BandGapModel, source: str | os.PathLike, out: Path, data: PreparedData, train_batches,
+                    crystals: int | None) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """(pooled features, gaps) of ``crystals`` training crystals (all: None) and of the validation part:
+    a pass over the whole pool is ~1 h on one core, so it checkpoints to ``out``'s folder, resumes, and
+    stays there as a cache that the other refits of the same source weights and crystals reuse
+    (``.pooled_<sha256 of the weights>_<crystals>.pt``)."""
+    batches = train_batches if not isinstance(train_batches, tuple) else ListBatches(*train_batches)
+    key = sha256_file(Path(source) / WEIGHTS)
+    feats = pooled_features_of(model, batches, limit=crystals, checkpoint=out.parent / f".pooled_{key[:16]}_{crystals or 'all'}.pt", key=key, keep=True)
+    val = ([data.graphs[i] for i in data.split.val], torch.as_tensor(data.targets[data.split.val], dtype=torch.float32))
+    return feats, (model.pooled_features(val[0]), val[1])
+
+
+def _save_refit(model: BandGapModel, card: dict, source: str | os.PathLike, out: Path, data: PreparedData, samples: int, training: dict) -> Path:
+    """Recalibrate a refitted ``model`` on the validation part, score the test part, and save it to
+    ``out`` with ``source``'s card, its ``training`` section extended by ``training``."""
     calibration, metrics = calibrate_and_score(Predictor(model), data, samples=samples if model.is_bayesian or model.has_dropout else 0)
     kept = {k: v for k, v in card.items() if k not in ("format", "format_version", "backbone", "method", "adapter", "head", "weights")}
-    kept["training"] = {**kept.get("training", {}), "variance_refit": info, "parameters": model.parameter_counts()}
+    kept["training"] = {**kept.get("training", {}), **training, "parameters": model.parameter_counts()}
     save_model(model, out, extra={**kept, "calibration": calibration, "metrics": metrics, "command": _command()})
     split = Path(source) / card.get("split_file", SPLIT_FILE)
     if split.is_file():
         (out / SPLIT_FILE).write_bytes(split.read_bytes())
-    log.info("saved %s (variance refit of %s; test MAE %s)", out, source, metrics.get("test", {}).get("mae"))
+    log.info("saved %s (refit of %s; test MAE %s)", out, source, metrics.get("test", {}).get("mae"))
     return out
 
 

@@ -35,6 +35,15 @@ def _mlp(in_dim: int, config: HeadConfig) -> tuple[nn.Sequential, int]:
     return nn.Sequential(*layers), width
 
 
+def _variance_member(in_dim: int, config: HeadConfig) -> nn.Sequential:
+    """One MLP of a separate variance head: ``variance_hidden`` x ``variance_layers`` (0 / -1: the gap
+    MLP's size) -> one log-variance."""
+    size = replace(config, hidden=config.variance_hidden or config.hidden,
+                   layers=config.layers if config.variance_layers < 0 else config.variance_layers)
+    body, width = _mlp(in_dim, size)
+    return nn.Sequential(body, nn.Linear(width, 1))
+
+
 class BandGapHead(nn.Module):
     """MLP on mean-pooled atom features. Output is never negative.
 
@@ -67,8 +76,7 @@ class BandGapHead(nn.Module):
             # to a ranking of non-metal errors of 0.22 where standardised ones reached 0.34 (validation)
             self.variance_shift = nn.Parameter(torch.zeros(in_dim))
             self.variance_scale = nn.Parameter(torch.ones(in_dim))
-            self.variance_members = nn.ModuleList(nn.Sequential(_mlp(in_dim, config)[0], nn.Linear(width, 1))
-                                                  for _ in range(config.variance_members))
+            self.variance_members = nn.ModuleList(_variance_member(in_dim, config) for _ in range(config.variance_members))
 
     @property
     def has_variance(self) -> bool:
@@ -122,12 +130,16 @@ class BandGapHead(nn.Module):
         z = self._variance_z(standardized)
         return torch.stack([member_log_var(m, z) for m in self.variance_members])
 
-    def with_separate_variance(self, members: int) -> BandGapHead:
-        """A copy whose log-variance comes from ``members`` fresh MLPs (``variance="separate"``), the
-        gap (and metal gate) kept exactly: train them with :func:`~matbalora.training.refit_variance`."""
-        if not self.has_variance:
-            raise ValueError(f"a head trained with loss={self.config.loss!r} learns no variance to separate")
-        head = BandGapHead(self.in_dim, replace(self.config, variance="separate", variance_members=members))
+    def with_separate_variance(self, members: int, *, hidden: int = 0, layers: int = -1) -> BandGapHead:
+        """A copy whose log-variance comes from ``members`` fresh MLPs (``variance="separate"``) of
+        ``hidden`` x ``layers`` (0 / -1: the gap MLP's size), the gap (and metal gate) kept exactly: train
+        them with :func:`~matbalora.training.refit_variance`. A head trained by L1 alone becomes an
+        ``l1_nll`` head (its gap by L1, its variance by the NLL around the detached gap)."""
+        if self.config.loss not in ("nll", "l1_nll", "l1"):
+            raise ValueError(f"a head trained with loss={self.config.loss!r} cannot take a separate variance (nll, l1_nll or l1)")
+        loss = "l1_nll" if self.config.loss == "l1" else self.config.loss
+        head = BandGapHead(self.in_dim, replace(self.config, loss=loss, variance="separate", variance_members=members,
+                                                variance_hidden=hidden, variance_layers=layers))
         state = {k: v for k, v in self.state_dict().items() if not k.startswith("variance_members.")}
         keep = head.out.out_features  # the gap (and gate) rows; a shared head's last row was its log-variance
         state["out.weight"], state["out.bias"] = state["out.weight"][:keep], state["out.bias"][:keep]

@@ -109,6 +109,8 @@ def check_card(card: dict[str, Any]) -> None:
     _integer("head.hidden", head.get("hidden"), 1, MAX_HEAD_HIDDEN)
     _integer("head.layers", head.get("layers"), 0, MAX_HEAD_LAYERS)
     _integer("head.variance_members", head.get("variance_members", 1), 1, MAX_VARIANCE_MEMBERS)
+    _integer("head.variance_hidden", head.get("variance_hidden", 0), 0, MAX_HEAD_HIDDEN)
+    _integer("head.variance_layers", head.get("variance_layers", -1), -1, MAX_HEAD_LAYERS)
     check_calibration(card.get("calibration"))
 
 

@@ -276,7 +276,8 @@ def native_bf16() -> bool | None:
 
 @torch.no_grad()
 def pooled_features_of(model: BandGapModel, batches, *, batch_size: int = 128, limit: int | None = None,
-                       checkpoint: str | os.PathLike | None = None, key: str = "", save_every_s: float = 300.0) -> tuple[torch.Tensor, torch.Tensor]:
+                       checkpoint: str | os.PathLike | None = None, key: str = "", save_every_s: float = 300.0,
+                       keep: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The head's inputs [n, d] (deterministic: posterior mean, no dropout) and targets [n] eV of the
     crystals of a batch source (:class:`ListBatches` or ``StoreBatches``), in one pass; ``limit``: stop
     after about this many (a seeded random choice of batches).
@@ -284,7 +285,9 @@ def pooled_features_of(model: BandGapModel, batches, *, batch_size: int = 128, l
     ``checkpoint``: a file that the features computed so far are written to (atomically, every
     ``save_every_s`` seconds) and resumed from, so that a killed pass over the whole pool (~1 h on one
     core) continues where it stopped; it is used only if its ``key`` (say, the weights' sha256) and
-    ``batch_size`` match, and deleted once the pass is done."""
+    ``batch_size`` match, and deleted once the pass is done; with ``keep`` it is kept, complete, and a
+    later call with the same key returns its features without a pass (a cache shared by the refits of
+    one model)."""
     was_training = model.training
     model.train(False)
     feats, ys, n = [], [], 0
@@ -292,6 +295,9 @@ def pooled_features_of(model: BandGapModel, batches, *, batch_size: int = 128, l
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("meta") == meta and saved.get("complete"):
+            log.info("pooled features: all %d crystals from %s", sum(len(v) for v in saved["ys"]), path)
+            return torch.cat(list(saved["feats"])), torch.cat(list(saved["ys"]))
         if saved.get("meta") == meta:
             feats, ys = list(saved["feats"]), list(saved["ys"])
             n = sum(len(v) for v in ys)
@@ -310,7 +316,9 @@ def pooled_features_of(model: BandGapModel, batches, *, batch_size: int = 128, l
                     last_save = time.perf_counter()
     finally:
         model.train(was_training)
-    if path is not None:
+    if path is not None and keep:
+        atomic_write(path, lambda tmp: torch.save({"meta": meta, "feats": feats, "ys": ys, "complete": True}, tmp))
+    elif path is not None:
         path.unlink(missing_ok=True)
     return torch.cat(feats), torch.cat(ys)
 

@@ -189,12 +189,33 @@ def test_separate_variance_keeps_the_gap_and_averages_member_variances():
             m[-1].weight.zero_()
             m[-1].bias.fill_(float(k))
     assert torch.allclose(separate(feats)["log_var"], torch.full((5,), float(np.log(np.mean(np.exp([0.0, 1.0, 2.0]))))), atol=1e-5)
-    with pytest.raises(ValueError, match="learns no variance"):
-        BandGapHead(8, HeadConfig(hidden=8, loss="l1")).with_separate_variance(2)
+    with pytest.raises(ValueError, match="cannot take a separate variance"):
+        BandGapHead(8, HeadConfig(hidden=8, loss="mse")).with_separate_variance(2)
     with pytest.raises(ValueError, match="variance='separate' needs"):
         HeadConfig(loss="l1", variance="separate")
     with pytest.raises(ValueError, match="variance_members=0"):
         HeadConfig(loss="nll", variance="separate", variance_members=0)
+
+
+def test_separate_variance_members_can_be_smaller_than_the_gap_mlp_and_an_l1_head_takes_them():
+    from matbalora.head import BandGapHead
+
+    torch.manual_seed(0)
+    l1 = BandGapHead(8, HeadConfig(hidden=32, layers=3, loss="l1", standardize=True)).eval()
+    l1.set_input_statistics(torch.full((8,), 2.0), torch.full((8,), 3.0))
+    separate = l1.with_separate_variance(2, hidden=4, layers=1).eval()
+    cfg = separate.config
+    assert (cfg.loss, cfg.variance, cfg.variance_members, cfg.variance_hidden, cfg.variance_layers) == ("l1_nll", "separate", 2, 4, 1)
+    widths = [[layer.out_features for layer in m.modules() if isinstance(layer, torch.nn.Linear)] for m in separate.variance_members]
+    assert widths == [[4, 1], [4, 1]]  # one hidden layer of 4, then the log-variance
+    assert [layer.out_features for layer in separate.body if isinstance(layer, torch.nn.Linear)] == [32, 32, 32]
+    feats = torch.randn(5, 8)
+    out = separate(feats)
+    assert torch.allclose(out["gap"], l1(feats)["gap"], atol=1e-6) and out["log_var"].shape == (5,)
+    default = l1.with_separate_variance(1)  # 0 / -1: members of the gap MLP's size
+    assert [layer.out_features for layer in default.variance_members[0].modules() if isinstance(layer, torch.nn.Linear)] == [32, 32, 32, 1]
+    with pytest.raises(ValueError, match="variance_hidden=-1"):
+        HeadConfig(loss="l1_nll", variance="separate", variance_hidden=-1)
 
 
 def test_refit_variance_learns_where_the_noise_is_and_leaves_the_gap():

@@ -289,3 +289,18 @@ def test_pooled_features_resume_after_a_kill_and_ignore_another_models_checkpoin
     torch.save({"meta": {"key": "other", "batch_size": 2, "limit": None}, "feats": [torch.zeros(2, got.shape[1])], "ys": [torch.zeros(2)]}, ckpt)
     again, _ = pooled_features_of(model, StoreBatches(store, ids), batch_size=2, checkpoint=ckpt, key="w1")
     torch.testing.assert_close(again, want)
+    # keep=True: the finished pass stays as a cache, and the next call with the same key makes no pass at all
+    kept, _ = pooled_features_of(model, StoreBatches(store, ids), batch_size=2, checkpoint=ckpt, key="w1", keep=True)
+    assert torch.load(ckpt, weights_only=True)["complete"] is True
+    counted.clear()
+    model.family.crystal_features = counting
+    try:
+        cached, cached_y = pooled_features_of(model, StoreBatches(store, ids), batch_size=2, checkpoint=ckpt, key="w1", keep=True)
+        other, _ = pooled_features_of(model, StoreBatches(store, ids), batch_size=2, checkpoint=ckpt, key="w2", keep=True)
+    finally:
+        model.family.crystal_features = real
+    assert len(counted) == 4  # none for the cached key; a full pass (4 batches) for other weights, which then own the file
+    torch.testing.assert_close(cached, want)
+    torch.testing.assert_close(cached_y, want_y)
+    torch.testing.assert_close(kept, want)
+    torch.testing.assert_close(other, want)

@@ -84,3 +84,23 @@ def test_store_training_with_nll_head_and_refit(tmp_path):
     a, b = model.predict(ds.structures[N_TRAIN : N_TRAIN + 4], samples=0), refit.predict(ds.structures[N_TRAIN : N_TRAIN + 4], samples=0)
     assert np.allclose(a["band_gap"], b["band_gap"], atol=1e-4) and np.all(b["std_aleatoric"] > 0)
     assert not np.allclose(a["std_aleatoric"], b["std_aleatoric"])
+
+    # a new, wider gap head trained afresh on the frozen features, with smaller variance MLPs: the adapters stay
+    from matbalora.finetune import rehead_of
+
+    wide = HeadConfig(hidden=32, layers=3, loss="l1", pooling="mean_max", standardize=True)
+    new = rehead_of(out, tmp_path / "rehead", data=data, train_batches=StoreBatches(store, ids[:N_TRAIN]), head=wide, epochs=30,
+                    members=2, variance_hidden=8, variance_layers=1, variance_epochs=5, samples=4)
+    new_card = json.loads((new / "config.json").read_text())
+    head = new_card["head"]
+    assert (head["hidden"], head["layers"], head["loss"], head["variance"], head["variance_members"], head["variance_hidden"], head["variance_layers"]) == (
+        32, 3, "l1_nll", "separate", 2, 8, 1)
+    assert new_card["adapter"] == card["adapter"] and new_card["training"]["history"] == card["training"]["history"]
+    info = new_card["training"]["rehead"]
+    assert info["crystals"] == N_TRAIN and info["source"] == str(out) and info["variance_refit"]["members"] == 2
+    assert info["head_refit"]["val_mae_after"] < info["head_refit"]["val_mae_before"]  # the fresh head learned
+    assert new_card["metrics"]["val"]["mae"] < float(np.mean(np.abs(val_y - np.mean(store.targets(ids[:N_TRAIN])))))
+    c = matbalora.load_model(new).predict(ds.structures[N_TRAIN : N_TRAIN + 4], samples=4)
+    assert np.all(np.isfinite(c["band_gap"])) and np.all(c["std_aleatoric"] > 0) and not np.allclose(c["band_gap"], df["band_gap"])
+    with pytest.raises(ValueError, match="pooled by 'mean_max'"):
+        rehead_of(out, tmp_path / "bad_head", data=data, train_batches=StoreBatches(store, ids[:N_TRAIN]), head=HeadConfig(pooling="mean"))
