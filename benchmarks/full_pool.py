@@ -137,9 +137,10 @@ STORES |= {name: STORES[source] for name, source in VARIANCE_REFITS.items()}
 #: all training crystals, then five separate 64 x 2 variance MLPs on its residuals. A 512 x 3 head on the
 #: ten-epoch model's features of 7,300 training crystals reached validation MAE 0.250 where the 64 x 2
 #: head trained with the adapters had 0.261
-REHEADS = {f"balora_full_2blocks_10ep_head{w}x3_var5_full": ("balora_full_2blocks_10ep",
-                                                             HeadConfig(hidden=w, layers=3, loss="l1", pooling="mean_max", standardize=True))
-           for w in (256, 512)}
+WIDE_HEADS = {w: HeadConfig(hidden=w, layers=3, loss="l1", pooling="mean_max", standardize=True) for w in (256, 512)}
+REHEADS = {**{f"balora_full_2blocks_10ep_head{w}x3_var5_full": ("balora_full_2blocks_10ep", head) for w, head in WIDE_HEADS.items()},
+           # the ensemble's members with the same new head (an ensemble ``lora_full_2blocks_4ep_head512x3_var5``)
+           **{f"lora_full_2blocks_4ep_head512x3_var5_seed{s}": (f"lora_full_2blocks_4ep_var5_seed{s}", WIDE_HEADS[512]) for s in range(5)}}
 STORES |= {name: STORES[source] for name, (source, _head) in REHEADS.items()}
 
 _FORMULA = re.compile(r"formula=(\S+)")
