@@ -89,7 +89,8 @@ def test_store_training_with_nll_head_and_refit(tmp_path):
     from matbalora.finetune import rehead_of
 
     wide = HeadConfig(hidden=32, layers=3, loss="l1", pooling="mean_max", standardize=True)
-    new = rehead_of(out, tmp_path / "rehead", data=data, train_batches=StoreBatches(store, ids[:N_TRAIN]), head=wide, epochs=30,
+    # 128 crystals are one step per epoch: a higher lr than the full pool's 3e-4
+    new = rehead_of(out, tmp_path / "rehead", data=data, train_batches=StoreBatches(store, ids[:N_TRAIN]), head=wide, epochs=60, lr=3e-3,
                     members=2, variance_hidden=8, variance_layers=1, variance_epochs=5, samples=4)
     new_card = json.loads((new / "config.json").read_text())
     head = new_card["head"]
