@@ -324,7 +324,7 @@ def evaluate() -> dict:
 
             results["runs"][name]["noise"] = noise_summary(Predictor.load(folder).model)
         print(name, json.dumps(results["runs"][name]["all"]), json.dumps(results["runs"][name]["nonmetal"]), flush=True)
-    prefixes = sorted({re.sub(r"_seed\d+$", "", n) for n in (*RECIPES, *VARIANCE_REFITS) if re.search(r"_seed\d+$", n)})
+    prefixes = sorted({re.sub(r"_seed\d+$", "", n) for n in (*RECIPES, *VARIANCE_REFITS, *REHEADS) if re.search(r"_seed\d+$", n)})
     data: dict[str, PreparedData] = {}
     for prefix in prefixes:
         members = sorted(p for p in RUNS.glob(f"{prefix}_seed*") if (p / "config.json").is_file())

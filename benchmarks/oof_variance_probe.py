@@ -80,8 +80,11 @@ def main() -> None:
     folder = RUNS / args.name
     model, card = load_model_folder(folder)
     source = Path(card["training"]["rehead"]["source"])
-    cache = RUNS / f".pooled_{sha256_file(source / WEIGHTS)[:16]}_{card['training']['rehead']['crystals']}.pt"
-    saved = torch.load(cache, weights_only=True)
+    caches = sorted(RUNS.glob(f".pooled_{sha256_file(source / WEIGHTS)[:16]}_*.pt"))
+    saved = next((c for c in (torch.load(p, weights_only=True) for p in caches)
+                  if c.get("complete") and sum(len(v) for v in c["ys"]) == card["training"]["rehead"]["crystals"]), None)
+    if saved is None:
+        raise SystemExit(f"no complete pooled-feature cache of {source} in {RUNS}: run full_pool.py rehead {args.name} first")
     x, y = torch.cat(saved["feats"]), torch.cat(saved["ys"])
     data = eval_data(open_store(allow_missing=True, **STORES[args.name]))
     parts = {p: (model.pooled_features([data.graphs[i] for i in getattr(data.split, p)]),

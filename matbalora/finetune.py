@@ -7,6 +7,7 @@ different seeds (the deep-ensemble baseline) and an ``ensemble.json`` next to th
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -394,10 +395,26 @@ def _refit_features(model: BandGapModel, source: str | os.PathLike, out: Path, d
     stays there as a cache that the other refits of the same source weights and crystals reuse
     (``.pooled_<sha256 of the weights>_<crystals>.pt``)."""
     batches = train_batches if not isinstance(train_batches, tuple) else ListBatches(*train_batches)
-    key = sha256_file(Path(source) / WEIGHTS)
-    feats = pooled_features_of(model, batches, limit=crystals, checkpoint=out.parent / f".pooled_{key[:16]}_{crystals or 'all'}.pt", key=key, keep=True)
+    weights = sha256_file(Path(source) / WEIGHTS)
+    # which crystals and how they are pooled belong to the key too: the cache outlives the run
+    key = f"{weights}:{batches_fingerprint(batches)}:{model.head_config.pooling}"
+    feats = pooled_features_of(model, batches, limit=crystals, checkpoint=out.parent / f".pooled_{weights[:16]}_{crystals or 'all'}.pt", key=key, keep=True)
     val = ([data.graphs[i] for i in data.split.val], torch.as_tensor(data.targets[data.split.val], dtype=torch.float32))
     return feats, (model.pooled_features(val[0]), val[1])
+
+
+def batches_fingerprint(batches) -> str:
+    """sha256 (16 hex digits) of which crystals a batch source holds: a store's root and its crystals'
+    positions, or an in-memory source's targets."""
+    h = hashlib.sha256()
+    store = getattr(batches, "store", None)
+    if store is not None:
+        h.update(str(getattr(store, "root", "")).encode())
+        for shard, positions in batches.by_shard.items():
+            h.update(f"{shard}:".encode() + np.asarray(positions, dtype=np.int64).tobytes())
+    else:
+        h.update(np.asarray(batches.targets, dtype=np.float32).tobytes())
+    return h.hexdigest()[:16]
 
 
 def _save_refit(model: BandGapModel, card: dict, source: str | os.PathLike, out: Path, data: PreparedData, samples: int, training: dict) -> Path:
@@ -405,7 +422,9 @@ def _save_refit(model: BandGapModel, card: dict, source: str | os.PathLike, out:
     ``out`` with ``source``'s card, its ``training`` section extended by ``training``."""
     calibration, metrics = calibrate_and_score(Predictor(model), data, samples=samples if model.is_bayesian or model.has_dropout else 0)
     kept = {k: v for k, v in card.items() if k not in ("format", "format_version", "backbone", "method", "adapter", "head", "weights")}
-    kept["training"] = {**kept.get("training", {}), **training, "parameters": model.parameter_counts()}
+    # the source's own head and variance refits describe a head this model no longer has
+    stale = ("head_refit", "variance_refit") if "rehead" in training else ()
+    kept["training"] = {**{k: v for k, v in kept.get("training", {}).items() if k not in stale}, **training, "parameters": model.parameter_counts()}
     save_model(model, out, extra={**kept, "calibration": calibration, "metrics": metrics, "command": _command()})
     split = Path(source) / card.get("split_file", SPLIT_FILE)
     if split.is_file():

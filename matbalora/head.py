@@ -130,20 +130,25 @@ class BandGapHead(nn.Module):
         z = self._variance_z(standardized)
         return torch.stack([member_log_var(m, z) for m in self.variance_members])
 
-    def with_separate_variance(self, members: int, *, hidden: int = 0, layers: int = -1) -> BandGapHead:
+    def with_separate_variance(self, members: int, *, hidden: int | None = None, layers: int | None = None) -> BandGapHead:
         """A copy whose log-variance comes from ``members`` fresh MLPs (``variance="separate"``) of
-        ``hidden`` x ``layers`` (0 / -1: the gap MLP's size), the gap (and metal gate) kept exactly: train
+        ``hidden`` x ``layers`` (None: this head's ``variance_hidden`` / ``variance_layers``; 0 / -1: the
+        gap MLP's size), the gap (and metal gate) kept exactly: train
         them with :func:`~matbalora.training.refit_variance`. A head trained by L1 alone becomes an
         ``l1_nll`` head (its gap by L1, its variance by the NLL around the detached gap)."""
         if self.config.loss not in ("nll", "l1_nll", "l1"):
             raise ValueError(f"a head trained with loss={self.config.loss!r} cannot take a separate variance (nll, l1_nll or l1)")
         loss = "l1_nll" if self.config.loss == "l1" else self.config.loss
         head = BandGapHead(self.in_dim, replace(self.config, loss=loss, variance="separate", variance_members=members,
-                                                variance_hidden=hidden, variance_layers=layers))
+                                                variance_hidden=self.config.variance_hidden if hidden is None else hidden,
+                                                variance_layers=self.config.variance_layers if layers is None else layers))
         state = {k: v for k, v in self.state_dict().items() if not k.startswith("variance_members.")}
         keep = head.out.out_features  # the gap (and gate) rows; a shared head's last row was its log-variance
         state["out.weight"], state["out.bias"] = state["out.weight"][:keep], state["out.bias"][:keep]
-        head.load_state_dict(state, strict=False)
+        missing, unexpected = head.load_state_dict(state, strict=False)
+        lost = [k for k in missing if not k.startswith(("variance_members.", "variance_shift", "variance_scale"))]
+        if lost or unexpected:
+            raise RuntimeError(f"separate-variance copy lost {lost} / could not place {unexpected}")
         return head.train(self.training)
 
     def loss(self, out: dict[str, Tensor], target: Tensor) -> Tensor:

@@ -288,8 +288,6 @@ def pooled_features_of(model: BandGapModel, batches, *, batch_size: int = 128, l
     ``batch_size`` match, and deleted once the pass is done; with ``keep`` it is kept, complete, and a
     later call with the same key returns its features without a pass (a cache shared by the refits of
     one model)."""
-    was_training = model.training
-    model.train(False)
     feats, ys, n = [], [], 0
     meta = {"key": key, "batch_size": batch_size, "limit": limit}
     path = Path(checkpoint) if checkpoint is not None else None
@@ -303,6 +301,8 @@ def pooled_features_of(model: BandGapModel, batches, *, batch_size: int = 128, l
             n = sum(len(v) for v in ys)
             log.info("pooled features: resuming after %d batches from %s", len(feats), path)
     last_save = time.perf_counter()
+    was_training = model.training
+    model.train(False)
     try:
         with model.context.sampling("mean"):
             for batch, y in batches.epoch(batch_size, torch.Generator().manual_seed(0), skip=len(feats)):
@@ -331,8 +331,10 @@ def refit_variance(head: BandGapHead, train: tuple[torch.Tensor, torch.Tensor], 
     at a training loss of ~2.4 instead of ~0.7), on its own shuffles, by the Gaussian NLL of the head's
     gap residuals on ``train``, for ``epochs`` epochs; the gap is left as it is.
 
-    In-sample residuals: the full-pool models fit training and unseen crystals about equally (head
-    MAE 0.256 vs 0.267 eV), and out-of-fold residuals ranked no better. No early stop: the epoch of
+    In-sample residuals: the full-pool models with 64 x 2 heads trained along with the adapters fit
+    training and unseen crystals about equally (head MAE 0.256 vs 0.267 eV), and out-of-fold residuals
+    ranked no better; a 512 x 3 head refitted on frozen features does not (0.155 vs 0.217 out of fold),
+    and for it out-of-fold residuals ranked better (``benchmarks/oof_variance_probe.py``). No early stop: the epoch of
     lowest validation NLL ranks errors worse than later ones, and averaging members steadies the
     ranking (``benchmarks/variance_study.py``). Returns the validation NLL of each member and of the
     head's mean variance (nats per crystal, constant dropped)."""

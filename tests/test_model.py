@@ -214,8 +214,19 @@ def test_separate_variance_members_can_be_smaller_than_the_gap_mlp_and_an_l1_hea
     assert torch.allclose(out["gap"], l1(feats)["gap"], atol=1e-6) and out["log_var"].shape == (5,)
     default = l1.with_separate_variance(1)  # 0 / -1: members of the gap MLP's size
     assert [layer.out_features for layer in default.variance_members[0].modules() if isinstance(layer, torch.nn.Linear)] == [32, 32, 32, 1]
+    again = separate.with_separate_variance(3)  # a refit of a refit keeps the members' size unless told
+    assert [layer.out_features for layer in again.variance_members[0].modules() if isinstance(layer, torch.nn.Linear)] == [4, 1]
     with pytest.raises(ValueError, match="variance_hidden=-1"):
         HeadConfig(loss="l1_nll", variance="separate", variance_hidden=-1)
+
+
+def test_batches_fingerprint_tells_crystal_sets_apart():
+    from matbalora.finetune import batches_fingerprint
+    from matbalora.training import ListBatches
+
+    a = batches_fingerprint(ListBatches([object()] * 3, [0.0, 1.0, 2.0]))
+    assert a == batches_fingerprint(ListBatches([object()] * 3, [0.0, 1.0, 2.0])) and len(a) == 16
+    assert a != batches_fingerprint(ListBatches([object()] * 3, [0.0, 1.0, 2.5]))
 
 
 def test_refit_variance_learns_where_the_noise_is_and_leaves_the_gap():
