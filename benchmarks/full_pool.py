@@ -138,10 +138,13 @@ STORES |= {name: STORES[source] for name, source in VARIANCE_REFITS.items()}
 #: ten-epoch model's features of 7,300 training crystals reached validation MAE 0.250 where the 64 x 2
 #: head trained with the adapters had 0.261
 WIDE_HEADS = {w: HeadConfig(hidden=w, layers=3, loss="l1", pooling="mean_max", standardize=True) for w in (256, 512)}
-REHEADS = {**{f"balora_full_2blocks_10ep_head{w}x3_var5_full": ("balora_full_2blocks_10ep", head) for w, head in WIDE_HEADS.items()},
+REHEADS = {**{f"balora_full_2blocks_10ep_head{w}x3_var5_full": ("balora_full_2blocks_10ep", head, {}) for w, head in WIDE_HEADS.items()},
+           # variance MLPs on out-of-fold residuals (four folds): benchmarks/oof_variance_probe.py measured
+           # test non-metal Spearman 0.352 -> 0.401 with posterior-mean features
+           "balora_full_2blocks_10ep_head512x3_oofvar5_full": ("balora_full_2blocks_10ep", WIDE_HEADS[512], {"variance_folds": 4}),
            # the ensemble's members with the same new head (an ensemble ``lora_full_2blocks_4ep_head512x3_var5``)
-           **{f"lora_full_2blocks_4ep_head512x3_var5_seed{s}": (f"lora_full_2blocks_4ep_var5_seed{s}", WIDE_HEADS[512]) for s in range(5)}}
-STORES |= {name: STORES[source] for name, (source, _head) in REHEADS.items()}
+           **{f"lora_full_2blocks_4ep_head512x3_var5_seed{s}": (f"lora_full_2blocks_4ep_var5_seed{s}", WIDE_HEADS[512], {}) for s in range(5)}}
+STORES |= {name: STORES[source] for name, (source, _head, _kw) in REHEADS.items()}
 
 _FORMULA = re.compile(r"formula=(\S+)")
 
@@ -268,7 +271,7 @@ def rehead(name: str, threads: int = 1) -> Path:
     if (out / "config.json").is_file():
         print(f"{name}: finished already ({out})")
         return out
-    source_name, head = REHEADS[name]
+    source_name, head, options = REHEADS[name]
     source = finished_run(source_name)
     if source is None:
         raise SystemExit(f"{name}: needs the finished run {source_name}; train it first")
@@ -276,7 +279,7 @@ def rehead(name: str, threads: int = 1) -> Path:
     train_ids = [i for i in full_pool().train if i in store.kept]
     t0 = time.perf_counter()
     # crystals=len(train_ids), not None: the same resume key as ``revar ..._var5_full`` of the same source
-    rehead_of(source, out, data=eval_data(store), train_batches=StoreBatches(store, train_ids), head=head, crystals=len(train_ids))
+    rehead_of(source, out, data=eval_data(store), train_batches=StoreBatches(store, train_ids), head=head, crystals=len(train_ids), **options)
     print(f"{name}: {time.perf_counter() - t0:.0f} s -> {out}")
     return out
 

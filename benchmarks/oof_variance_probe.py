@@ -4,7 +4,7 @@ to its in-sample residuals? A prototype on the frozen features of a ``rehead`` m
 The shipped BaLoRA's 512 x 3 gap head fits its training crystals more closely than unseen ones
 (MAE 0.155 vs 0.217 out of fold), so variance MLPs trained on its in-sample residuals see errors that
 are too small. Here: K heads of the same config, each trained by L1 on K-1 folds of the training
-features (40 epochs, lr 3e-4, cosine, no early stop) and predicting the held-out fold; then the
+features (40 epochs, lr 3e-4, cosine, no early stop; ``training.out_of_fold_gaps``) and predicting the held-out fold; then the
 model's five variance members refitted (``training.refit_variance``) to those out-of-fold residuals
 around the model's own gap. Scores on the posterior-mean (deterministic) features of the validation
 and test crystals: MAE, Spearman(|error|, std) on all crystals and non-metals, in-sample vs out-of-fold.
@@ -36,26 +36,7 @@ from full_pool import REHEADS, RUNS, STORES, eval_data, open_store  # noqa: E402
 from matbalora.atomic import sha256_file  # noqa: E402
 from matbalora.checkpoint import WEIGHTS, load_model_folder  # noqa: E402
 from matbalora.head import BandGapHead  # noqa: E402
-from matbalora.training import lr_factor, refit_variance  # noqa: E402
-
-
-def fit_l1(head: BandGapHead, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, seed: int, batch_size: int = 256) -> BandGapHead:
-    """Train ``head`` by L1 with a warm-up + cosine schedule for ``epochs`` epochs (no early stop)."""
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
-    steps = (len(x) + batch_size - 1) // batch_size
-    gen = torch.Generator().manual_seed(seed)
-    for epoch in range(epochs):
-        head.train()
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(steps):
-            for g in opt.param_groups:
-                g["lr"] = lr * lr_factor(epoch * steps + i, epochs * steps, steps)
-            idx = order[i * batch_size : (i + 1) * batch_size]
-            loss = (head(x[idx])["gap"] - y[idx]).abs().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return head.eval()
+from matbalora.training import out_of_fold_gaps, refit_variance  # noqa: E402
 
 
 def scores(head: BandGapHead, parts: dict) -> dict:
@@ -91,19 +72,10 @@ def main() -> None:
                  torch.as_tensor(data.targets[getattr(data.split, p)], dtype=torch.float32)) for p in ("val", "test")}
     head = model.head.eval()
     print("in-sample residuals", scores(head, parts), flush=True)
-    fold = torch.randperm(len(x), generator=torch.Generator().manual_seed(1)) % args.folds
-    oof = torch.empty_like(y)
     gap_config = replace(head.config, loss="l1", variance="shared", variance_members=1, variance_hidden=0, variance_layers=-1)
     t0 = time.perf_counter()
-    for k in range(args.folds):
-        train = fold != k
-        torch.manual_seed(k)
-        h = BandGapHead(x.shape[1], gap_config)
-        h.set_input_statistics(x[train].mean(0), x[train].std(0))
-        fit_l1(h, x[train], y[train], epochs=args.epochs, lr=3e-4, seed=k)
-        with torch.no_grad():
-            oof[~train] = h(x[~train])["gap"]
-        print(f"fold {k}: held-out MAE {float((oof[~train] - y[~train]).abs().mean()):.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    oof = out_of_fold_gaps(gap_config, x, y, folds=args.folds, epochs=args.epochs, lr=3e-4)
+    print(f"out-of-fold gaps: {time.perf_counter() - t0:.0f} s", flush=True)
     with torch.no_grad():
         own = head(x)["gap"]
     print(f"training crystals: in-sample MAE {float((own - y).abs().mean()):.4f}, out-of-fold {float((oof - y).abs().mean()):.4f}")

@@ -33,7 +33,7 @@ from matbalora.model import BandGapModel
 from matbalora.conformal import MondrianIntervals
 from matbalora.defaults import METAL_THRESHOLD
 from matbalora.predict import ENSEMBLE_FILE, EnsemblePredictor, Predictor, Prepared, summarize, to_frame
-from matbalora.training import ListBatches, fit, pooled_features_of, refit_head, refit_variance
+from matbalora.training import ListBatches, fit, out_of_fold_gaps, pooled_features_of, refit_head, refit_variance
 
 log = logging.getLogger(__name__)
 
@@ -356,14 +356,19 @@ def refit_variance_of(source: str | os.PathLike, out: str | os.PathLike, *, data
 
 def rehead_of(source: str | os.PathLike, out: str | os.PathLike, *, data: PreparedData, train_batches, head: HeadConfig,
               epochs: int = 100, lr: float = 3e-4, patience: int = 20, members: int = 5, variance_hidden: int = 64, variance_layers: int = 2,
-              variance_epochs: int = VARIANCE_REFIT_EPOCHS, crystals: int | None = None, samples: int = 16, seed: int = 0) -> Path:
+              variance_epochs: int = VARIANCE_REFIT_EPOCHS, variance_folds: int = 0, fold_epochs: int = 40,
+              crystals: int | None = None, samples: int = 16, seed: int = 0) -> Path:
     """Model folder ``out``: the adapters of folder ``source`` with a new gap head of config ``head``
     (say, wider than the source's) trained by L1 from a fresh initialisation on the frozen pooled
     features of ``crystals`` training crystals of ``train_batches`` (:func:`~matbalora.training.refit_head`,
     the epoch of lowest validation MAE kept), then ``members`` separate variance MLPs of
     ``variance_hidden`` x ``variance_layers`` fitted to its residuals on the same crystals
     (:func:`~matbalora.training.refit_variance`), recalibrated on ``data``'s validation part and scored on
-    its test part. The pass over the training crystals resumes after a kill (keyed by the source weights).
+    its test part. ``variance_folds`` >= 2: the variance MLPs learn from out-of-fold residuals instead
+    (:func:`~matbalora.training.out_of_fold_gaps`, heads of the same config trained ``fold_epochs`` epochs
+    on the other folds): a wide head fits its own training crystals more closely than unseen ones, and
+    in-sample residuals then teach the variance too-small errors (``benchmarks/oof_variance_probe.py``).
+    The pass over the training crystals resumes after a kill (keyed by the source weights).
     ``head.pooling`` must be the source's: the features are the source's pooled atom features. ``lr``:
     at refit_head's default of 1e-3 a 512 x 3 head on all 82,111 full-pool crystals collapsed in its
     second epoch to a near-constant gap (validation MAE 0.298 -> 1.233, never recovering); at 3e-4 it
@@ -380,9 +385,16 @@ def rehead_of(source: str | os.PathLike, out: str | os.PathLike, *, data: Prepar
         model.head.set_input_statistics(x.mean(0), x.std(0))
     model.head_config = model.head.config
     fitted = refit_head(model, (x, y), val, epochs=epochs, lr=lr, patience=patience, seed=seed) | {"lr": lr}
+    gap_config = model.head.config
     model.head = model.head.with_separate_variance(members, hidden=variance_hidden, layers=variance_layers)
     model.head_config = model.head.config
-    variance = refit_variance(model.head, (x, y), val, epochs=variance_epochs, seed=seed)
+    target = y
+    if variance_folds:  # residuals y - own gap = y - out-of-fold gap
+        oof = out_of_fold_gaps(gap_config, x, y, folds=variance_folds, epochs=fold_epochs, lr=lr)
+        with torch.no_grad():
+            target = y - oof + model.head(x)["gap"]
+    variance = refit_variance(model.head, (x, target), val, epochs=variance_epochs, seed=seed)
+    variance |= {"residuals": f"out of {variance_folds} folds, {fold_epochs} epochs each" if variance_folds else "in-sample"}
     info = {"source": str(source), "crystals": len(y), "head": to_dict(model.head_config), "head_refit": fitted,
             "variance_refit": variance, "seconds": time.perf_counter() - t0}
     return _save_refit(model, card, source, out, data, samples, {"rehead": info})

@@ -91,7 +91,7 @@ def test_store_training_with_nll_head_and_refit(tmp_path):
     wide = HeadConfig(hidden=32, layers=3, loss="l1", pooling="mean_max", standardize=True)
     # 128 crystals are one step per epoch: a higher lr than the full pool's 3e-4
     new = rehead_of(out, tmp_path / "rehead", data=data, train_batches=StoreBatches(store, ids[:N_TRAIN]), head=wide, epochs=60, lr=3e-3,
-                    members=2, variance_hidden=8, variance_layers=1, variance_epochs=5, samples=4)
+                    members=2, variance_hidden=8, variance_layers=1, variance_epochs=5, variance_folds=2, fold_epochs=10, samples=4)
     new_card = json.loads((new / "config.json").read_text())
     head = new_card["head"]
     assert (head["hidden"], head["layers"], head["loss"], head["variance"], head["variance_members"], head["variance_hidden"], head["variance_layers"]) == (
@@ -99,6 +99,7 @@ def test_store_training_with_nll_head_and_refit(tmp_path):
     assert new_card["adapter"] == card["adapter"] and new_card["training"]["history"] == card["training"]["history"]
     info = new_card["training"]["rehead"]
     assert info["crystals"] == N_TRAIN and info["source"] == str(out) and info["variance_refit"]["members"] == 2
+    assert info["variance_refit"]["residuals"] == "out of 2 folds, 10 epochs each"
     assert info["head_refit"]["val_mae_after"] < info["head_refit"]["val_mae_before"]  # the fresh head learned
     assert new_card["metrics"]["val"]["mae"] < float(np.mean(np.abs(val_y - np.mean(store.targets(ids[:N_TRAIN])))))
     c = matbalora.load_model(new).predict(ds.structures[N_TRAIN : N_TRAIN + 4], samples=4)
