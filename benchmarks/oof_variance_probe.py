@@ -10,8 +10,8 @@ around the model's own gap. Scores on the posterior-mean (deterministic) feature
 and test crystals: MAE, Spearman(|error|, std) on all crystals and non-metals, in-sample vs out-of-fold.
 
 Needs the pooled-feature cache that ``full_pool.py rehead NAME`` leaves in runs/full_pool
-(``.pooled_<sha>_<crystals>.pt``). Measured (``--threads 1``, 1,250 s beside the test suite; the
-same numbers as its scratch prototype): validation non-metals 0.377 -> 0.392, test 0.352 -> 0.401;
+(``.pooled_<sha>_<crystals>.pt``). Measured (``--threads 1`` beside the test suite; the same numbers from its
+scratch prototype, this file, and this file on ``training.out_of_fold_gaps``, whose folds took 688 s): validation non-metals 0.377 -> 0.392, test 0.352 -> 0.401;
 all crystals 0.815 -> 0.820, 0.813 -> 0.822; out-of-fold MAE of the training crystals 0.217 (in-sample 0.155).
 
     python benchmarks/oof_variance_probe.py balora_full_2blocks_10ep_head512x3_var5_full
