@@ -27,7 +27,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -36,17 +35,18 @@ from full_pool import REHEADS, RUNS, STORES, eval_data, open_store  # noqa: E402
 from matbalora.atomic import sha256_file  # noqa: E402
 from matbalora.checkpoint import WEIGHTS, load_model_folder  # noqa: E402
 from matbalora.head import BandGapHead  # noqa: E402
+from matbalora.metrics import evaluate  # noqa: E402
 from matbalora.training import out_of_fold_gaps, refit_variance  # noqa: E402
 
 
 def scores(head: BandGapHead, parts: dict) -> dict:
+    """MAE and Spearman(|error|, std) on all crystals and non-metals (``matbalora.metrics.evaluate``)."""
     out = {}
     with torch.no_grad():
         for name, (x, y) in parts.items():
             o = head(x)
-            err, std, nm = (o["gap"] - y).abs().numpy(), o["log_var"].exp().sqrt().numpy(), y.numpy() > 0
-            out[name] = {"mae": float(err.mean()), "spearman": float(spearmanr(err, std).statistic),
-                         "nonmetal_spearman": float(spearmanr(err[nm], std[nm]).statistic)}
+            m = evaluate(o["gap"].numpy(), o["log_var"].exp().sqrt().numpy(), y.numpy())
+            out[name] = {k: m[k] for k in ("mae", "spearman", "nonmetal_spearman")}
     return out
 
 

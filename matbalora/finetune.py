@@ -7,7 +7,6 @@ different seeds (the deep-ensemble baseline) and an ``ensemble.json`` next to th
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -409,24 +408,10 @@ def _refit_features(model: BandGapModel, source: str | os.PathLike, out: Path, d
     batches = train_batches if not isinstance(train_batches, tuple) else ListBatches(*train_batches)
     weights = sha256_file(Path(source) / WEIGHTS)
     # which crystals and how they are pooled belong to the key too: the cache outlives the run
-    key = f"{weights}:{batches_fingerprint(batches)}:{model.head_config.pooling}"
+    key = f"{weights}:{batches.fingerprint()}:{model.head_config.pooling}"
     feats = pooled_features_of(model, batches, limit=crystals, checkpoint=out.parent / f".pooled_{weights[:16]}_{crystals or 'all'}.pt", key=key, keep=True)
     val = ([data.graphs[i] for i in data.split.val], torch.as_tensor(data.targets[data.split.val], dtype=torch.float32))
     return feats, (model.pooled_features(val[0]), val[1])
-
-
-def batches_fingerprint(batches) -> str:
-    """sha256 (16 hex digits) of which crystals a batch source holds: a store's root and its crystals'
-    positions, or an in-memory source's targets."""
-    h = hashlib.sha256()
-    store = getattr(batches, "store", None)
-    if store is not None:
-        h.update(str(getattr(store, "root", "")).encode())
-        for shard, positions in batches.by_shard.items():
-            h.update(f"{shard}:".encode() + np.asarray(positions, dtype=np.int64).tobytes())
-    else:
-        h.update(np.asarray(batches.targets, dtype=np.float32).tobytes())
-    return h.hexdigest()[:16]
 
 
 def _save_refit(model: BandGapModel, card: dict, source: str | os.PathLike, out: Path, data: PreparedData, samples: int, training: dict) -> Path:

@@ -7,6 +7,7 @@ never converts a structure.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -46,6 +47,10 @@ class ListBatches:
 
     def __len__(self) -> int:
         return len(self.graphs)
+
+    def fingerprint(self) -> str:
+        """sha256 (16 hex digits) of which crystals this source holds (their targets, in order)."""
+        return hashlib.sha256(self.targets.numpy().astype(np.float32).tobytes()).hexdigest()[:16]
 
     def n_batches(self, batch_size: int) -> int:
         return math.ceil(len(self) / batch_size)
@@ -380,29 +385,40 @@ def refit_variance(head: BandGapHead, train: tuple[torch.Tensor, torch.Tensor], 
     return {"epochs": epochs, "members": len(val_nll), "val_nll_members": val_nll, "val_nll": combined, "n_train": len(x)}
 
 
-def fit_head_l1(head: BandGapHead, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, seed: int = 0, batch_size: int = 256,
-                weight_decay: float = 1e-4) -> BandGapHead:
-    """Train ``head``'s gap by L1 on fixed pooled features [n, d] and gaps [n] eV for ``epochs`` epochs
-    (AdamW, one epoch of warm-up then cosine; no early stop) and return it in eval mode."""
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+def _head_epoch(head: BandGapHead, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *, gen: torch.Generator, lr: float,
+                epoch: int, epochs: int, batch_size: int) -> float:
+    """One epoch of ``head`` alone by its own loss on fixed features (one epoch of warm-up, then cosine
+    over ``epochs``); the mean batch loss."""
+    head.train()
     steps = math.ceil(len(x) / batch_size)
+    order = torch.randperm(len(x), generator=gen)
+    losses = []
+    for i in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * lr_factor(epoch * steps + i, epochs * steps, steps)
+        idx = order[i * batch_size : (i + 1) * batch_size]
+        loss = head.loss(head(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return float(np.mean(losses))
+
+
+def fit_head(head: BandGapHead, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, seed: int = 0, batch_size: int = 256,
+             weight_decay: float = 1e-4) -> BandGapHead:
+    """Train ``head`` by its own loss on fixed pooled features [n, d] and gaps [n] eV for ``epochs``
+    epochs (AdamW, one epoch of warm-up then cosine; no early stop, unlike :func:`refit_head`) and
+    return it in eval mode."""
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
-        head.train()
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(steps):
-            for g in opt.param_groups:
-                g["lr"] = lr * lr_factor(epoch * steps + i, epochs * steps, steps)
-            idx = order[i * batch_size : (i + 1) * batch_size]
-            loss = (head(x[idx])["gap"] - y[idx]).abs().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        _head_epoch(head, opt, x, y, gen=gen, lr=lr, epoch=epoch, epochs=epochs, batch_size=batch_size)
     return head.eval()
 
 
 def out_of_fold_gaps(config: HeadConfig, x: torch.Tensor, y: torch.Tensor, *, folds: int, epochs: int, lr: float, seed: int = 1) -> torch.Tensor:
-    """Gaps [n] of each crystal from a head of ``config`` (trained by L1, :func:`fit_head_l1`, inputs
+    """Gaps [n] of each crystal from a head of ``config`` (trained by its loss, :func:`fit_head`, inputs
     standardised on its own folds when ``config.standardize``) that did not see it: ``folds`` heads, each
     on the other folds of a seeded random split. Residuals ``y - gaps`` are what the model errs on
     crystals it has not fitted, for variance MLPs of a head that fits its training crystals closely."""
@@ -416,7 +432,7 @@ def out_of_fold_gaps(config: HeadConfig, x: torch.Tensor, y: torch.Tensor, *, fo
         head = BandGapHead(x.shape[1], config)
         if config.standardize:
             head.set_input_statistics(x[train].mean(0), x[train].std(0))
-        fit_head_l1(head, x[train], y[train], epochs=epochs, lr=lr, seed=k)
+        fit_head(head, x[train], y[train], epochs=epochs, lr=lr, seed=k)
         with torch.no_grad():
             gaps[~train] = head(x[~train])["gap"]
         log.info("out-of-fold gaps: fold %d of %d, held-out MAE %.4f eV", k + 1, folds, float((gaps[~train] - y[~train]).abs().mean()))
@@ -432,7 +448,6 @@ def refit_head(model: BandGapModel, train: tuple[torch.Tensor, torch.Tensor], va
     x, y = train
     xv, yv = val
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    steps = math.ceil(len(x) / batch_size)
     gen = torch.Generator().manual_seed(seed)
 
     @torch.no_grad()
@@ -443,20 +458,9 @@ def refit_head(model: BandGapModel, train: tuple[torch.Tensor, torch.Tensor], va
     best, best_state, history, bad = val_mae(), {k: v.clone() for k, v in head.state_dict().items()}, [], 0
     start = best
     for epoch in range(epochs):
-        head.train()
-        order = torch.randperm(len(x), generator=gen)
-        losses = []
-        for i in range(steps):
-            for g in opt.param_groups:
-                g["lr"] = lr * lr_factor(epoch * steps + i, epochs * steps, steps)
-            idx = order[i * batch_size : (i + 1) * batch_size]
-            loss = head.loss(head(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+        train_loss = _head_epoch(head, opt, x, y, gen=gen, lr=lr, epoch=epoch, epochs=epochs, batch_size=batch_size)
         mae = val_mae()
-        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_mae": mae})
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_mae": mae})
         if mae < best - 1e-6:
             best, best_state, bad = mae, {k: v.clone() for k, v in head.state_dict().items()}, 0
         else:

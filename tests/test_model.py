@@ -221,12 +221,11 @@ def test_separate_variance_members_can_be_smaller_than_the_gap_mlp_and_an_l1_hea
 
 
 def test_batches_fingerprint_tells_crystal_sets_apart():
-    from matbalora.finetune import batches_fingerprint
     from matbalora.training import ListBatches
 
-    a = batches_fingerprint(ListBatches([object()] * 3, [0.0, 1.0, 2.0]))
-    assert a == batches_fingerprint(ListBatches([object()] * 3, [0.0, 1.0, 2.0])) and len(a) == 16
-    assert a != batches_fingerprint(ListBatches([object()] * 3, [0.0, 1.0, 2.5]))
+    a = ListBatches([object()] * 3, [0.0, 1.0, 2.0]).fingerprint()
+    assert a == ListBatches([object()] * 3, [0.0, 1.0, 2.0]).fingerprint() and len(a) == 16
+    assert a != ListBatches([object()] * 3, [0.0, 1.0, 2.5]).fingerprint()
 
 
 def test_refit_variance_learns_where_the_noise_is_and_leaves_the_gap():
@@ -271,7 +270,7 @@ def test_refit_variance_starts_from_fresh_members_whatever_training_did_to_them(
 
 def test_out_of_fold_gaps_come_from_heads_that_did_not_see_the_crystal():
     from matbalora.head import BandGapHead
-    from matbalora.training import fit_head_l1, out_of_fold_gaps
+    from matbalora.training import fit_head, out_of_fold_gaps
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(400, 4, generator=gen)
@@ -281,7 +280,7 @@ def test_out_of_fold_gaps_come_from_heads_that_did_not_see_the_crystal():
     torch.manual_seed(0)
     full = BandGapHead(4, cfg)
     full.set_input_statistics(x.mean(0), x.std(0))
-    fit_head_l1(full, x, y, epochs=60, lr=3e-3)
+    fit_head(full, x, y, epochs=60, lr=3e-3)
     with torch.no_grad():
         in_sample = float((full(x)["gap"] - y).abs().mean())
     out_of_fold = float((oof - y).abs().mean())

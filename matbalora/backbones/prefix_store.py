@@ -375,6 +375,13 @@ class StoreBatches:
     def __len__(self) -> int:
         return self.n
 
+    def fingerprint(self) -> str:
+        """sha256 (16 hex digits) of which crystals this source holds: the store's root and their positions."""
+        h = hashlib.sha256(str(self.store.root).encode())
+        for shard, positions in self.by_shard.items():
+            h.update(f"{shard}:".encode() + np.asarray(positions, dtype=np.int64).tobytes())
+        return h.hexdigest()[:16]
+
     def n_batches(self, batch_size: int) -> int:
         return sum(-(-len(v) // batch_size) for v in self.by_shard.values())
 
