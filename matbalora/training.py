@@ -282,10 +282,15 @@ def native_bf16() -> bool | None:
 @torch.no_grad()
 def pooled_features_of(model: BandGapModel, batches, *, batch_size: int = 128, limit: int | None = None,
                        checkpoint: str | os.PathLike | None = None, key: str = "", save_every_s: float = 300.0,
-                       keep: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                       keep: bool = False, draws: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The head's inputs [n, d] (deterministic: posterior mean, no dropout) and targets [n] eV of the
     crystals of a batch source (:class:`ListBatches` or ``StoreBatches``), in one pass; ``limit``: stop
     after about this many (a seeded random choice of batches).
+
+    ``draws`` > 0 (BaLoRA only): the features of ``draws`` adapter draws per crystal instead of the
+    posterior mean, ``draws`` rows per crystal (draw-major within each batch) with its target repeated;
+    each batch's draws come from a generator seeded by ``seed`` and the batch's position, so a resumed
+    pass gives the same features as an unbroken one.
 
     ``checkpoint``: a file that the features computed so far are written to (atomically, every
     ``save_every_s`` seconds) and resumed from, so that a killed pass over the whole pool (~1 h on one
@@ -293,32 +298,36 @@ def pooled_features_of(model: BandGapModel, batches, *, batch_size: int = 128, l
     ``batch_size`` match, and deleted once the pass is done; with ``keep`` it is kept, complete, and a
     later call with the same key returns its features without a pass (a cache shared by the refits of
     one model)."""
+    if draws < 0 or (draws and not model.is_bayesian):
+        raise ValueError(f"draws={draws}: adapter draws need a BaLoRA model (method={model.method!r}) and draws >= 0")
     feats, ys, n = [], [], 0
-    meta = {"key": key, "batch_size": batch_size, "limit": limit}
+    meta = {"key": key, "batch_size": batch_size, "limit": limit} | ({"draws": draws, "seed": seed} if draws else {})
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("meta") == meta and saved.get("complete"):
-            log.info("pooled features: all %d crystals from %s", sum(len(v) for v in saved["ys"]), path)
+            log.info("pooled features: all %d rows from %s", sum(len(v) for v in saved["ys"]), path)
             return torch.cat(list(saved["feats"])), torch.cat(list(saved["ys"]))
         if saved.get("meta") == meta:
             feats, ys = list(saved["feats"]), list(saved["ys"])
-            n = sum(len(v) for v in ys)
+            n = sum(len(v) for v in ys) // max(draws, 1)  # crystals, not rows
             log.info("pooled features: resuming after %d batches from %s", len(feats), path)
     last_save = time.perf_counter()
     was_training = model.training
     model.train(False)
     try:
-        with model.context.sampling("mean"):
-            for batch, y in batches.epoch(batch_size, torch.Generator().manual_seed(0), skip=len(feats)):
-                if limit is not None and n >= limit:
-                    break
-                feats.append(model.family.crystal_features(model.backbone, batch, samples=1, context=model.context, pooling=model.head_config.pooling)[0])
-                ys.append(y)
-                n += len(y)
-                if path is not None and time.perf_counter() - last_save > save_every_s:
-                    atomic_write(path, lambda tmp: torch.save({"meta": meta, "feats": feats, "ys": ys}, tmp))
-                    last_save = time.perf_counter()
+        for batch, y in batches.epoch(batch_size, torch.Generator().manual_seed(0), skip=len(feats)):
+            if limit is not None and n >= limit:
+                break
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + len(feats))  # this batch's draws, resumed or not
+            with model.context.sampling("sample" if draws else "mean", generator=gen):
+                f = model.family.crystal_features(model.backbone, batch, samples=max(draws, 1), context=model.context, pooling=model.head_config.pooling)
+            feats.append(f.reshape(-1, f.shape[-1]))
+            ys.append(y.repeat(max(draws, 1)))
+            n += len(y)
+            if path is not None and time.perf_counter() - last_save > save_every_s:
+                atomic_write(path, lambda tmp: torch.save({"meta": meta, "feats": feats, "ys": ys}, tmp))
+                last_save = time.perf_counter()
     finally:
         model.train(was_training)
     if path is not None and keep:

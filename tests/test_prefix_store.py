@@ -304,3 +304,56 @@ def test_pooled_features_resume_after_a_kill_and_ignore_another_models_checkpoin
     torch.testing.assert_close(cached_y, want_y)
     torch.testing.assert_close(kept, want)
     torch.testing.assert_close(other, want)
+
+
+def test_pooled_features_of_adapter_draws_are_seeded_per_batch_and_resume_to_the_same_rows(tmp_path, prefixed):
+    from matbalora.training import pooled_features_of
+
+    store = PrefixStore(build(tmp_path / "s", prefixed))
+    ids = sorted(store.kept)
+    model = _fresh(method="balora")
+    from matbalora.adapters import adapters_of
+
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a fresh adapter's B is zero: its draws would not move the features
+        for m in adapters_of(model.backbone):
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=gen) * 0.5)
+            m.log_a.fill_(-1.0)
+    mean, mean_y = pooled_features_of(model, StoreBatches(store, ids), batch_size=2)
+    drawn, drawn_y = pooled_features_of(model, StoreBatches(store, ids), batch_size=2, draws=3, seed=5)
+    assert drawn.shape == (3 * len(ids), mean.shape[1]) and drawn_y.shape == (3 * len(ids),)
+    # draw-major within a batch: the first batch's two crystals, three times, with their targets
+    torch.testing.assert_close(drawn_y[:6], mean_y[:2].repeat(3))
+    first = drawn[:6].reshape(3, 2, -1)
+    assert not torch.allclose(first[0], first[1])  # two draws of one crystal differ
+    assert (first.mean(0) - mean[:2]).abs().max() < (first - mean[:2]).abs().max()  # the draws scatter about the posterior mean
+    again, _ = pooled_features_of(model, StoreBatches(store, ids), batch_size=2, draws=3, seed=5)
+    torch.testing.assert_close(again, drawn)
+    other_seed, _ = pooled_features_of(model, StoreBatches(store, ids), batch_size=2, draws=3, seed=6)
+    assert not torch.allclose(other_seed, drawn)
+    # killed after two batches and resumed: the same rows as the unbroken pass
+    ckpt = tmp_path / "drawn.pt"
+    real = model.family.crystal_features
+    calls = []
+
+    def dies_on_the_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    model.family.crystal_features = dies_on_the_third_batch
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pooled_features_of(model, StoreBatches(store, ids), batch_size=2, checkpoint=ckpt, key="w", save_every_s=0, draws=3, seed=5)
+    finally:
+        model.family.crystal_features = real
+    resumed, resumed_y = pooled_features_of(model, StoreBatches(store, ids), batch_size=2, checkpoint=ckpt, key="w", draws=3, seed=5)
+    torch.testing.assert_close(resumed, drawn)
+    torch.testing.assert_close(resumed_y, drawn_y)
+    # a posterior-mean checkpoint of the same key is not taken for drawn features
+    pooled_features_of(model, StoreBatches(store, ids), batch_size=2, checkpoint=ckpt, key="w", keep=True)
+    redrawn, _ = pooled_features_of(model, StoreBatches(store, ids), batch_size=2, checkpoint=ckpt, key="w", keep=True, draws=3, seed=5)
+    torch.testing.assert_close(redrawn, drawn)
+    with pytest.raises(ValueError, match="BaLoRA"):
+        pooled_features_of(_fresh(method="lora"), StoreBatches(store, ids), batch_size=2, draws=2)

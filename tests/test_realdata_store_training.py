@@ -14,6 +14,8 @@ from conftest import MP_GAP
 import matbalora
 from matbalora.backbones.chgnet import FAMILY as CHGNET
 from matbalora.backbones.prefix_store import PrefixStore, StoreBatches, build_prefix_store
+from matbalora.atomic import sha256_file
+from matbalora.checkpoint import WEIGHTS
 from matbalora.config import HeadConfig, TrainConfig
 from matbalora.data.readers import load_dataset
 from matbalora.data.splits import Split
@@ -91,7 +93,8 @@ def test_store_training_with_nll_head_and_refit(tmp_path):
     wide = HeadConfig(hidden=32, layers=3, loss="l1", pooling="mean_max", standardize=True)
     # 128 crystals are one step per epoch: a higher lr than the full pool's 3e-4
     new = rehead_of(out, tmp_path / "rehead", data=data, train_batches=StoreBatches(store, ids[:N_TRAIN]), head=wide, epochs=60, lr=3e-3,
-                    members=2, variance_hidden=8, variance_layers=1, variance_epochs=5, variance_folds=2, fold_epochs=10, samples=4)
+                    members=2, variance_hidden=8, variance_layers=1, variance_epochs=5, variance_folds=2, fold_epochs=10, samples=4,
+                    draw_crystals=64, draws=2)
     new_card = json.loads((new / "config.json").read_text())
     head = new_card["head"]
     assert (head["hidden"], head["layers"], head["loss"], head["variance"], head["variance_members"], head["variance_hidden"], head["variance_layers"]) == (
@@ -100,6 +103,8 @@ def test_store_training_with_nll_head_and_refit(tmp_path):
     info = new_card["training"]["rehead"]
     assert info["crystals"] == N_TRAIN and info["source"] == str(out) and info["variance_refit"]["members"] == 2
     assert info["variance_refit"]["residuals"] == "out of 2 folds, 10 epochs each"
+    assert (info["head_refit"]["drawn_rows"], info["head_refit"]["draws"]) == (128, 2)  # 64 crystals, two adapter draws each
+    assert (tmp_path / f".pooled_{sha256_file(out / WEIGHTS)[:16]}_64_draws2_seed0.pt").is_file()  # kept for the next refit
     assert info["head_refit"]["val_mae_after"] < info["head_refit"]["val_mae_before"]  # the fresh head learned
     assert new_card["metrics"]["val"]["mae"] < float(np.mean(np.abs(val_y - np.mean(store.targets(ids[:N_TRAIN])))))
     c = matbalora.load_model(new).predict(ds.structures[N_TRAIN : N_TRAIN + 4], samples=4)
