@@ -1,6 +1,6 @@
 """What a user screening by confidence gets: the MAE of the crystals a model is most sure of.
 
-For each full-pool run (or its shipped copy) and the shipped ensemble: the validation and test
+For each full-pool run (or its shipped copy), and with ``--ensemble`` the shipped ensemble: the validation and test
 crystals, all and non-metals (PBE gap > 0) apart, ranked by the model's recalibrated ``std``; the
 MAE (eV) of the most certain 100 / 75 / 50 / 25 / 10 % (``matbalora.metrics.sparsification_curves``,
 unnormalised). Spearman ranks errors within one model; this compares what models leave a user who

@@ -385,7 +385,7 @@ def rehead_of(source: str | os.PathLike, out: str | os.PathLike, *, data: Prepar
     (x, y), val = _refit_features(model, source, out, data, train_batches, crystals)
     gap_rows = (x, y)
     if draw_crystals:
-        drawn = _refit_features(model, source, out, data, train_batches, draw_crystals, draws=draws, seed=seed)[0]
+        drawn = _training_features(model, source, out, train_batches, draw_crystals, draws=draws, seed=seed)
         gap_rows = (torch.cat([x, drawn[0]]), torch.cat([y, drawn[1]]))
     torch.manual_seed(seed)
     model.head = BandGapHead(x.shape[1], replace(head, loss="l1", variance="shared", variance_members=1))
@@ -411,20 +411,27 @@ def rehead_of(source: str | os.PathLike, out: str | os.PathLike, *, data: Prepar
 
 
 def _refit_features(model: BandGapModel, source: str | os.PathLike, out: Path, data: PreparedData, train_batches,
-                    crystals: int | None, *, draws: int = 0, seed: int = 0) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+                    crystals: int | None) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """(pooled features, gaps) of ``crystals`` training crystals (:func:`_training_features`) and of the
+    validation part (posterior mean)."""
+    feats = _training_features(model, source, out, train_batches, crystals)
+    val = ([data.graphs[i] for i in data.split.val], torch.as_tensor(data.targets[data.split.val], dtype=torch.float32))
+    return feats, (model.pooled_features(val[0]), val[1])
+
+
+def _training_features(model: BandGapModel, source: str | os.PathLike, out: Path, train_batches, crystals: int | None, *,
+                       draws: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(pooled features, gaps) of ``crystals`` training crystals (all: None; ``draws`` > 0: that many
-    adapter draws of each) and of the validation part (posterior mean):
-    a pass over the whole pool is ~1 h on one core, so it checkpoints to ``out``'s folder, resumes, and
-    stays there as a cache that the other refits of the same source weights and crystals reuse
-    (``.pooled_<sha256 of the weights>_<crystals>[_draws<k>].pt``)."""
+    adapter draws of each, :func:`~matbalora.training.pooled_features_of`): a pass over the whole pool
+    is ~1 h on one core, so it checkpoints to ``out``'s folder, resumes, and stays there as a cache that
+    the other refits of the same source weights and crystals reuse
+    (``.pooled_<sha256 of the weights>_<crystals>[_draws<k>_seed<s>].pt``)."""
     batches = train_batches if not isinstance(train_batches, tuple) else ListBatches(*train_batches)
     weights = sha256_file(Path(source) / WEIGHTS)
     # which crystals and how they are pooled belong to the key too: the cache outlives the run
     key = f"{weights}:{batches.fingerprint()}:{model.head_config.pooling}"
     name = f".pooled_{weights[:16]}_{crystals or 'all'}" + (f"_draws{draws}_seed{seed}" if draws else "")
-    feats = pooled_features_of(model, batches, limit=crystals, checkpoint=out.parent / f"{name}.pt", key=key, keep=True, draws=draws, seed=seed)
-    val = ([data.graphs[i] for i in data.split.val], torch.as_tensor(data.targets[data.split.val], dtype=torch.float32))
-    return feats, (model.pooled_features(val[0]), val[1])
+    return pooled_features_of(model, batches, limit=crystals, checkpoint=out.parent / f"{name}.pt", key=key, keep=True, draws=draws, seed=seed)
 
 
 def _save_refit(model: BandGapModel, card: dict, source: str | os.PathLike, out: Path, data: PreparedData, samples: int, training: dict) -> Path:

@@ -246,6 +246,27 @@ def test_head_refit_on_pooled_features_never_loses_validation_mae(tmp_path, pref
         assert float((model.head(feats[:3])["gap"] - y[:3]).abs().mean()) == pytest.approx(out["val_mae_after"], rel=1e-5)
 
 
+def _killed_on_the_third_batch(model, *args, **kwargs) -> None:
+    """Run ``pooled_features_of(model, *args, **kwargs)`` and kill it (KeyboardInterrupt) as its third batch starts."""
+    from matbalora.training import pooled_features_of
+
+    real = model.family.crystal_features
+    calls = []
+
+    def dies_on_the_third_batch(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **kw)
+
+    model.family.crystal_features = dies_on_the_third_batch
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pooled_features_of(model, *args, **kwargs)
+    finally:
+        model.family.crystal_features = real
+
+
 def test_pooled_features_resume_after_a_kill_and_ignore_another_models_checkpoint(tmp_path, prefixed):
     from matbalora.training import pooled_features_of
 
@@ -254,21 +275,8 @@ def test_pooled_features_resume_after_a_kill_and_ignore_another_models_checkpoin
     model = _fresh(method="lora")
     want, want_y = pooled_features_of(model, StoreBatches(store, ids), batch_size=2)
     ckpt = tmp_path / "pooled.pt"
+    _killed_on_the_third_batch(model, StoreBatches(store, ids), batch_size=2, checkpoint=ckpt, key="w1", save_every_s=0)
     real = model.family.crystal_features
-    calls = []
-
-    def dies_on_the_third_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("killed")
-        return real(*args, **kwargs)
-
-    model.family.crystal_features = dies_on_the_third_batch
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            pooled_features_of(model, StoreBatches(store, ids), batch_size=2, checkpoint=ckpt, key="w1", save_every_s=0)
-    finally:
-        model.family.crystal_features = real
     assert ckpt.is_file()
     assert len(torch.load(ckpt, weights_only=True)["feats"]) == 2  # the two batches done before the kill
     counted = []
@@ -333,21 +341,8 @@ def test_pooled_features_of_adapter_draws_are_seeded_per_batch_and_resume_to_the
     assert not torch.allclose(other_seed, drawn)
     # killed after two batches and resumed: the same rows as the unbroken pass
     ckpt = tmp_path / "drawn.pt"
-    real = model.family.crystal_features
-    calls = []
-
-    def dies_on_the_third_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("killed")
-        return real(*args, **kwargs)
-
-    model.family.crystal_features = dies_on_the_third_batch
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            pooled_features_of(model, StoreBatches(store, ids), batch_size=2, checkpoint=ckpt, key="w", save_every_s=0, draws=3, seed=5)
-    finally:
-        model.family.crystal_features = real
+    _killed_on_the_third_batch(model, StoreBatches(store, ids), batch_size=2, checkpoint=ckpt, key="w", save_every_s=0, draws=3, seed=5)
+    assert len(torch.load(ckpt, weights_only=True)["feats"]) == 2  # the two batches done before the kill
     resumed, resumed_y = pooled_features_of(model, StoreBatches(store, ids), batch_size=2, checkpoint=ckpt, key="w", draws=3, seed=5)
     torch.testing.assert_close(resumed, drawn)
     torch.testing.assert_close(resumed_y, drawn_y)
