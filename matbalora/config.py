@@ -12,7 +12,7 @@ from typing import Any, Literal, get_args
 
 Method = Literal["head", "lora", "balora", "full"]
 NoiseMode = Literal["per_crystal", "per_row"]
-HeadOutput = Literal["softplus", "gated"]
+HeadOutput = Literal["softplus", "gated", "censored"]
 TaskLoss = Literal["l1", "mse", "nll", "l1_nll"]
 VarianceHead = Literal["shared", "separate"]
 Pooling = Literal["mean", "mean_max"]
@@ -92,7 +92,7 @@ class HeadConfig:
     layers: int = field(default=2, metadata={"help": "number of hidden layers"})
     output: HeadOutput = field(
         default="softplus",
-        metadata={"help": "softplus(z) or gated: (1 - p_metal) * softplus(z)"},
+        metadata={"help": "softplus(z); gated: (1 - p_metal) * softplus(z); or censored: max(z, 0), trained on z itself where the gap is positive (a non-metal predicted below zero still feels its error: softplus does not, see BandGapHead)"},
     )
     loss: TaskLoss = field(default="l1", metadata={"help": "task loss on the gap: l1, mse, nll (Gaussian NLL of gap and learned variance), l1_nll (L1 on the gap + Gaussian NLL of the learned variance around the detached gap)"})
     dropout: float = field(default=0.0, metadata={"help": "dropout inside the head"})

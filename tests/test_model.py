@@ -289,3 +289,43 @@ def test_out_of_fold_gaps_come_from_heads_that_did_not_see_the_crystal():
     assert out_of_fold < float((y - y.median()).abs().mean())  # and the fold heads still learned
     with pytest.raises(ValueError, match="folds=1"):
         out_of_fold_gaps(cfg, x, y, folds=1, epochs=1, lr=1e-3)
+
+
+def test_censored_head_pulls_back_non_metals_that_softplus_leaves_at_zero():
+    """A head trained on metals pushes their region of feature space to z ~ -10; insulators that then
+    appear next to them get softplus's L1 gradient sigmoid(z) ~ 1e-4 and stay at 0 eV (the shipped
+    head and diamond), while the censored head compares their z with the target itself and learns
+    them from the same start; metals below zero cost it nothing."""
+    from matbalora.head import BandGapHead
+    from matbalora.training import fit_head
+
+    gen = torch.Generator().manual_seed(0)
+
+    def group(n: int, centre: list[float], spread: float) -> torch.Tensor:
+        return torch.tensor(centre) + spread * torch.randn(n, 2, generator=gen)
+
+    live, metals, insulators = group(300, [2.0, 0.0], 0.5), group(300, [-2.0, 0.0], 0.3), group(30, [-2.0, 1.5], 0.2)
+    y_live = 1.0 + 0.5 * live[:, 0]
+    torch.manual_seed(0)
+    start = BandGapHead(2, HeadConfig(hidden=16, layers=2))
+    fit_head(start, torch.cat([live, metals]), torch.cat([y_live, torch.zeros(300)]), epochs=100, lr=1e-2, batch_size=64)
+    with torch.no_grad():
+        assert float(start.out(start.body(insulators))[:, 0].max()) < -5  # a dead region
+    x, y = torch.cat([live, metals, insulators]), torch.cat([y_live, torch.zeros(300), torch.full((30,), 4.0)])
+    fitted = {}
+    for output in ("softplus", "censored"):
+        head = BandGapHead(2, HeadConfig(hidden=16, layers=2, output=output))
+        head.load_state_dict(start.state_dict())
+        fitted[output] = fit_head(head, x, y, epochs=100, lr=1e-2, batch_size=64)
+    with torch.no_grad():
+        soft, cens = fitted["softplus"](insulators)["gap"], fitted["censored"](insulators)
+        assert float(soft.max()) < 0.05  # stuck: no gradient reaches them
+        assert float((cens["gap"] - 4.0).abs().mean()) < 0.3 and torch.equal(cens["gap"], cens["raw"].clamp_min(0))
+        assert float(fitted["censored"](metals)["gap"].mean()) < 0.05
+        assert float((fitted["censored"](live)["gap"] - y_live).abs().mean()) < 0.1
+    head = BandGapHead(2, HeadConfig(hidden=4, output="censored"))
+    out = {"raw": torch.tensor([-2.0, -2.0], requires_grad=True)}
+    out["gap"] = out["raw"].clamp_min(0)
+    head.loss(out, torch.tensor([0.0, 3.0])).backward()
+    # the metal below zero: no loss, no gradient; the insulator below zero: L1's full gradient
+    assert torch.equal(out["raw"].grad, torch.tensor([0.0, -0.5]))
