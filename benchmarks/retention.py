@@ -12,6 +12,7 @@ keeps only their confident predictions. BaLoRA: 16 draws, seed 0.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -55,7 +56,9 @@ def main(argv: list[str] | None = None) -> dict:
         predictors[name] = Predictor.load(folder)
     if args.ensemble:
         predictors["shipped_lora_ensemble"] = EnsemblePredictor.load(REPO / "models" / "lora_ensemble")
-    out: dict = {"kept_fractions": list(KEPT), "runs": {}}
+    # runs measured before (perhaps on another machine: runs/ is not in git) keep their committed rows
+    earlier = json.loads((RESULTS / "retention.json").read_text()) if (RESULTS / "retention.json").is_file() else {}
+    out: dict = {"kept_fractions": list(KEPT), "runs": {k: v for k, v in earlier.get("runs", {}).items() if k not in predictors}}
     for name, predictor in predictors.items():
         out["runs"][name] = {}
         for part in ("val", "test"):
