@@ -1,9 +1,9 @@
 """Where a gap head cannot learn: training non-metals it predicts as metals, and how deep below zero.
 
 For each full-pool rehead run (or its shipped copy), its gap head on the frozen posterior-mean pooled
-features of all 82,111 training crystals (the cache ``runs/full_pool/.pooled_<sha256>_82111.pt`` that
-``full_pool.py rehead`` leaves, keyed by the weights of the rehead's source; the runs must share their
-adapters, so the cache of any one of them serves all): the
+features of all 82,111 training crystals (the cache ``runs/full_pool/.pooled_<fingerprint>_82111.pt`` that
+``full_pool.py rehead`` leaves, keyed by ``matbalora.finetune.features_fingerprint``: the runs must
+share their backbone and adapters, and then one cache serves all): the
 pre-activation z of the gap output and the in-sample gap. A training crystal whose PBE gap is above
 ``--gap`` eV but is predicted below 0.05 eV is a missed non-metal; under a softplus output one with
 z < -5 gets an L1 gradient below sigmoid(-5) = 0.0067 of a live crystal's and is stuck there
@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from full_pool import RESULTS, RUNS, finished_run  # noqa: E402
 
-from matbalora.atomic import sha256_file, write_json  # noqa: E402
-from matbalora.checkpoint import WEIGHTS, load_model_folder  # noqa: E402
+from matbalora.atomic import write_json  # noqa: E402
+from matbalora.checkpoint import load_model_folder  # noqa: E402
+from matbalora.finetune import features_fingerprint  # noqa: E402
 
 
 def head_outputs(head, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -56,22 +57,20 @@ def main(argv: list[str] | None = None) -> dict:
     folders = {name: Path(name) if Path(name).is_dir() else finished_run(name) for name in args.runs}
     if missing := [n for n, f in folders.items() if f is None]:
         raise SystemExit(f"not finished (runs/full_pool or models/): {missing}")
-    keyed = [RUNS / f".pooled_{sha256_file(Path(f) / WEIGHTS)[:16]}_82111.pt" for f in folders.values()]
-    cache = next((c for c in keyed if c.is_file()), None)
-    if cache is None:
-        raise SystemExit(f"none of {[c.name for c in keyed]} in {RUNS}: run full_pool.py rehead with one of these as source first")
+    models = {name: load_model_folder(folder)[0] for name, folder in folders.items()}
+    prints = {features_fingerprint(m) for m in models.values()}
+    if len(prints) != 1:
+        raise SystemExit(f"{args.runs}: their backbones or adapters differ; the cached features serve runs of one source only")
+    cache = RUNS / f".pooled_{prints.pop()[:16]}_82111.pt"
+    if not cache.is_file():
+        raise SystemExit(f"{cache}: not there; run full_pool.py rehead on one of these runs' source first")
     saved = torch.load(cache, map_location="cpu", weights_only=True)
     if not saved.get("complete"):
         raise SystemExit(f"{cache}: the pass over the training crystals has not finished")
     x, y = torch.cat(list(saved["feats"])), torch.cat(list(saved["ys"])).numpy()
     out = {"cache": cache.name, "training_crystals": len(y), "nonmetal_threshold_ev": args.gap, "runs": {}}
-    adapters = None
     for name, folder in folders.items():
-        model, _card = load_model_folder(folder)
-        mine = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
-        if adapters is not None and (mine.keys() != adapters.keys() or any(not torch.equal(v, adapters[k]) for k, v in mine.items())):
-            raise SystemExit(f"{name}: its adapters differ from {args.runs[0]}'s; the cached features serve runs of one source only")
-        adapters = mine
+        model = models[name]
         z, gap = head_outputs(model.head, x)
         out["runs"][name] = {"folder": str(folder), "output": model.head_config.output, **census(z, gap, y, args.gap)}
         print(name, out["runs"][name])

@@ -150,6 +150,9 @@ REHEADS = {**{f"balora_full_2blocks_10ep_head{w}x3_var5_full": ("balora_full_2bl
            # the same head with a censored output (max(z, 0), trained on z where the gap is positive): under
            # softplus the shipped head left all five diamond-like training carbons at z ~ -16, gradient ~1e-7
            "balora_full_2blocks_10ep_head512x3cens_var5_full": ("balora_full_2blocks_10ep", replace(WIDE_HEADS[512], output="censored"), {}),
+           # and fitted on two adapter draws of 16,000 crystals as well: MgO's 16 draws still range 0.25-4.92 eV
+           "balora_full_2blocks_10ep_head512x3cens_drawn16kx2_var5_full": ("balora_full_2blocks_10ep", replace(WIDE_HEADS[512], output="censored"),
+                                                                          {"draw_crystals": 16_000, "draws": 2}),
            # the ensemble's members with the same new head (an ensemble ``lora_full_2blocks_4ep_head512x3_var5``)
            **{f"lora_full_2blocks_4ep_head512x3_var5_seed{s}": (f"lora_full_2blocks_4ep_var5_seed{s}", WIDE_HEADS[512], {}) for s in range(5)}}
 STORES |= {name: STORES[source] for name, (source, _head, _kw) in REHEADS.items()}
@@ -214,8 +217,10 @@ def _shipped_rehead_of(source_name: str) -> Path | None:
     that run's adapters, and a new rehead replaces its head anyway (runs/ is not in git; a fresh
     machine has only the shipped copies)."""
     for config in sorted((REPO / "models").glob("**/config.json")):
-        rehead = json.loads(config.read_text()).get("training", {}).get("rehead", {})
-        if Path(rehead.get("source", "")).name == source_name:
+        card = json.loads(config.read_text())
+        # its command names the rehead run (whose source is in REHEADS), or its card the source folder
+        runs = [REHEADS[w][0] for w in _words_after(card.get("command", ""), "rehead") if w in REHEADS]
+        if source_name in runs or Path(card.get("training", {}).get("rehead", {}).get("source", "")).name == source_name:
             return config.parent
     return None
 

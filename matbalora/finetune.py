@@ -7,6 +7,7 @@ different seeds (the deep-ensemble baseline) and an ``ensemble.json`` next to th
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -19,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from matbalora.atomic import sha256_file, write_json
+from matbalora.atomic import write_json
 from matbalora.backbones import DEFAULT_BACKBONE
 from matbalora.calibration import StdScaler, fit_recalibration
-from matbalora.checkpoint import WEIGHTS, load_model_folder, save_model, with_adapters
+from matbalora.checkpoint import load_model_folder, save_model, with_adapters
 from matbalora.config import AdapterConfig, HeadConfig, TrainConfig, to_dict
 from matbalora.data.readers import load_dataset
 from matbalora.data.splits import Split, grouped_split, random_split
@@ -385,7 +386,7 @@ def rehead_of(source: str | os.PathLike, out: str | os.PathLike, *, data: Prepar
     (x, y), val = _refit_features(model, source, out, data, train_batches, crystals)
     gap_rows = (x, y)
     if draw_crystals:
-        drawn = _training_features(model, source, out, train_batches, draw_crystals, draws=draws, seed=seed)
+        drawn = _training_features(model, out, train_batches, draw_crystals, draws=draws, seed=seed)
         gap_rows = (torch.cat([x, drawn[0]]), torch.cat([y, drawn[1]]))
     torch.manual_seed(seed)
     model.head = BandGapHead(x.shape[1], replace(head, loss="l1", variance="shared", variance_members=1))
@@ -414,20 +415,33 @@ def _refit_features(model: BandGapModel, source: str | os.PathLike, out: Path, d
                     crystals: int | None) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """(pooled features, gaps) of ``crystals`` training crystals (:func:`_training_features`) and of the
     validation part (posterior mean)."""
-    feats = _training_features(model, source, out, train_batches, crystals)
+    feats = _training_features(model, out, train_batches, crystals)
     val = ([data.graphs[i] for i in data.split.val], torch.as_tensor(data.targets[data.split.val], dtype=torch.float32))
     return feats, (model.pooled_features(val[0]), val[1])
 
 
-def _training_features(model: BandGapModel, source: str | os.PathLike, out: Path, train_batches, crystals: int | None, *,
+def features_fingerprint(model: BandGapModel) -> str:
+    """sha256 of everything but the head in ``model``'s state (backbone and adapters: what its pooled
+    features depend on), names, dtypes and shapes included."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if not name.startswith("head."):
+            t = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _training_features(model: BandGapModel, out: Path, train_batches, crystals: int | None, *,
                        draws: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(pooled features, gaps) of ``crystals`` training crystals (all: None; ``draws`` > 0: that many
     adapter draws of each, :func:`~matbalora.training.pooled_features_of`): a pass over the whole pool
     is ~1 h on one core, so it checkpoints to ``out``'s folder, resumes, and stays there as a cache that
     the other refits of the same source weights and crystals reuse
-    (``.pooled_<sha256 of the weights>_<crystals>[_draws<k>_seed<s>].pt``)."""
+    (``.pooled_<features_fingerprint>_<crystals>[_draws<k>_seed<s>].pt``: models that differ only in
+    their head share it)."""
     batches = train_batches if not isinstance(train_batches, tuple) else ListBatches(*train_batches)
-    weights = sha256_file(Path(source) / WEIGHTS)
+    weights = features_fingerprint(model)
     # which crystals and how they are pooled belong to the key too: the cache outlives the run
     key = f"{weights}:{batches.fingerprint()}:{model.head_config.pooling}"
     name = f".pooled_{weights[:16]}_{crystals or 'all'}" + (f"_draws{draws}_seed{seed}" if draws else "")

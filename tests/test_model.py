@@ -329,3 +329,18 @@ def test_censored_head_pulls_back_non_metals_that_softplus_leaves_at_zero():
     head.loss(out, torch.tensor([0.0, 3.0])).backward()
     # the metal below zero: no loss, no gradient; the insulator below zero: L1's full gradient
     assert torch.equal(out["raw"].grad, torch.tensor([0.0, -0.5]))
+
+
+def test_features_fingerprint_keys_the_backbone_and_adapters_not_the_head():
+    """The pooled-feature cache of rehead_of is shared by models that differ only in their head."""
+    from matbalora.finetune import features_fingerprint
+
+    a, b = build("balora"), build("balora")  # the same seed: the same model
+    assert features_fingerprint(a) == features_fingerprint(b)
+    with torch.no_grad():
+        b.head.out.bias.add_(1.0)
+    assert features_fingerprint(a) == features_fingerprint(b)
+    name, param = next((n, p) for n, p in b.named_parameters() if not n.startswith("head.") and p.requires_grad)
+    with torch.no_grad():
+        param.add_(0.5)
+    assert features_fingerprint(a) != features_fingerprint(b), name
