@@ -14,12 +14,11 @@ from conftest import MP_GAP
 import matbalora
 from matbalora.backbones.chgnet import FAMILY as CHGNET
 from matbalora.backbones.prefix_store import PrefixStore, StoreBatches, build_prefix_store
-from matbalora.atomic import sha256_file
-from matbalora.checkpoint import WEIGHTS
+from matbalora.checkpoint import load_model_folder
 from matbalora.config import HeadConfig, TrainConfig
 from matbalora.data.readers import load_dataset
 from matbalora.data.splits import Split
-from matbalora.finetune import PreparedData, train_model
+from matbalora.finetune import PreparedData, features_fingerprint, train_model
 from matbalora.model import BandGapModel
 
 N_TRAIN, N_VAL = 128, 40
@@ -104,7 +103,10 @@ def test_store_training_with_nll_head_and_refit(tmp_path):
     assert info["crystals"] == N_TRAIN and info["source"] == str(out) and info["variance_refit"]["members"] == 2
     assert info["variance_refit"]["residuals"] == "out of 2 folds, 10 epochs each"
     assert (info["head_refit"]["drawn_rows"], info["head_refit"]["draws"]) == (128, 2)  # 64 crystals, two adapter draws each
-    assert (tmp_path / f".pooled_{sha256_file(out / WEIGHTS)[:16]}_64_draws2_seed0.pt").is_file()  # kept for the next refit
+    # kept for the next refit, keyed by the backbone and adapters: the reheaded model shares the key
+    key = features_fingerprint(load_model_folder(out)[0])[:16]
+    assert key == features_fingerprint(load_model_folder(new)[0])[:16]
+    assert (tmp_path / f".pooled_{key}_64_draws2_seed0.pt").is_file()
     assert info["head_refit"]["val_mae_after"] < info["head_refit"]["val_mae_before"]  # the fresh head learned
     assert new_card["metrics"]["val"]["mae"] < float(np.mean(np.abs(val_y - np.mean(store.targets(ids[:N_TRAIN])))))
     c = matbalora.load_model(new).predict(ds.structures[N_TRAIN : N_TRAIN + 4], samples=4)
