@@ -19,8 +19,7 @@ PBE = {"Si_diamond": 0.61, "NaCl_rocksalt": 5.00, "Cu_fcc": 0.0, "Al_fcc": 0.0, 
 TARGET = ("C_diamond", "MgO_rocksalt", "LiF_rocksalt", "Al2O3_corundum", "KCl_rocksalt", "Si_diamond", "GaAs_zincblende")
 #: (model, crystal) pairs measured outside the target on the shipped models: strict xfail, so the test
 #: fails once they land inside (then remove them here) and the README's table says the same
-KNOWN_MISSES: set[tuple[str, str]] = {("balora", "MgO_rocksalt"),
-                                       ("ensemble", "C_diamond"), ("ensemble", "LiF_rocksalt"), ("ensemble", "Si_diamond")}
+KNOWN_MISSES: set[tuple[str, str]] = {("ensemble", "C_diamond"), ("ensemble", "LiF_rocksalt"), ("ensemble", "Si_diamond")}
 #: (model, crystal) pairs whose 90 % interval was measured not to hold the PBE gap (strict xfail as above)
 KNOWN_INTERVAL_MISSES: set[tuple[str, str]] = {("ensemble", "LiF_rocksalt")}
 
