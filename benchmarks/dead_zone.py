@@ -36,7 +36,7 @@ from matbalora.finetune import features_fingerprint  # noqa: E402
 def head_outputs(head, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """(pre-activation z of the gap, gap) [n] of a BandGapHead on pooled features x [n, d]."""
     with torch.no_grad():
-        z = head.out(head.body(head.standardized(x)))[:, 0]
+        z = head.gap_preactivation(x)
         return z.numpy(), head(x)["gap"].numpy()
 
 

@@ -348,7 +348,7 @@ def refit_variance_of(source: str | os.PathLike, out: str | os.PathLike, *, data
     t0 = time.perf_counter()
     model.head = model.head.with_separate_variance(members)
     model.head_config = model.head.config
-    feats, val = _refit_features(model, source, out, data, train_batches, crystals)
+    feats, val = _refit_features(model, out, data, train_batches, crystals)
     info = refit_variance(model.head, feats, val, epochs=epochs, seed=seed)
     info |= {"source": str(source), "seconds": time.perf_counter() - t0}
     return _save_refit(model, card, source, out, data, samples, {"variance_refit": info})
@@ -383,7 +383,7 @@ def rehead_of(source: str | os.PathLike, out: str | os.PathLike, *, data: Prepar
     if head.pooling != model.head_config.pooling:
         raise ValueError(f"head.pooling={head.pooling!r}: the features of {source} are pooled by {model.head_config.pooling!r}")
     t0 = time.perf_counter()
-    (x, y), val = _refit_features(model, source, out, data, train_batches, crystals)
+    (x, y), val = _refit_features(model, out, data, train_batches, crystals)
     gap_rows = (x, y)
     if draw_crystals:
         drawn = _training_features(model, out, train_batches, draw_crystals, draws=draws, seed=seed)
@@ -411,7 +411,7 @@ def rehead_of(source: str | os.PathLike, out: str | os.PathLike, *, data: Prepar
     return _save_refit(model, card, source, out, data, samples, {"rehead": info})
 
 
-def _refit_features(model: BandGapModel, source: str | os.PathLike, out: Path, data: PreparedData, train_batches,
+def _refit_features(model: BandGapModel, out: Path, data: PreparedData, train_batches,
                     crystals: int | None) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """(pooled features, gaps) of ``crystals`` training crystals (:func:`_training_features`) and of the
     validation part (posterior mean)."""

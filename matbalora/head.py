@@ -101,7 +101,7 @@ class BandGapHead(nn.Module):
         """feats [..., in_dim] -> dict of tensors [...]: ``gap`` (eV) and optional
         ``metal_logit`` and ``log_var`` (eV^2)."""
         feats = self.standardized(feats)
-        z = self.out(self.body(feats))
+        z = self._outputs(feats)
         out: dict[str, Tensor] = {}
         col = 1
         if self.config.output == "censored":
@@ -119,6 +119,13 @@ class BandGapHead(nn.Module):
         elif self.has_variance:
             out["log_var"] = z[..., col].clamp(*LOG_VAR_RANGE)
         return out
+
+    def _outputs(self, standardized: Tensor) -> Tensor:
+        return self.out(self.body(standardized))
+
+    def gap_preactivation(self, feats: Tensor) -> Tensor:
+        """z [...] of the gap output before softplus / max(z, 0), for the head's input [..., in_dim]."""
+        return self._outputs(self.standardized(feats))[..., 0]
 
     def standardized(self, feats: Tensor) -> Tensor:
         """The head's input [..., in_dim] as its MLPs see it: z-scored with ``standardize``, else as is."""

@@ -310,7 +310,7 @@ def test_censored_head_pulls_back_non_metals_that_softplus_leaves_at_zero():
     start = BandGapHead(2, HeadConfig(hidden=16, layers=2))
     fit_head(start, torch.cat([live, metals]), torch.cat([y_live, torch.zeros(300)]), epochs=100, lr=1e-2, batch_size=64)
     with torch.no_grad():
-        assert float(start.out(start.body(insulators))[:, 0].max()) < -5  # a dead region
+        assert float(start.gap_preactivation(insulators).max()) < -5  # a dead region
     x, y = torch.cat([live, metals, insulators]), torch.cat([y_live, torch.zeros(300), torch.full((30,), 4.0)])
     fitted = {}
     for output in ("softplus", "censored"):
@@ -321,6 +321,7 @@ def test_censored_head_pulls_back_non_metals_that_softplus_leaves_at_zero():
         soft, cens = fitted["softplus"](insulators)["gap"], fitted["censored"](insulators)
         assert float(soft.max()) < 0.05  # stuck: no gradient reaches them
         assert float((cens["gap"] - 4.0).abs().mean()) < 0.3 and torch.equal(cens["gap"], cens["raw"].clamp_min(0))
+        assert torch.equal(cens["raw"], fitted["censored"].gap_preactivation(insulators))
         assert float(fitted["censored"](metals)["gap"].mean()) < 0.05
         assert float((fitted["censored"](live)["gap"] - y_live).abs().mean()) < 0.1
     head = BandGapHead(2, HeadConfig(hidden=4, output="censored"))
