@@ -102,6 +102,7 @@ class HeadConfig:
     variance_members: int = field(default=1, metadata={"help": "MLPs of a separate variance head"})
     variance_hidden: int = field(default=0, metadata={"help": "hidden width of each separate variance MLP (0: the gap MLP's hidden)"})
     variance_layers: int = field(default=-1, metadata={"help": "hidden layers of each separate variance MLP (-1: the gap MLP's layers)"})
+    gap_members: int = field(default=1, metadata={"help": "gap MLPs of the head, each with its own input standardisation, fitted apart from different seeds (finetune.rehead_of); the gap is their mean and their spread counts as epistemic, beside the adapter draws"})
 
     def __post_init__(self) -> None:
         _choice("output", self.output, HeadOutput)
@@ -110,6 +111,8 @@ class HeadConfig:
         _choice("variance", self.variance, VarianceHead)
         if not isinstance(self.variance_members, int) or self.variance_members < 1:
             raise ValueError(f"variance_members={self.variance_members!r} must be an integer >= 1")
+        if not isinstance(self.gap_members, int) or self.gap_members < 1:
+            raise ValueError(f"gap_members={self.gap_members!r} must be an integer >= 1")
         if self.variance == "separate" and self.loss not in ("nll", "l1_nll"):
             raise ValueError(f"variance='separate' needs a loss that learns a variance (nll, l1_nll), not loss={self.loss!r}")
         if self.hidden < 1 or self.layers < 0:

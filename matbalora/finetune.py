@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from matbalora.atomic import write_json
+from matbalora.atomic import atomic_write, write_json
 from matbalora.backbones import DEFAULT_BACKBONE
 from matbalora.calibration import StdScaler, fit_recalibration
 from matbalora.checkpoint import load_model_folder, save_model, with_adapters
@@ -357,7 +357,7 @@ def refit_variance_of(source: str | os.PathLike, out: str | os.PathLike, *, data
 def rehead_of(source: str | os.PathLike, out: str | os.PathLike, *, data: PreparedData, train_batches, head: HeadConfig,
               epochs: int = 100, lr: float = 3e-4, patience: int = 20, members: int = 5, variance_hidden: int = 64, variance_layers: int = 2,
               variance_epochs: int = VARIANCE_REFIT_EPOCHS, variance_folds: int = 0, fold_epochs: int = 40,
-              crystals: int | None = None, draw_crystals: int = 0, draws: int = 2, samples: int = 16, seed: int = 0) -> Path:
+              crystals: int | None = None, draw_crystals: int = 0, draws: int = 2, gap_members: int = 1, samples: int = 16, seed: int = 0) -> Path:
     """Model folder ``out``: the adapters of folder ``source`` with a new gap head of config ``head``
     (say, wider than the source's) trained by L1 from a fresh initialisation on the frozen pooled
     features of ``crystals`` training crystals of ``train_batches`` (:func:`~matbalora.training.refit_head`,
@@ -373,6 +373,10 @@ def rehead_of(source: str | os.PathLike, out: str | os.PathLike, *, data: Prepar
     rows of all): predictions average the head over draws, and a head that saw only the posterior mean
     answers drawn features erratically (MgO: 16-draw gap 2.37 eV, posterior mean 4.41, PBE 4.44); the
     variance MLPs still learn from the posterior-mean rows.
+    ``gap_members`` > 1: that many gap heads from seeds ``seed``, ``seed + 1``, ... on the same rows
+    (:func:`_fit_gap_heads`), joined by :meth:`BandGapHead.with_gap_members`: the gap is their mean,
+    their spread an epistemic part beside the adapter draws, and the variance MLPs learn the
+    residuals of their mean.
     The passes over the training crystals resume after a kill (keyed by the source weights).
     ``head.pooling`` must be the source's: the features are the source's pooled atom features. ``lr``:
     at refit_head's default of 1e-3 a 512 x 3 head on all 82,111 full-pool crystals collapsed in its
@@ -388,20 +392,20 @@ def rehead_of(source: str | os.PathLike, out: str | os.PathLike, *, data: Prepar
     if draw_crystals:
         drawn = _training_features(model, out, train_batches, draw_crystals, draws=draws, seed=seed)
         gap_rows = (torch.cat([x, drawn[0]]), torch.cat([y, drawn[1]]))
-    torch.manual_seed(seed)
-    model.head = BandGapHead(x.shape[1], replace(head, loss="l1", variance="shared", variance_members=1))
-    if head.standardize:
-        model.head.set_input_statistics(x.mean(0), x.std(0))
+    heads, fits = _fit_gap_heads(model, out, gap_rows, val, head, members=gap_members, epochs=epochs, lr=lr, patience=patience, seed=seed)
+    model.head = heads[0].with_gap_members(heads[1:]) if gap_members > 1 else heads[0]
     model.head_config = model.head.config
-    fitted = refit_head(model, gap_rows, val, epochs=epochs, lr=lr, patience=patience, seed=seed) | {"lr": lr}
+    fitted = fits[0] | {"lr": lr}
+    if gap_members > 1:
+        fitted |= {"gap_members": [{k: f[k] for k in ("val_mae_after", "epochs_run")} | {"seed": seed + k} for k, f in enumerate(fits)]}
     if draw_crystals:
         fitted |= {"drawn_rows": len(gap_rows[1]) - len(y), "draws": draws}
-    gap_config = model.head.config
+    gap_config = heads[0].config
     model.head = model.head.with_separate_variance(members, hidden=variance_hidden, layers=variance_layers)
     model.head_config = model.head.config
     target = y
     if variance_folds:  # residuals y - own gap = y - out-of-fold gap
-        oof = out_of_fold_gaps(gap_config, x, y, folds=variance_folds, epochs=fold_epochs, lr=lr)
+        oof = kept_out_of_fold_gaps(model, out.parent, gap_config, x, y, folds=variance_folds, epochs=fold_epochs, lr=lr)
         with torch.no_grad():
             target = y - oof + model.head(x)["gap"]
     variance = refit_variance(model.head, (x, target), val, epochs=variance_epochs, seed=seed)
@@ -409,6 +413,70 @@ def rehead_of(source: str | os.PathLike, out: str | os.PathLike, *, data: Prepar
     info = {"source": str(source), "crystals": len(y), "head": to_dict(model.head_config), "head_refit": fitted,
             "variance_refit": variance, "seconds": time.perf_counter() - t0}
     return _save_refit(model, card, source, out, data, samples, {"rehead": info})
+
+
+def gap_head_config(head: HeadConfig) -> HeadConfig:
+    """The config of each gap head a rehead fits: ``head``'s gap MLP alone (L1, no variance, one member)."""
+    return replace(head, loss="l1", variance="shared", variance_members=1, gap_members=1)
+
+
+def _fit_gap_heads(model: BandGapModel, out: Path, rows: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], head: HeadConfig,
+                   *, members: int, epochs: int, lr: float, patience: int, seed: int) -> tuple[list[BandGapHead], list[dict]]:
+    """``members`` gap heads of config ``head`` (L1, no variance), each from a fresh initialisation of
+    seed ``seed + k``, inputs standardised on ``rows`` when ``head.standardize``, trained by
+    :func:`~matbalora.training.refit_head` on ``rows`` (the epoch of lowest validation MAE kept), and
+    their fit histories. Each fitted head is kept next to ``out`` (``.gaphead_<key>.pt``, keyed by the
+    features, rows, validation crystals, config and settings), so a killed rehead resumes after its
+    last fitted head, and a rehead that adds members reuses the ones it shares (:func:`kept_result`)."""
+    config = gap_head_config(head)
+    # the rows they are fitted on, and the validation crystals they are chosen on (by their gaps: their
+    # features follow from the model's, and are recomputed in the last bits differently on other threads)
+    digest = hashlib.sha256()
+    for t in (*rows, val[1]):
+        digest.update(t.detach().contiguous().numpy().tobytes())
+    common = f"{features_fingerprint(model)}:{digest.hexdigest()}:{to_dict(config)}:{epochs}:{lr}:{patience}"
+    heads, fits = [], []
+    for k in range(members):
+
+        def fit_one(k: int = k) -> dict:
+            torch.manual_seed(seed + k)
+            model.head = BandGapHead(rows[0].shape[1], config)
+            if config.standardize:
+                model.head.set_input_statistics(rows[0].mean(0), rows[0].std(0))
+            model.head_config = model.head.config
+            fit_info = refit_head(model, rows, val, epochs=epochs, lr=lr, patience=patience, seed=seed + k)
+            return {"state": model.head.state_dict(), "fit": fit_info}
+
+        saved = kept_result(out.parent, "gaphead", f"{common}:{seed + k}", fit_one)
+        heads.append(BandGapHead(rows[0].shape[1], config))
+        heads[-1].load_state_dict(saved["state"])
+        heads[-1].eval()
+        fits.append(saved["fit"])
+    return heads, fits
+
+
+def kept_out_of_fold_gaps(model: BandGapModel, folder: Path, config: HeadConfig, x: torch.Tensor, y: torch.Tensor, *, folds: int, epochs: int,
+                          lr: float) -> torch.Tensor:
+    """:func:`~matbalora.training.out_of_fold_gaps`, kept in ``folder`` (``.oofgaps_<key>.pt``, keyed by
+    ``model``'s features, the rows and the settings): the folds take ~12 min on the full pool."""
+    digest = hashlib.sha256(x.contiguous().numpy().tobytes() + y.contiguous().numpy().tobytes()).hexdigest()
+    key = f"{features_fingerprint(model)}:{digest}:{to_dict(config)}:{folds}:{epochs}:{lr}"
+    return kept_result(folder, "oofgaps", key, lambda: {"gaps": out_of_fold_gaps(config, x, y, folds=folds, epochs=epochs, lr=lr)})["gaps"]
+
+
+def kept_result(folder: Path, kind: str, key: str, compute) -> dict:
+    """``compute()`` (a dict of tensors and plain values), or what an earlier call with the same ``key``
+    saved in ``folder`` (``.<kind>_<sha256(key)[:24]>.pt``, written atomically)."""
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    path = Path(folder) / f".{kind}_{digest[:24]}.pt"
+    if path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("key") == digest:
+            return saved["value"]
+    value = compute()
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: torch.save({"key": digest, "value": value}, tmp))
+    return value
 
 
 def _refit_features(model: BandGapModel, out: Path, data: PreparedData, train_batches,

@@ -44,6 +44,11 @@ def _variance_member(in_dim: int, config: HeadConfig) -> nn.Sequential:
     return nn.Sequential(body, nn.Linear(width, 1))
 
 
+def _gap_only(config: HeadConfig) -> HeadConfig:
+    """The config of one gap member of a head: its gap MLP alone (L1, no variance, no members)."""
+    return replace(config, loss="l1", variance="shared", variance_members=1, variance_hidden=0, variance_layers=-1, gap_members=1)
+
+
 class BandGapHead(nn.Module):
     """MLP on mean-pooled atom features. Output is never negative.
 
@@ -83,6 +88,8 @@ class BandGapHead(nn.Module):
             self.variance_shift = nn.Parameter(torch.zeros(in_dim))
             self.variance_scale = nn.Parameter(torch.ones(in_dim))
             self.variance_members = nn.ModuleList(_variance_member(in_dim, config) for _ in range(config.variance_members))
+        if config.gap_members > 1:  # the other gap MLPs: whole gap-only heads, fitted apart (with_gap_members)
+            self.gap_members = nn.ModuleList(BandGapHead(in_dim, _gap_only(config)) for _ in range(config.gap_members - 1))
 
     @property
     def has_variance(self) -> bool:
@@ -100,7 +107,7 @@ class BandGapHead(nn.Module):
     def forward(self, feats: Tensor) -> dict[str, Tensor]:
         """feats [..., in_dim] -> dict of tensors [...]: ``gap`` (eV) and optional
         ``metal_logit`` and ``log_var`` (eV^2)."""
-        feats = self.standardized(feats)
+        raw_feats, feats = feats, self.standardized(feats)
         z = self._outputs(feats)
         out: dict[str, Tensor] = {}
         col = 1
@@ -114,6 +121,9 @@ class BandGapHead(nn.Module):
             col += 1
             positive = positive * torch.sigmoid(-out["metal_logit"])
         out["gap"] = positive
+        if self.config.gap_members > 1:  # [members, ...]: their mean is the gap, their spread epistemic
+            out["gap_members"] = torch.stack([positive, *(m(raw_feats)["gap"] for m in self.gap_members)])
+            out["gap"] = out["gap_members"].mean(0)
         if self.has_variance and self.config.variance == "separate":  # log of the members' mean variance
             out["log_var"] = torch.logsumexp(self._member_log_vars_of(feats), 0) - math.log(len(self.variance_members))
         elif self.has_variance:
@@ -168,8 +178,27 @@ class BandGapHead(nn.Module):
             raise RuntimeError(f"separate-variance copy lost {lost} / could not place {unexpected}")
         return head.train(self.training)
 
+    def with_gap_members(self, others: list[BandGapHead]) -> BandGapHead:
+        """A copy whose gap is the mean of this head's and ``others``' (gap-only heads of the same
+        config, say fitted from other seeds on the same features), their spread an epistemic part:
+        a head ensemble on frozen features. This head's variance (if any) is kept as it is."""
+        if self.config.gap_members > 1:
+            raise ValueError(f"this head has {self.config.gap_members} gap members already")
+        wanted = _gap_only(self.config)
+        for i, other in enumerate(others):
+            if other.in_dim != self.in_dim or _gap_only(other.config) != wanted:
+                raise ValueError(f"gap member {i}: in_dim={other.in_dim}, config={other.config} does not match this head's gap ({self.in_dim}, {wanted})")
+        head = BandGapHead(self.in_dim, replace(self.config, gap_members=1 + len(others)))
+        state = dict(self.state_dict())
+        for i, other in enumerate(others):
+            state |= {f"gap_members.{i}.{k}": v for k, v in other.state_dict().items()}
+        head.load_state_dict(state)
+        return head.train(self.training)
+
     def loss(self, out: dict[str, Tensor], target: Tensor) -> Tensor:
         """Mean task loss over the batch; ``target`` [n] band gaps in eV."""
+        if self.config.gap_members > 1:
+            raise ValueError("a head with gap_members > 1 is not trained as one: fit its gap heads apart and join them (with_gap_members)")
         gap = out["gap"]
         # censored: a positive target is compared with z itself, so its gradient never vanishes
         fit = torch.where(target > 0, out["raw"], gap) if "raw" in out else gap

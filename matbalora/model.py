@@ -73,7 +73,8 @@ def plan_passes(rows: Sequence[int], *, draws: int, max_rows: int, max_crystals:
 
 @dataclass
 class GapSamples:
-    """Raw Monte-Carlo output for a batch: ``gaps`` [S, n] eV; ``aleatoric_var`` [n] eV^2 or None."""
+    """Raw Monte-Carlo output for a batch: ``gaps`` [S, n] eV (S: draws, times the head's gap members
+    when it has several); ``aleatoric_var`` [n] eV^2 or None."""
 
     gaps: np.ndarray
     aleatoric_var: np.ndarray | None
@@ -305,12 +306,14 @@ class BandGapModel(nn.Module):
         if not outputs:
             return GapSamples(np.zeros((n_draws, 0)), None)
 
-        def stack(key: str) -> Tensor:  # [draws, n_crystals]
-            return torch.cat([torch.cat([o[key] for o in outs], dim=0) for outs in outputs.values()], dim=1)
+        def stack(key: str) -> Tensor:  # [draws, n_crystals] ([members, draws, n_crystals] for gap_members)
+            return torch.cat([torch.cat([o[key] for o in outs], dim=-2) for outs in outputs.values()], dim=-1)
 
-        has_var = "log_var" in next(iter(outputs.values()))[0]
-        alea = stack("log_var").double().exp().mean(0).numpy() if has_var else None
-        return GapSamples(stack("gap").double().numpy(), alea)
+        first = next(iter(outputs.values()))[0]
+        alea = stack("log_var").double().exp().mean(0).numpy() if "log_var" in first else None
+        # a head ensemble: each draw of each gap member is one sample of the predictive distribution
+        gaps = stack("gap_members").flatten(0, 1) if "gap_members" in first else stack("gap")
+        return GapSamples(gaps.double().numpy(), alea)
 
     def _sample_passes(self, graphs, passes, *, mode, gen, keys, seed, stochastic) -> dict[tuple[int, int], list[dict[str, Tensor]]]:
         outputs: dict[tuple[int, int], list[dict[str, Tensor]]] = {}  # crystals -> their passes, draws in order

@@ -26,6 +26,7 @@ MAX_HEAD_HIDDEN = 2048
 MAX_HEAD_LAYERS = 16
 #: MLPs of a separate variance head (the shipped BaLoRA: 5).
 MAX_VARIANCE_MEMBERS = 64
+MAX_GAP_MEMBERS = 64
 #: Blocks an adapter may be limited to (``last_blocks``; CHGNet has 4 or 5, SevenNet-0 5).
 MAX_LAST_BLOCKS = 64
 #: Strings and lists inside the adapter and head sections (target regexes).
@@ -109,6 +110,7 @@ def check_card(card: dict[str, Any]) -> None:
     _integer("head.hidden", head.get("hidden"), 1, MAX_HEAD_HIDDEN)
     _integer("head.layers", head.get("layers"), 0, MAX_HEAD_LAYERS)
     _integer("head.variance_members", head.get("variance_members", 1), 1, MAX_VARIANCE_MEMBERS)
+    _integer("head.gap_members", head.get("gap_members", 1), 1, MAX_GAP_MEMBERS)
     _integer("head.variance_hidden", head.get("variance_hidden", 0), 0, MAX_HEAD_HIDDEN)
     _integer("head.variance_layers", head.get("variance_layers", -1), -1, MAX_HEAD_LAYERS)
     check_calibration(card.get("calibration"))

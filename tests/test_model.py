@@ -345,3 +345,46 @@ def test_features_fingerprint_keys_the_backbone_and_adapters_not_the_head():
     with torch.no_grad():
         param.add_(0.5)
     assert features_fingerprint(a) != features_fingerprint(b), name
+
+
+def test_gap_members_average_their_gaps_and_every_draw_of_every_member_is_a_sample(tmp_path, crystals, tiny_checkpoint):
+    from matbalora.checkpoint import load_model_folder, save_model
+    from matbalora.head import BandGapHead
+
+    torch.manual_seed(0)
+    config = HeadConfig(hidden=8, layers=2, output="censored", standardize=True)
+    heads = [BandGapHead(8, config).eval() for _ in range(3)]
+    for k, h in enumerate(heads):  # members standardise their inputs apart
+        h.set_input_statistics(torch.full((8,), float(k)), torch.full((8,), 1.0 + k))
+    joined = heads[0].with_separate_variance(2).with_gap_members(heads[1:]).eval()
+    feats = torch.randn(5, 8)
+    out = joined(feats)
+    each = torch.stack([h(feats)["gap"] for h in heads])
+    assert out["gap_members"].shape == (3, 5) and torch.allclose(out["gap_members"], each, atol=1e-6)
+    assert torch.allclose(out["gap"], each.mean(0), atol=1e-6) and out["log_var"].shape == (5,)
+    with pytest.raises(ValueError, match="not trained as one"):
+        joined.loss(out, torch.ones(5))
+    with pytest.raises(ValueError, match="gap member 0"):
+        heads[0].with_gap_members([BandGapHead(8, HeadConfig(hidden=4))])
+    with pytest.raises(ValueError, match="gap_members=0"):
+        HeadConfig(gap_members=0)
+
+    from conftest import tiny_model
+
+    model = tiny_model("balora", tiny_checkpoint)
+    graphs = graphs_of(model, crystals)
+    single = model.sample_gaps(graphs, samples=4, seed=1)
+    others = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        others.append(BandGapHead(model.head.in_dim, model.head.config))
+    model.head = model.head.with_gap_members(others)
+    model.head_config = model.head.config
+    drawn = model.sample_gaps(graphs, samples=4, seed=1)
+    assert drawn.gaps.shape == (12, len(graphs))  # 3 members x 4 draws
+    assert np.allclose(drawn.gaps[:4], single.gaps, atol=1e-5)  # the first member is the old head, same draws
+    save_model(model, tmp_path / "m")
+    again, _card = load_model_folder(tmp_path / "m")
+    assert again.head.config.gap_members == 3
+    assert np.allclose(again.sample_gaps(graphs, samples=4, seed=1).gaps, drawn.gaps, atol=1e-5)
+    assert model.sample_gaps(graphs, samples=0).gaps.shape == (3, len(graphs))  # deterministic: the members' spread

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import MP_GAP
 
@@ -111,5 +112,21 @@ def test_store_training_with_nll_head_and_refit(tmp_path):
     assert new_card["metrics"]["val"]["mae"] < float(np.mean(np.abs(val_y - np.mean(store.targets(ids[:N_TRAIN])))))
     c = matbalora.load_model(new).predict(ds.structures[N_TRAIN : N_TRAIN + 4], samples=4)
     assert np.all(np.isfinite(c["band_gap"])) and np.all(c["std_aleatoric"] > 0) and not np.allclose(c["band_gap"], df["band_gap"])
+    # a head ensemble: two gap heads, the first the one fitted above and the folds as well (kept next to the runs)
+    def kept(kind: str) -> list:
+        return sorted(tmp_path.glob(f".{kind}_*.pt"))
+
+    assert len(kept("gaphead")) == 1 and len(kept("oofgaps")) == 1
+    pair = rehead_of(out, tmp_path / "rehead_pair", data=data, train_batches=StoreBatches(store, ids[:N_TRAIN]), head=wide, epochs=60, lr=3e-3,
+                     members=2, variance_hidden=8, variance_layers=1, variance_epochs=5, variance_folds=2, fold_epochs=10, samples=4,
+                     draw_crystals=64, draws=2, gap_members=2)
+    assert len(kept("gaphead")) == 2 and len(kept("oofgaps")) == 1
+    pair_card = json.loads((pair / "config.json").read_text())
+    assert pair_card["head"]["gap_members"] == 2 and [m["seed"] for m in pair_card["training"]["rehead"]["head_refit"]["gap_members"]] == [0, 1]
+    single_head, pair_head = load_model_folder(new)[0].head.state_dict(), load_model_folder(pair)[0].head.state_dict()
+    first = [k for k in pair_head if not k.startswith(("gap_members.", "variance"))]
+    assert first and all(torch.equal(pair_head[k], single_head[k]) for k in first)
+    d = matbalora.load_model(pair).predict(ds.structures[N_TRAIN : N_TRAIN + 4], samples=4)
+    assert np.all(np.isfinite(d["band_gap"])) and np.all(d["std_epistemic"] > 0)
     with pytest.raises(ValueError, match="pooled by 'mean_max'"):
         rehead_of(out, tmp_path / "bad_head", data=data, train_batches=StoreBatches(store, ids[:N_TRAIN]), head=HeadConfig(pooling="mean"))
