@@ -153,6 +153,13 @@ REHEADS = {**{f"balora_full_2blocks_10ep_head{w}x3_var5_full": ("balora_full_2bl
            # and fitted on two adapter draws of 16,000 crystals as well: MgO's 16 draws still range 0.25-4.92 eV
            "balora_full_2blocks_10ep_head512x3cens_drawn16kx2_var5_full": ("balora_full_2blocks_10ep", replace(WIDE_HEADS[512], output="censored"),
                                                                           {"draw_crystals": 16_000, "draws": 2}),
+           # and five gap heads from different seeds on the same rows (their spread an epistemic part beside
+           # the adapter draws), with variance MLPs on in-sample or out-of-fold residuals of their mean
+           # (benchmarks/uncertainty_probe.py measured the variants on the cached features first)
+           **{f"balora_full_2blocks_10ep_head512x3cens_drawn16kx2_heads5_{var}5_full": (
+               "balora_full_2blocks_10ep", replace(WIDE_HEADS[512], output="censored"),
+               {"draw_crystals": 16_000, "draws": 2, "gap_members": 5} | ({"variance_folds": 4} if var == "oofvar" else {}))
+              for var in ("var", "oofvar")},
            # the ensemble's members with the same new head (an ensemble ``lora_full_2blocks_4ep_head512x3_var5``)
            **{f"lora_full_2blocks_4ep_head512x3_var5_seed{s}": (f"lora_full_2blocks_4ep_var5_seed{s}", WIDE_HEADS[512], {}) for s in range(5)}}
 STORES |= {name: STORES[source] for name, (source, _head, _kw) in REHEADS.items()}

@@ -10,14 +10,20 @@ and the same 16 adapter draws, uncertainties built from the model's cached featu
   (``training.out_of_fold_gaps``, ``--folds`` heads of the same config, ``--fold-epochs`` each);
 - ``heads<K>``: K gap heads of the same config from different seeds (the shipped one and K - 1 new,
   each fitted like the shipped one: ``training.refit_head`` on the same rows); gap = mean over heads
-  and draws, epistemic = spread over heads and draws; with the shipped in-sample variance MLPs
-  (``heads<K>``) or the out-of-fold ones (``heads<K>_oof_var``), refitted around the heads' mean.
+  and draws, epistemic = spread over heads and draws; the variance MLPs refitted to the in-sample
+  (``heads<K>``) or out-of-fold (``heads<K>_oof_var``) residuals of the heads' mean.
 
-Each is recalibrated on validation (``StdScaler`` with a floor, as ``calibrate_and_score`` does) and
-scored by ``metrics.evaluate``: MAE, Spearman(|error|, std), NLL and Gaussian 90 % coverage on all
-crystals and non-metals. Features of the validation and test crystals (posterior mean and
-``--draws`` draws) are cached in runs/full_pool (``.evalfeats_<fingerprint>_S<draws>.pt``), and
-every fitted head in ``runs/full_pool/probe_<name>/``: a killed run resumes.
+Each is scored with three stds, recalibrated on validation: ``total`` = hypot(epistemic, aleatoric),
+one scale and a floor fitted by the validation NLL (``StdScaler``, as ``calibrate_and_score`` does);
+``total_geometric``, the same with the variance members' geometric mean (their mean log-variance)
+instead of the head's arithmetic one; ``two_scale``, the epistemic and aleatoric parts scaled apart
+(both scales and the floor fitted by the validation NLL). Metrics (``metrics.evaluate``): MAE,
+Spearman(|error|, std), NLL and Gaussian 90 % coverage on all crystals and non-metals, and the
+Spearman of each part alone. Features of the validation and test crystals (posterior mean and
+``--draws`` draws) are cached in runs/full_pool (``.evalfeats_<fingerprint>_S<draws>.pt``); the folds,
+gap heads and variance refits are kept there too (``finetune.kept_result``: a killed run resumes, and
+``full_pool.py rehead`` with the same settings reuses the folds and gap heads); each variant's arrays
+go to ``.probe_<run>_<variant>.npz`` there.
 
     python benchmarks/uncertainty_probe.py models/balora --heads 5 --threads 2
 """
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import inspect
 import json
 import sys
@@ -43,7 +50,7 @@ from matbalora.atomic import atomic_write, write_json  # noqa: E402
 from matbalora.backbones.prefix_store import StoreBatches  # noqa: E402
 from matbalora.calibration import StdScaler  # noqa: E402
 from matbalora.checkpoint import load_model_folder  # noqa: E402
-from matbalora.finetune import _fit_gap_heads, _refit_features, _training_features, features_fingerprint, gap_head_config, kept_out_of_fold_gaps, rehead_of  # noqa: E402
+from matbalora.finetune import _fit_gap_heads, _refit_features, _training_features, features_fingerprint, gap_head_config, kept_out_of_fold_gaps, kept_result, rehead_of  # noqa: E402
 from matbalora.head import BandGapHead  # noqa: E402
 from matbalora.metrics import evaluate  # noqa: E402
 from matbalora.training import refit_variance  # noqa: E402
@@ -77,26 +84,64 @@ def eval_features(model, data, draws: int, batch: int = 32) -> dict[str, torch.T
     return feats
 
 
-def score(gap_heads: list[BandGapHead], variance_head: BandGapHead, feats: dict, y: torch.Tensor, n_val: int) -> dict:
-    """Gap = mean over heads and draws, std = hypot(spread over heads and draws, sqrt(mean aleatoric
-    variance over draws)), recalibrated on the first ``n_val`` crystals; metrics of val and test."""
+def sha256_of(head: BandGapHead) -> str:
+    """sha256 of a head's weights."""
+    digest = hashlib.sha256()
+    for name, t in sorted(head.state_dict().items()):
+        digest.update(name.encode() + t.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def two_scale_nll(epi: np.ndarray, alea: np.ndarray, err2: np.ndarray) -> tuple[float, float, float]:
+    """(k_e, k_a, c) minimising the mean Gaussian NLL of ``err`` under variance (k_e epi)^2 + (k_a alea)^2
+    + c^2: the two parts recalibrated apart (L-BFGS on their logarithms, numerical gradient)."""
+    from scipy.optimize import minimize
+
+    def nll(theta: np.ndarray) -> float:
+        ke2, ka2, c2 = np.exp(2 * theta)
+        var = ke2 * epi**2 + ka2 * alea**2 + c2
+        return float(0.5 * np.mean(np.log(var) + err2 / var))
+
+    rms = float(np.sqrt(np.mean(err2)))
+    res = min((minimize(nll, np.array(start), method="L-BFGS-B") for start in ([0.0, 0.0, np.log(rms * 1e-2)], [-1.0, 0.5, np.log(rms / 4)])),
+              key=lambda r: r.fun)
+    return tuple(float(v) for v in np.exp(res.x))
+
+
+def score(gap_heads: list[BandGapHead], variance_head: BandGapHead, feats: dict, y: torch.Tensor, n_val: int, arrays: Path | None = None) -> dict:
+    """Gap = mean over heads and draws; epistemic = spread over heads and draws; aleatoric = sqrt of the
+    members' variance averaged over draws: ``mean`` (as the head does: the log of the members' mean
+    variance) or ``geometric`` (the members' mean log-variance). Each std is recalibrated on the first
+    ``n_val`` crystals: ``total`` (hypot(epi, alea), one scale k and a floor c, as calibrate_and_score
+    does), ``total_geometric`` (the same with geometric-mean members) and ``two_scale`` (epi and alea
+    scaled apart, k_e, k_a and c fitted by the validation NLL); metrics of val and test."""
     with torch.no_grad():
         g = torch.stack([h(feats["draws"])["gap"] for h in gap_heads]).flatten(0, 1)  # [K S, n]
-        alea = variance_head(feats["draws"])["log_var"].exp().mean(0)
+        members = variance_head.member_log_vars(feats["draws"])  # [M, S, n]
+        alea = np.sqrt(torch.logsumexp(members, 0).sub(np.log(len(members))).exp().mean(0).numpy())
+        alea_geo = np.sqrt(members.mean(0).exp().mean(0).numpy())
     gap, epi = g.mean(0).numpy(), g.std(0).numpy()
-    std = np.hypot(epi, np.sqrt(alea.numpy()))
     y = y.numpy()
+    if arrays is not None:  # for a look beyond these numbers
+        np.savez(arrays, gap=gap, epistemic=epi, aleatoric=alea, aleatoric_geometric=alea_geo, y=y, n_val=n_val)
     val, test = slice(0, n_val), slice(n_val, None)
-    scaler = StdScaler().fit(gap[val], std[val], y[val], floor=True)
-    out = {"recalibration": {"factor": scaler.factor, "floor": scaler.floor}}
-    for part, s in (("val", val), ("test", test)):
-        m = evaluate(gap[s], scaler.transform(std[s]), y[s])
-        out[part] = {k: round(m[k], 4) for k in KEYS} | {f"nonmetal_{k}": round(m[f"nonmetal_{k}"], 4) for k in KEYS}
-        # the parts apart: does each alone rank the errors?
-        for name, part_std in (("epistemic", epi[s]), ("aleatoric", np.sqrt(alea.numpy()[s]))):
-            mm = evaluate(gap[s], np.maximum(part_std, 1e-9), y[s])
-            out[part][f"{name}_spearman"] = round(mm["spearman"], 4)
-            out[part][f"{name}_nonmetal_spearman"] = round(mm["nonmetal_spearman"], 4)
+    out = {}
+    for name, part in (("epistemic", epi), ("aleatoric", alea), ("aleatoric_geometric", alea_geo)):
+        out[name] = {p: {k: round(m[k], 4) for k in ("spearman", "nonmetal_spearman")}
+                     for p, s in (("val", val), ("test", test)) for m in [evaluate(gap[s], np.maximum(part[s], 1e-9), y[s])]}
+    err2 = (gap[val] - y[val]) ** 2
+    ke, ka, c = two_scale_nll(epi[val], alea[val], err2)
+    stds = {"total": np.hypot(epi, alea), "total_geometric": np.hypot(epi, alea_geo)}
+    for name, std in stds.items():
+        scaler = StdScaler().fit(gap[val], std[val], y[val], floor=True)
+        stds[name] = scaler.transform(std)
+        out[name] = {"recalibration": {"factor": round(scaler.factor, 4), "floor": round(scaler.floor, 4)}}
+    stds["two_scale"] = np.sqrt((ke * epi) ** 2 + (ka * alea) ** 2 + c**2)
+    out["two_scale"] = {"recalibration": {"epistemic": round(ke, 4), "aleatoric": round(ka, 4), "floor": round(c, 4)}}
+    for name in ("total", "total_geometric", "two_scale"):
+        for p, s in (("val", val), ("test", test)):
+            m = evaluate(gap[s], stds[name][s], y[s])
+            out[name][p] = {k: round(m[k], 4) for k in KEYS} | {f"nonmetal_{k}": round(m[f"nonmetal_{k}"], 4) for k in KEYS}
     return out
 
 
@@ -135,18 +180,24 @@ def main() -> None:
     results = {"model": str(folder), "run": name, "command": " ".join(sys.argv), "variants": {}}
 
     def report(variant: str, gap_heads, variance_head) -> None:
-        results["variants"][variant] = score(gap_heads, variance_head, feats, y_eval, n_val)
+        results["variants"][variant] = score(gap_heads, variance_head, feats, y_eval, n_val, RUNS / f".probe_{name}_{variant}.npz")
         print(variant, json.dumps(results["variants"][variant]), flush=True)
         write_json(RESULTS / f"uncertainty_probe_{name}.json", results)
 
     def variance_of(gap_heads: list[BandGapHead], oof: torch.Tensor | None) -> BandGapHead:
         """The shipped head's variance members refitted to the residuals of the heads' mean gap
-        (in-sample, or out of fold when ``oof``)."""
+        (in-sample, or out of fold when ``oof``); kept next to the runs."""
         head = copy.deepcopy(shipped)
         with torch.no_grad():
             own = torch.stack([h(x)["gap"] for h in gap_heads]).mean(0)
-        refit_variance(head, (x, y - (oof if oof is not None else own) + own), val, epochs=rehead["variance_refit"]["epochs"])
-        return head
+        key = f"{features_fingerprint(model)}:{[sha256_of(h) for h in gap_heads]}:{oof is not None}:{rehead['variance_refit']['epochs']}"
+
+        def fit() -> dict:
+            refit_variance(head, (x, y - (oof if oof is not None else own) + own), val, epochs=rehead["variance_refit"]["epochs"])
+            return {"state": head.state_dict()}
+
+        head.load_state_dict(kept_result(RUNS, "probevar", key, fit)["state"])
+        return head.eval()
 
     report("shipped", [shipped], shipped)
     lr = rehead["head_refit"]["lr"]
