@@ -1,4 +1,4 @@
-"""Build hook (the metadata is in pyproject.toml): ship the trained models of ``models/`` (0.8 MB)
+"""Build hook (the metadata is in pyproject.toml): ship the trained models of ``models/`` (15 MB)
 inside the wheel as ``matbalora/shipped_models/``, so ``matbalora predict`` and ``matbalora app``
 find them in an installed package. An editable install reads ``models/`` in place instead
 (``matbalora.api.models_dir``)."""

@@ -548,8 +548,10 @@ def claims(name: str = "balora_full", lora: str = "lora_full_seed0", sweep: tupl
     draws = pred.sample(data.part("test"), samples=max(sweep), seed=0)
     alea = np.sqrt(draws.aleatoric_var) if draws.aleatoric_var is not None else np.full(y.shape, np.nan)
     out: dict = {"run": name, "samples": {}}
+    # [gap members, draws, crystals]: S draws means S draws of every gap head (sample_gaps stacks them member-major)
+    per_member = draws.gaps.reshape(pred.model.head.config.gap_members, max(sweep), len(y))
     for s in sweep:
-        g = draws.gaps[:s]
+        g = per_member[:, :s].reshape(-1, len(y))
         std = pred.scaler.transform(raw_total_std(g.std(0, ddof=1), alea))
         m = metrics(g.mean(0), std, y)
         out["samples"][str(s)] = {"mae": m["mae"], "spearman": m["spearman"], "nonmetal_mae": m["nonmetal_mae"], "nonmetal_spearman": m["nonmetal_spearman"],
@@ -559,6 +561,10 @@ def claims(name: str = "balora_full", lora: str = "lora_full_seed0", sweep: tupl
     out["spearman_epistemic_only"] = {"all": epistemic_only["spearman"], "nonmetal": epistemic_only["nonmetal_spearman"]}
     aleatoric_only = metrics(draws.gaps.mean(0), alea, y)
     out["spearman_aleatoric_only"] = {"all": aleatoric_only["spearman"], "nonmetal": aleatoric_only["nonmetal_spearman"]}
+    if len(per_member) > 1:  # the two epistemic parts apart: BaLoRA's draws within each head, and the heads' spread
+        for part, part_std in (("draws", np.sqrt(per_member.var(1, ddof=1).mean(0))), ("heads", per_member.mean(1).std(0, ddof=1))):
+            m = metrics(draws.gaps.mean(0), part_std, y)
+            out[f"spearman_{part}_only"] = {"all": m["spearman"], "nonmetal": m["nonmetal_spearman"]}
     out["noise"] = noise_summary(pred.model)
     cards = {n: json.loads((f / "config.json").read_text()) for n, f in folders.items() if f is not None}
     out["parameters"] = {name: pred.model.parameter_counts()}  # as loaded, heads included

@@ -174,8 +174,8 @@ def evaluate_ensemble(prefix: str, y: np.ndarray, out: dict) -> None:
     data = _SHARED["prefixed"].get(test_block(members[0].model), _SHARED["data"])
     val, test = data.part("val"), data.part("test")
     y_val = data.targets[data.split.val]
-    val_g = np.stack([m.sample(val, samples=0).gaps[0] for m in members])
-    test_g = np.stack([m.sample(test, samples=0).gaps[0] for m in members])
+    val_g = np.stack([m.sample(val, samples=0).gaps.mean(0) for m in members])
+    test_g = np.stack([m.sample(test, samples=0).gaps.mean(0) for m in members])
     ms = sum(_predict_ms(m, 0) for m in members)
     calibration = fit_recalibration(val_g.mean(0), np.maximum(val_g.std(0, ddof=1), STD_FLOOR), y_val)
     out["ensemble_calibration" + suffix] = calibration | {"fitted_on": "val", "samples": 0}

@@ -119,8 +119,8 @@ def fp16_cost(store: PrefixStore, ids: list[str], prefixes: list) -> dict:
     from matbalora.api import load_model
 
     model = load_model().model
-    from16 = model.sample_gaps(store.prefix_graphs(ids), samples=0).gaps[0]
-    from32 = model.sample_gaps(prefixes, samples=0).gaps[0]
+    from16 = model.sample_gaps(store.prefix_graphs(ids), samples=0).gaps.mean(0)
+    from32 = model.sample_gaps(prefixes, samples=0).gaps.mean(0)
     diff = np.abs(from16 - from32)
     return {"model": "models/balora", "max_abs_gap_difference_eV": float(diff.max()), "mean_abs_gap_difference_eV": float(diff.mean())}
 

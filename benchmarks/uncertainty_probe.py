@@ -145,6 +145,17 @@ def score(gap_heads: list[BandGapHead], variance_head: BandGapHead, feats: dict,
     return out
 
 
+def markdown_rows(results: dict) -> list[str]:
+    """One table row per variant (std ``total``): val MAE, Spearman all / nm, NLL; test the same; the
+    epistemic part alone on test non-metals (BENCHMARKS.md section 0)."""
+    rows = []
+    for variant, r in results["variants"].items():
+        v, t = r["total"]["val"], r["total"]["test"]
+        rows.append(f"| {variant} | {v['mae']:.3f} | {v['spearman']:.3f} / {v['nonmetal_spearman']:.3f} | {v['nll']:.3f} | {t['mae']:.3f} | "
+                    f"{t['spearman']:.3f} / {t['nonmetal_spearman']:.3f} | {t['nll']:.3f} | {r['epistemic']['test']['nonmetal_spearman']:.3f} |")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="a rehead model folder (models/balora or runs/full_pool/NAME)")
@@ -212,6 +223,7 @@ def main() -> None:
         print(f"{k} gap heads: {time.perf_counter() - t0:.0f} s", flush=True)
         report(f"heads{k}", heads, variance_of(heads, None))
         report(f"heads{k}_oof_var", heads, variance_of(heads, oof))
+    print("\n".join(markdown_rows(results)))
 
 if __name__ == "__main__":
     main()

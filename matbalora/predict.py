@@ -239,11 +239,11 @@ class EnsemblePredictor:
         return self.member_outputs(prep)[0]
 
     def member_outputs(self, prep: Prepared) -> tuple[np.ndarray, np.ndarray | None]:
-        """[K, n] deterministic predictions of each member and, for members with a Gaussian NLL head,
+        """[K, n] deterministic predictions of each member (the mean of its gap heads where it has several) and, for members with a Gaussian NLL head,
         [K, n] their aleatoric variances (eV^2); None otherwise."""
         draws = [m.sample(prep, samples=0) for m in self.members]
         var = [d.aleatoric_var for d in draws]
-        return np.stack([d.gaps[0] for d in draws]), None if any(v is None for v in var) else np.stack(var)
+        return np.stack([d.gaps.mean(0) for d in draws]), None if any(v is None for v in var) else np.stack(var)
 
     def predict(self, structures, *, samples: int = SAMPLES, level: float = LEVEL, ids: Sequence[str] | None = None, seed: int | None = 0,
                 window: tuple[float, float] | None = None) -> pd.DataFrame:

@@ -409,6 +409,9 @@ def test_recipe_reads_the_card(models):
     ens = cards.recipe_table(found["Deep ensemble"])
     assert ens["method"] == "lora" and ens["members"] == "2" and ens["Bayesian adapters"] == "no"
     assert ens["recalibration: scale k"] == "1"
+    heads = {"method": "balora", "head": {"layers": 3, "hidden": 512, "output": "censored", "loss": "l1_nll", "gap_members": 5}}
+    assert cards.recipe_table(heads)["head"] == "5 gap heads, each 3 layers x 512, censored output, l1_nll loss"
+    assert cards.recipe_table({"method": "lora", "head": {"layers": 2, "hidden": 64}})["head"].startswith("2 layers x 64")
 
 
 def test_plots_are_shown_only_for_the_model_that_made_them(tmp_path):

@@ -159,7 +159,9 @@ def recipe_table(card: dict) -> dict[str, str]:
                    ("Bayesian adapters", f"yes, noise {adapter.get('noise')}" if adapter.get("bayesian") else "no")]
     head = member.get("head") or {}
     if head:
-        fields.append(("head", f"{head.get('layers')} layers x {head.get('hidden')}, {head.get('output')} output, {head.get('loss')} loss"))
+        members = head.get("gap_members", 1)
+        fields.append(("head", f"{f'{members} gap heads, each ' if members > 1 else ''}{head.get('layers')} layers x {head.get('hidden')}, "
+                               f"{head.get('output')} output, {head.get('loss')} loss"))
     train = _get(member, "training", "config") or {}
     for key in ("epochs", "batch_size", "lr", "beta", "seed"):
         fields.append((f"training: {key.replace('_', ' ')}", train.get(key)))
