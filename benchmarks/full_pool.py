@@ -548,10 +548,9 @@ def claims(name: str = "balora_full", lora: str = "lora_full_seed0", sweep: tupl
     draws = pred.sample(data.part("test"), samples=max(sweep), seed=0)
     alea = np.sqrt(draws.aleatoric_var) if draws.aleatoric_var is not None else np.full(y.shape, np.nan)
     out: dict = {"run": name, "samples": {}}
-    # [gap members, draws, crystals]: S draws means S draws of every gap head (sample_gaps stacks them member-major)
-    per_member = draws.gaps.reshape(pred.model.head.config.gap_members, max(sweep), len(y))
+    per_member = draws.gaps.reshape(draws.members, max(sweep), len(y))  # [gap heads, draws, crystals]
     for s in sweep:
-        g = per_member[:, :s].reshape(-1, len(y))
+        g = draws.draws(0, s)  # S draws of every gap head
         std = pred.scaler.transform(raw_total_std(g.std(0, ddof=1), alea))
         m = metrics(g.mean(0), std, y)
         out["samples"][str(s)] = {"mae": m["mae"], "spearman": m["spearman"], "nonmetal_mae": m["nonmetal_mae"], "nonmetal_spearman": m["nonmetal_spearman"],

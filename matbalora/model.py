@@ -74,10 +74,17 @@ def plan_passes(rows: Sequence[int], *, draws: int, max_rows: int, max_crystals:
 @dataclass
 class GapSamples:
     """Raw Monte-Carlo output for a batch: ``gaps`` [S, n] eV (S: draws, times the head's gap members
-    when it has several); ``aleatoric_var`` [n] eV^2 or None."""
+    when it has several: ``members`` blocks of draws, member-major); ``aleatoric_var`` [n] eV^2 or None."""
 
     gaps: np.ndarray
     aleatoric_var: np.ndarray | None
+    members: int = 1
+
+    def draws(self, start: int, stop: int) -> np.ndarray:
+        """[members * (stop - start), n]: draws ``start`` … ``stop - 1`` of every gap member (the first
+        S draws of a model with five gap heads are 5 S gaps)."""
+        n = self.gaps.shape[-1]
+        return self.gaps.reshape(self.members, -1, n)[:, start:stop].reshape(-1, n)
 
 
 class BandGapModel(nn.Module):
@@ -312,8 +319,8 @@ class BandGapModel(nn.Module):
         first = next(iter(outputs.values()))[0]
         alea = stack("log_var").double().exp().mean(0).numpy() if "log_var" in first else None
         # a head ensemble: each draw of each gap member is one sample of the predictive distribution
-        gaps = stack("gap_members").flatten(0, 1) if "gap_members" in first else stack("gap")
-        return GapSamples(gaps.double().numpy(), alea)
+        members = stack("gap_members") if "gap_members" in first else stack("gap")[None]
+        return GapSamples(members.flatten(0, 1).double().numpy(), alea, members=members.shape[0])
 
     def _sample_passes(self, graphs, passes, *, mode, gen, keys, seed, stochastic) -> dict[tuple[int, int], list[dict[str, Tensor]]]:
         outputs: dict[tuple[int, int], list[dict[str, Tensor]]] = {}  # crystals -> their passes, draws in order

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import threading
@@ -279,7 +280,9 @@ def test_figures_keep_labels_off_the_data(gap, std):
             assert ann.yref == "paper" and ann.y >= 1 and ann.yanchor == "bottom", ann.text
     hist = sup.samples_figure(pred)
     names = [t.name for t in hist.data]
-    assert any(n.startswith("predictive density") for n in names) and names[-1].startswith("16 Monte-Carlo draws")
+    assert any(n.startswith("predictive density") for n in names) and names[-1].startswith("16 draws (Monte Carlo")
+    four_heads = dataclasses.replace(pred, heads=4)  # a model with four gap heads: 4 draws of each
+    assert sup.samples_figure(four_heads).layout.title.text.startswith("BaLoRA: 4 draws × 4 gap heads")
     assert hist.data[-1].yaxis == "y2" and hist.layout.legend.orientation == "h" and hist.layout.legend.y < 0
     b = pred.balora
     assert f"interval {b['lower']:.2f}–{b['upper']:.2f} eV" in " ".join(names)

@@ -381,7 +381,8 @@ def test_gap_members_average_their_gaps_and_every_draw_of_every_member_is_a_samp
     model.head = model.head.with_gap_members(others)
     model.head_config = model.head.config
     drawn = model.sample_gaps(graphs, samples=4, seed=1)
-    assert drawn.gaps.shape == (12, len(graphs))  # 3 members x 4 draws
+    assert drawn.gaps.shape == (12, len(graphs)) and drawn.members == 3  # 3 members x 4 draws, member-major
+    assert np.array_equal(drawn.draws(1, 3), drawn.gaps[[1, 2, 5, 6, 9, 10]])  # draws 1 and 2 of every member
     assert np.allclose(drawn.gaps[:4], single.gaps, atol=1e-5)  # the first member is the old head, same draws
     save_model(model, tmp_path / "m")
     again, _card = load_model_folder(tmp_path / "m")

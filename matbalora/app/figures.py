@@ -97,13 +97,15 @@ def samples_figure(pred: Prediction, *, points: int = 400) -> go.Figure:
         fig.add_trace(go.Scatter(x=[mean, mean], y=[0.0, float(predictive_density(draws, std, [max(mean, 0.0)])[0])],
                                  mode="lines", line={"color": "black", "dash": "dash"}, name=f"mean {mean:.2f} eV",
                                  hoverinfo="skip"))
+    # a model with several gap heads: every draw of every head is one sample
+    counted = f"{draws.size // pred.heads} draws × {pred.heads} gap heads" if pred.heads > 1 else f"{draws.size} draws"
     if draws.size:
         fig.add_trace(go.Histogram(x=draws, nbinsx=max(5, min(40, draws.size // 2)), yaxis="y2",
                                    marker_color=BALORA_COLOR, opacity=0.6,
-                                   name=f"{draws.size} Monte-Carlo draws (raw spread {draws.std(ddof=1) if draws.size > 1 else 0.0:.2f} eV)"))
+                                   name=f"{counted} (Monte Carlo; raw spread {draws.std(ddof=1) if draws.size > 1 else 0.0:.2f} eV)"))
     _metal_band(fig)
     fig.update_layout(
-        title={"text": f"BaLoRA: {draws.size} draws and the predictive distribution", "x": 0, "xanchor": "left"},
+        title={"text": f"BaLoRA: {counted} and the predictive distribution", "x": 0, "xanchor": "left"},
         xaxis={"title": "band gap (eV)", "range": [-0.04 * high, high]},
         yaxis={"title": "density (1/eV)", "rangemode": "tozero"},
         yaxis2={"title": "draws (count)", "overlaying": "y", "side": "right", "rangemode": "tozero", "showgrid": False},

@@ -33,7 +33,8 @@ class Prediction:
 
     ``balora``/``ensemble``: the columns of ``predict`` as returned: band_gap, std, lower, upper (eV),
     p_metal and, when ``window`` (lo, hi) eV was asked for, p_window; ``draws``: [S] the Monte-Carlo
-    band gaps behind ``balora`` (eV); ``error``: why there is no prediction; ``seconds``: wall time.
+    band gaps behind ``balora`` (eV; S = draws x ``heads``, the model's gap heads); ``error``: why there
+    is no prediction; ``seconds``: wall time.
     """
 
     balora: dict[str, float]
@@ -43,6 +44,7 @@ class Prediction:
     error: str = ""
     seconds: float = 0.0
     window: tuple[float, float] | None = None
+    heads: int = 1
 
 
 @dataclass
@@ -99,7 +101,7 @@ def predict_structure(model: Predictor, ensemble: EnsemblePredictor, structure: 
     theirs = ensemble.predict_prepared(prep, level=level, window=window).iloc[0]
     keys = PREDICTION_KEYS + (("p_window",) if window is not None else ())
     return Prediction({k: float(ours[k]) for k in keys}, {k: float(theirs[k]) for k in keys},
-                      keeper.draws.gaps[:, 0], level, "", time.perf_counter() - start, window)
+                      keeper.draws.gaps[:, 0], level, "", time.perf_counter() - start, window, keeper.draws.members)
 
 
 def out_of_time(started: float, *, limits: Limits = Limits()) -> str:
