@@ -25,7 +25,12 @@ gap heads and variance refits are kept there too (``finetune.kept_result``: a ki
 ``full_pool.py rehead`` with the same settings reuses the folds and gap heads); each variant's arrays
 go to ``.probe_<run>_<variant>.npz`` there.
 
-    python benchmarks/uncertainty_probe.py models/balora --heads 5 --threads 2
+Measured (BENCHMARKS.md section 0) on the one-head model shipped before the five-head one, whose
+``heads5`` variant the five-head model is (``full_pool.py rehead ..._heads5_var5_full`` reused its heads):
+
+    python benchmarks/uncertainty_probe.py runs/full_pool/balora_full_2blocks_10ep_head512x3cens_drawn16kx2_var5_full --heads 5 --threads 2
+
+(run as ``models/balora`` while that model was shipped; the JSON records that path).
 """
 
 from __future__ import annotations
