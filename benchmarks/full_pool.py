@@ -548,7 +548,7 @@ def claims(name: str = "balora_full", lora: str = "lora_full_seed0", sweep: tupl
     draws = pred.sample(data.part("test"), samples=max(sweep), seed=0)
     alea = np.sqrt(draws.aleatoric_var) if draws.aleatoric_var is not None else np.full(y.shape, np.nan)
     out: dict = {"run": name, "samples": {}}
-    per_member = draws.gaps.reshape(draws.members, max(sweep), len(y))  # [gap heads, draws, crystals]
+    per_member = draws.by_member()  # [gap heads, draws, crystals]
     for s in sweep:
         g = draws.draws(0, s)  # S draws of every gap head
         std = pred.scaler.transform(raw_total_std(g.std(0, ddof=1), alea))

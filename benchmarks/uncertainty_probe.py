@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import inspect
 import json
 import sys
@@ -55,8 +54,8 @@ from matbalora.atomic import atomic_write, write_json  # noqa: E402
 from matbalora.backbones.prefix_store import StoreBatches  # noqa: E402
 from matbalora.calibration import StdScaler  # noqa: E402
 from matbalora.checkpoint import load_model_folder  # noqa: E402
-from matbalora.finetune import _fit_gap_heads, _refit_features, _training_features, features_fingerprint, gap_head_config, kept_out_of_fold_gaps, kept_result, rehead_of  # noqa: E402
-from matbalora.head import BandGapHead  # noqa: E402
+from matbalora.finetune import _fit_gap_heads, _refit_features, _training_features, features_fingerprint, kept_out_of_fold_gaps, kept_result, rehead_of, state_fingerprint  # noqa: E402
+from matbalora.head import BandGapHead, gap_only_config  # noqa: E402
 from matbalora.metrics import evaluate  # noqa: E402
 from matbalora.training import refit_variance  # noqa: E402
 
@@ -73,28 +72,18 @@ def eval_features(model, data, draws: int, batch: int = 32) -> dict[str, torch.T
         return torch.load(path, weights_only=True)
     graphs = [data.graphs[i] for i in (*data.split.val, *data.split.test)]
     fam, pooling = model.family, model.head_config.pooling
-    mean, drawn = [], []
+    drawn = []
     model.train(False)
     with torch.no_grad():
-        for start in range(0, len(graphs), batch):
+        for start in range(0, len(graphs), batch):  # [S, batch, d]: the draws of a batch, seeded by its start
             chunk = graphs[start : start + batch]
-            with model.context.sampling("mean"):
-                mean.append(fam.crystal_features(model.backbone, chunk, context=model.context, pooling=pooling)[0])
             with model.context.sampling("sample", generator=torch.Generator().manual_seed(start)):
                 drawn.append(fam.crystal_features(model.backbone, chunk, samples=draws, context=model.context, pooling=pooling))
             print(f"\reval features {start + len(chunk)}/{len(graphs)}", end="", flush=True)
     print()
-    feats = {"mean": torch.cat(mean), "draws": torch.cat(drawn, 1)}
+    feats = {"mean": model.pooled_features(graphs, batch=batch), "draws": torch.cat(drawn, 1)}
     atomic_write(path, lambda tmp: torch.save(feats, tmp))
     return feats
-
-
-def sha256_of(head: BandGapHead) -> str:
-    """sha256 of a head's weights."""
-    digest = hashlib.sha256()
-    for name, t in sorted(head.state_dict().items()):
-        digest.update(name.encode() + t.contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def two_scale_nll(epi: np.ndarray, alea: np.ndarray, err2: np.ndarray) -> tuple[float, float, float]:
@@ -123,7 +112,7 @@ def score(gap_heads: list[BandGapHead], variance_head: BandGapHead, feats: dict,
     with torch.no_grad():
         g = torch.stack([h(feats["draws"])["gap"] for h in gap_heads]).flatten(0, 1)  # [K S, n]
         members = variance_head.member_log_vars(feats["draws"])  # [M, S, n]
-        alea = np.sqrt(torch.logsumexp(members, 0).sub(np.log(len(members))).exp().mean(0).numpy())
+        alea = np.sqrt(variance_head(feats["draws"])["log_var"].exp().mean(0).numpy())  # as the head combines its members
         alea_geo = np.sqrt(members.mean(0).exp().mean(0).numpy())
     gap, epi = g.mean(0).numpy(), g.std(0).numpy()
     y = y.numpy()
@@ -206,7 +195,7 @@ def main() -> None:
         head = copy.deepcopy(shipped)
         with torch.no_grad():
             own = torch.stack([h(x)["gap"] for h in gap_heads]).mean(0)
-        key = f"{features_fingerprint(model)}:{[sha256_of(h) for h in gap_heads]}:{oof is not None}:{rehead['variance_refit']['epochs']}"
+        key = f"{features_fingerprint(model)}:{[state_fingerprint(h.state_dict()) for h in gap_heads]}:{oof is not None}:{rehead['variance_refit']['epochs']}"
 
         def fit() -> dict:
             refit_variance(head, (x, y - (oof if oof is not None else own) + own), val, epochs=rehead["variance_refit"]["epochs"])
@@ -218,7 +207,7 @@ def main() -> None:
     report("shipped", [shipped], shipped)
     lr = rehead["head_refit"]["lr"]
     t0 = time.perf_counter()
-    oof = kept_out_of_fold_gaps(model, RUNS, gap_head_config(head_config), x, y, folds=args.folds, epochs=args.fold_epochs, lr=lr)
+    oof = kept_out_of_fold_gaps(model, RUNS, gap_only_config(head_config), x, y, folds=args.folds, epochs=args.fold_epochs, lr=lr)
     print(f"out-of-fold gaps: {time.perf_counter() - t0:.0f} s", flush=True)
     report("oof_var", [shipped], variance_of([shipped], oof))
     for k in sorted({3, args.heads}):

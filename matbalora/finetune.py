@@ -27,7 +27,7 @@ from matbalora.checkpoint import load_model_folder, save_model, with_adapters
 from matbalora.config import AdapterConfig, HeadConfig, TrainConfig, to_dict
 from matbalora.data.readers import load_dataset
 from matbalora.data.splits import Split, grouped_split, random_split
-from matbalora.head import BandGapHead
+from matbalora.head import BandGapHead, gap_only_config
 from matbalora.metrics import evaluate
 from matbalora.model import BandGapModel
 from matbalora.conformal import MondrianIntervals
@@ -415,11 +415,6 @@ def rehead_of(source: str | os.PathLike, out: str | os.PathLike, *, data: Prepar
     return _save_refit(model, card, source, out, data, samples, {"rehead": info})
 
 
-def gap_head_config(head: HeadConfig) -> HeadConfig:
-    """The config of each gap head a rehead fits: ``head``'s gap MLP alone (L1, no variance, one member)."""
-    return replace(head, loss="l1", variance="shared", variance_members=1, gap_members=1)
-
-
 def _fit_gap_heads(model: BandGapModel, out: Path, rows: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], head: HeadConfig,
                    *, members: int, epochs: int, lr: float, patience: int, seed: int) -> tuple[list[BandGapHead], list[dict]]:
     """``members`` gap heads of config ``head`` (L1, no variance), each from a fresh initialisation of
@@ -428,7 +423,7 @@ def _fit_gap_heads(model: BandGapModel, out: Path, rows: tuple[torch.Tensor, tor
     their fit histories. Each fitted head is kept next to ``out`` (``.gaphead_<key>.pt``, keyed by the
     features, rows, validation crystals, config and settings), so a killed rehead resumes after its
     last fitted head, and a rehead that adds members reuses the ones it shares (:func:`kept_result`)."""
-    config = gap_head_config(head)
+    config = gap_only_config(head)
     # the rows they are fitted on, and the validation crystals they are chosen on (by their gaps: their
     # features follow from the model's, and are recomputed in the last bits differently on other threads)
     digest = hashlib.sha256()
@@ -491,12 +486,16 @@ def _refit_features(model: BandGapModel, out: Path, data: PreparedData, train_ba
 def features_fingerprint(model: BandGapModel) -> str:
     """sha256 of everything but the head in ``model``'s state (backbone and adapters: what its pooled
     features depend on), names, dtypes and shapes included."""
+    return state_fingerprint({k: v for k, v in model.state_dict().items() if not k.startswith("head.")})
+
+
+def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state dict: every tensor's name, dtype, shape and bytes, in name order."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if not name.startswith("head."):
-            t = tensor.detach().cpu().contiguous()
-            digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    for name, tensor in sorted(state.items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 

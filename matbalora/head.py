@@ -44,8 +44,9 @@ def _variance_member(in_dim: int, config: HeadConfig) -> nn.Sequential:
     return nn.Sequential(body, nn.Linear(width, 1))
 
 
-def _gap_only(config: HeadConfig) -> HeadConfig:
-    """The config of one gap member of a head: its gap MLP alone (L1, no variance, no members)."""
+def gap_only_config(config: HeadConfig) -> HeadConfig:
+    """The config of one gap member of a head, and of each gap head a rehead fits: its gap MLP alone
+    (L1, no variance, no members)."""
     return replace(config, loss="l1", variance="shared", variance_members=1, variance_hidden=0, variance_layers=-1, gap_members=1)
 
 
@@ -89,7 +90,7 @@ class BandGapHead(nn.Module):
             self.variance_scale = nn.Parameter(torch.ones(in_dim))
             self.variance_members = nn.ModuleList(_variance_member(in_dim, config) for _ in range(config.variance_members))
         if config.gap_members > 1:  # the other gap MLPs: whole gap-only heads, fitted apart (with_gap_members)
-            self.gap_members = nn.ModuleList(BandGapHead(in_dim, _gap_only(config)) for _ in range(config.gap_members - 1))
+            self.gap_members = nn.ModuleList(BandGapHead(in_dim, gap_only_config(config)) for _ in range(config.gap_members - 1))
 
     @property
     def has_variance(self) -> bool:
@@ -184,9 +185,9 @@ class BandGapHead(nn.Module):
         a head ensemble on frozen features. This head's variance (if any) is kept as it is."""
         if self.config.gap_members > 1:
             raise ValueError(f"this head has {self.config.gap_members} gap members already")
-        wanted = _gap_only(self.config)
+        wanted = gap_only_config(self.config)
         for i, other in enumerate(others):
-            if other.in_dim != self.in_dim or _gap_only(other.config) != wanted:
+            if other.in_dim != self.in_dim or gap_only_config(other.config) != wanted:
                 raise ValueError(f"gap member {i}: in_dim={other.in_dim}, config={other.config} does not match this head's gap ({self.in_dim}, {wanted})")
         head = BandGapHead(self.in_dim, replace(self.config, gap_members=1 + len(others)))
         state = dict(self.state_dict())

@@ -80,11 +80,14 @@ class GapSamples:
     aleatoric_var: np.ndarray | None
     members: int = 1
 
+    def by_member(self) -> np.ndarray:
+        """[members, draws, n]: the gaps of each gap member apart."""
+        return self.gaps.reshape(self.members, -1, self.gaps.shape[-1])
+
     def draws(self, start: int, stop: int) -> np.ndarray:
         """[members * (stop - start), n]: draws ``start`` … ``stop - 1`` of every gap member (the first
         S draws of a model with five gap heads are 5 S gaps)."""
-        n = self.gaps.shape[-1]
-        return self.gaps.reshape(self.members, -1, n)[:, start:stop].reshape(-1, n)
+        return self.by_member()[:, start:stop].reshape(-1, self.gaps.shape[-1])
 
 
 class BandGapModel(nn.Module):

@@ -383,6 +383,7 @@ def test_gap_members_average_their_gaps_and_every_draw_of_every_member_is_a_samp
     drawn = model.sample_gaps(graphs, samples=4, seed=1)
     assert drawn.gaps.shape == (12, len(graphs)) and drawn.members == 3  # 3 members x 4 draws, member-major
     assert np.array_equal(drawn.draws(1, 3), drawn.gaps[[1, 2, 5, 6, 9, 10]])  # draws 1 and 2 of every member
+    assert np.array_equal(drawn.by_member()[2], drawn.gaps[8:12])  # member 2's four draws
     assert np.allclose(drawn.gaps[:4], single.gaps, atol=1e-5)  # the first member is the old head, same draws
     save_model(model, tmp_path / "m")
     again, _card = load_model_folder(tmp_path / "m")
