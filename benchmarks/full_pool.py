@@ -160,6 +160,10 @@ REHEADS = {**{f"balora_full_2blocks_10ep_head{w}x3_var5_full": ("balora_full_2bl
                "balora_full_2blocks_10ep", replace(WIDE_HEADS[512], output="censored"),
                {"draw_crystals": 16_000, "draws": 2, "gap_members": 5} | ({"variance_folds": 4} if var == "oofvar" else {}))
               for var in ("var", "oofvar")},
+           # and the five heads bagged (each on its own resample of the rows) for members that differ in their data
+           "balora_full_2blocks_10ep_head512x3cens_drawn16kx2_heads5boot_var5_full": (
+               "balora_full_2blocks_10ep", replace(WIDE_HEADS[512], output="censored"),
+               {"draw_crystals": 16_000, "draws": 2, "gap_members": 5, "bootstrap": True}),
            # the ensemble's members with the same new head (an ensemble ``lora_full_2blocks_4ep_head512x3_var5``)
            **{f"lora_full_2blocks_4ep_head512x3_var5_seed{s}": (f"lora_full_2blocks_4ep_var5_seed{s}", WIDE_HEADS[512], {}) for s in range(5)}}
 STORES |= {name: STORES[source] for name, (source, _head, _kw) in REHEADS.items()}

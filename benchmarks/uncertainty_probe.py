@@ -11,7 +11,9 @@ and the same 16 adapter draws, uncertainties built from the model's cached featu
 - ``heads<K>``: K gap heads of the same config from different seeds (the shipped one and K - 1 new,
   each fitted like the shipped one: ``training.refit_head`` on the same rows); gap = mean over heads
   and draws, epistemic = spread over heads and draws; the variance MLPs refitted to the in-sample
-  (``heads<K>``) or out-of-fold (``heads<K>_oof_var``) residuals of the heads' mean.
+  (``heads<K>``) or out-of-fold (``heads<K>_oof_var``) residuals of the heads' mean;
+- ``heads<K>_boot`` (``--bootstrap``): the same with each of the K heads fitted on its own resample of
+  the rows (bagging: ``_fit_gap_heads(bootstrap=True)``), for members that differ in their data too.
 
 Each is scored with three stds, recalibrated on validation: ``total`` = hypot(epistemic, aleatoric),
 one scale and a floor fitted by the validation NLL (``StdScaler``, as ``calibrate_and_score`` does);
@@ -158,6 +160,7 @@ def main() -> None:
     ap.add_argument("--fold-epochs", type=int, default=40)
     ap.add_argument("--draws", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bootstrap", action="store_true", help="only the bagged variants (--heads gap heads, each on its own resample of the rows), added to an earlier run's JSON")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     folder = Path(args.model)
@@ -183,6 +186,10 @@ def main() -> None:
     _feats, val = _refit_features(model, RUNS / name, data, batches, rehead["crystals"])
     shipped = copy.deepcopy(model.head).eval()
     results = {"model": str(folder), "run": name, "command": " ".join(sys.argv), "variants": {}}
+    earlier = RESULTS / f"uncertainty_probe_{name}.json"
+    if args.bootstrap and earlier.is_file():  # the other variants as an earlier run scored them
+        results = json.loads(earlier.read_text())
+        results["command_bootstrap"] = " ".join(sys.argv)
 
     def report(variant: str, gap_heads, variance_head) -> None:
         results["variants"][variant] = score(gap_heads, variance_head, feats, y_eval, n_val, RUNS / f".probe_{name}_{variant}.npz")
@@ -204,19 +211,27 @@ def main() -> None:
         head.load_state_dict(kept_result(RUNS, "probevar", key, fit)["state"])
         return head.eval()
 
-    report("shipped", [shipped], shipped)
     lr = rehead["head_refit"]["lr"]
     t0 = time.perf_counter()
     oof = kept_out_of_fold_gaps(model, RUNS, gap_only_config(head_config), x, y, folds=args.folds, epochs=args.fold_epochs, lr=lr)
     print(f"out-of-fold gaps: {time.perf_counter() - t0:.0f} s", flush=True)
-    report("oof_var", [shipped], variance_of([shipped], oof))
-    for k in sorted({3, args.heads}):
+    if not args.bootstrap:
+        report("shipped", [shipped], shipped)
+        report("oof_var", [shipped], variance_of([shipped], oof))
+    for k in sorted({3, args.heads}) if not args.bootstrap else ():
         t0 = time.perf_counter()
         heads, _fits = _fit_gap_heads(model, RUNS / name, rows, val, head_config, members=k, epochs=REHEAD_DEFAULTS["epochs"], lr=lr,
                                       patience=REHEAD_DEFAULTS["patience"], seed=0)
         print(f"{k} gap heads: {time.perf_counter() - t0:.0f} s", flush=True)
         report(f"heads{k}", heads, variance_of(heads, None))
         report(f"heads{k}_oof_var", heads, variance_of(heads, oof))
+    if args.bootstrap:
+        t0 = time.perf_counter()
+        heads, _fits = _fit_gap_heads(model, RUNS / name, rows, val, head_config, members=args.heads, epochs=REHEAD_DEFAULTS["epochs"], lr=lr,
+                                      patience=REHEAD_DEFAULTS["patience"], seed=0, bootstrap=True)
+        print(f"{args.heads} bootstrap gap heads: {time.perf_counter() - t0:.0f} s", flush=True)
+        report(f"heads{args.heads}_boot", heads, variance_of(heads, None))
+        report(f"heads{args.heads}_boot_oof_var", heads, variance_of(heads, oof))
     print("\n".join(markdown_rows(results)))
 
 if __name__ == "__main__":

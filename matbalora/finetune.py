@@ -357,7 +357,8 @@ def refit_variance_of(source: str | os.PathLike, out: str | os.PathLike, *, data
 def rehead_of(source: str | os.PathLike, out: str | os.PathLike, *, data: PreparedData, train_batches, head: HeadConfig,
               epochs: int = 100, lr: float = 3e-4, patience: int = 20, members: int = 5, variance_hidden: int = 64, variance_layers: int = 2,
               variance_epochs: int = VARIANCE_REFIT_EPOCHS, variance_folds: int = 0, fold_epochs: int = 40,
-              crystals: int | None = None, draw_crystals: int = 0, draws: int = 2, gap_members: int = 1, samples: int = 16, seed: int = 0) -> Path:
+              crystals: int | None = None, draw_crystals: int = 0, draws: int = 2, gap_members: int = 1, bootstrap: bool = False, samples: int = 16,
+              seed: int = 0) -> Path:
     """Model folder ``out``: the adapters of folder ``source`` with a new gap head of config ``head``
     (say, wider than the source's) trained by L1 from a fresh initialisation on the frozen pooled
     features of ``crystals`` training crystals of ``train_batches`` (:func:`~matbalora.training.refit_head`,
@@ -376,7 +377,7 @@ def rehead_of(source: str | os.PathLike, out: str | os.PathLike, *, data: Prepar
     ``gap_members`` > 1: that many gap heads from seeds ``seed``, ``seed + 1``, ... on the same rows
     (:func:`_fit_gap_heads`), joined by :meth:`BandGapHead.with_gap_members`: the gap is their mean,
     their spread an epistemic part beside the adapter draws, and the variance MLPs learn the
-    residuals of their mean.
+    residuals of their mean; ``bootstrap``: each of them on its own resample of the rows (bagging).
     The passes over the training crystals resume after a kill (keyed by the source weights).
     ``head.pooling`` must be the source's: the features are the source's pooled atom features. ``lr``:
     at refit_head's default of 1e-3 a 512 x 3 head on all 82,111 full-pool crystals collapsed in its
@@ -392,12 +393,14 @@ def rehead_of(source: str | os.PathLike, out: str | os.PathLike, *, data: Prepar
     if draw_crystals:
         drawn = _training_features(model, out, train_batches, draw_crystals, draws=draws, seed=seed)
         gap_rows = (torch.cat([x, drawn[0]]), torch.cat([y, drawn[1]]))
-    heads, fits = _fit_gap_heads(model, out, gap_rows, val, head, members=gap_members, epochs=epochs, lr=lr, patience=patience, seed=seed)
+    heads, fits = _fit_gap_heads(model, out, gap_rows, val, head, members=gap_members, epochs=epochs, lr=lr, patience=patience, seed=seed,
+                                 bootstrap=bootstrap)
     model.head = heads[0].with_gap_members(heads[1:]) if gap_members > 1 else heads[0]
     model.head_config = model.head.config
     fitted = fits[0] | {"lr": lr}
     if gap_members > 1:
-        fitted |= {"gap_members": [{k: f[k] for k in ("val_mae_after", "epochs_run")} | {"seed": seed + k} for k, f in enumerate(fits)]}
+        fitted |= {"gap_members": [{k: f[k] for k in ("val_mae_after", "epochs_run")} | {"seed": seed + k} for k, f in enumerate(fits)],
+                   "bootstrap": bootstrap}
     if draw_crystals:
         fitted |= {"drawn_rows": len(gap_rows[1]) - len(y), "draws": draws}
     gap_config = heads[0].config
@@ -416,11 +419,13 @@ def rehead_of(source: str | os.PathLike, out: str | os.PathLike, *, data: Prepar
 
 
 def _fit_gap_heads(model: BandGapModel, out: Path, rows: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], head: HeadConfig,
-                   *, members: int, epochs: int, lr: float, patience: int, seed: int) -> tuple[list[BandGapHead], list[dict]]:
+                   *, members: int, epochs: int, lr: float, patience: int, seed: int, bootstrap: bool = False) -> tuple[list[BandGapHead], list[dict]]:
     """``members`` gap heads of config ``head`` (L1, no variance), each from a fresh initialisation of
     seed ``seed + k``, inputs standardised on ``rows`` when ``head.standardize``, trained by
     :func:`~matbalora.training.refit_head` on ``rows`` (the epoch of lowest validation MAE kept), and
-    their fit histories. Each fitted head is kept next to ``out`` (``.gaphead_<key>.pt``, keyed by the
+    their fit histories. ``bootstrap``: each head learns from its own resample of ``rows`` (as many rows,
+    drawn with replacement by seed ``seed + k``; bagging), for members that differ in their data as well
+    as their initialisation. Each fitted head is kept next to ``out`` (``.gaphead_<key>.pt``, keyed by the
     features, rows, validation crystals, config and settings), so a killed rehead resumes after its
     last fitted head, and a rehead that adds members reuses the ones it shares (:func:`kept_result`)."""
     config = gap_only_config(head)
@@ -434,15 +439,19 @@ def _fit_gap_heads(model: BandGapModel, out: Path, rows: tuple[torch.Tensor, tor
     for k in range(members):
 
         def fit_one(k: int = k) -> dict:
+            own = rows
+            if bootstrap:
+                pick = torch.randint(len(rows[1]), (len(rows[1]),), generator=torch.Generator().manual_seed(seed + k))
+                own = (rows[0][pick], rows[1][pick])
             torch.manual_seed(seed + k)
-            model.head = BandGapHead(rows[0].shape[1], config)
+            model.head = BandGapHead(own[0].shape[1], config)
             if config.standardize:
-                model.head.set_input_statistics(rows[0].mean(0), rows[0].std(0))
+                model.head.set_input_statistics(own[0].mean(0), own[0].std(0))
             model.head_config = model.head.config
-            fit_info = refit_head(model, rows, val, epochs=epochs, lr=lr, patience=patience, seed=seed + k)
+            fit_info = refit_head(model, own, val, epochs=epochs, lr=lr, patience=patience, seed=seed + k)
             return {"state": model.head.state_dict(), "fit": fit_info}
 
-        saved = kept_result(out.parent, "gaphead", f"{common}:{seed + k}", fit_one)
+        saved = kept_result(out.parent, "gaphead", f"{common}:{seed + k}" + (":bootstrap" if bootstrap else ""), fit_one)
         heads.append(BandGapHead(rows[0].shape[1], config))
         heads[-1].load_state_dict(saved["state"])
         heads[-1].eval()

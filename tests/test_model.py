@@ -390,3 +390,29 @@ def test_gap_members_average_their_gaps_and_every_draw_of_every_member_is_a_samp
     assert again.head.config.gap_members == 3
     assert np.allclose(again.sample_gaps(graphs, samples=4, seed=1).gaps, drawn.gaps, atol=1e-5)
     assert model.sample_gaps(graphs, samples=0).gaps.shape == (3, len(graphs))  # deterministic: the members' spread
+
+
+def test_bagged_gap_heads_each_learn_from_their_own_resample_and_are_kept_apart(tmp_path, tiny_checkpoint):
+    from conftest import tiny_model
+
+    from matbalora.finetune import _fit_gap_heads
+
+    model = tiny_model("balora", tiny_checkpoint)
+    config = HeadConfig(hidden=8, layers=2, output="censored", standardize=True, pooling=model.head_config.pooling)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, model.head.in_dim, generator=gen)
+    rows, val = (x, x[:, :3].sum(1).clamp_min(0)), (x[:16], x[:16, :3].sum(1).clamp_min(0))
+    settings = dict(members=2, epochs=3, lr=1e-2, patience=5, seed=4)
+    plain, _ = _fit_gap_heads(model, tmp_path / "run", rows, val, config, **settings)
+    bagged, fits = _fit_gap_heads(model, tmp_path / "run", rows, val, config, bootstrap=True, **settings)
+    assert len(list(tmp_path.glob(".gaphead_*.pt"))) == 4 and len(fits) == 2  # kept under keys of their own
+    assert all(not torch.allclose(a.out.weight, b.out.weight) for a, b in zip(plain, bagged))
+    again, _ = _fit_gap_heads(model, tmp_path / "run", rows, val, config, bootstrap=True, **settings)
+    assert all(torch.equal(a.out.weight, b.out.weight) for a, b in zip(again, bagged))  # reused, not refitted
+    assert len(list(tmp_path.glob(".gaphead_*.pt"))) == 4
+    # untrained (0 epochs: the initial state is kept), each is standardised on its own resample (seed 4 + k)
+    unfitted, _ = _fit_gap_heads(model, tmp_path / "run", rows, val, config, bootstrap=True, **(settings | {"epochs": 0}))
+    for k, head in enumerate(unfitted):
+        pick = torch.randint(64, (64,), generator=torch.Generator().manual_seed(4 + k))
+        assert torch.allclose(-head.input_shift, x[pick].mean(0), atol=1e-6)
+        assert not torch.allclose(-head.input_shift, x.mean(0), atol=1e-3)
