@@ -289,3 +289,60 @@ def evaluate(
     out["n"] = int(y_true.size)
     out["nonmetal_n"] = int(mask.sum())
     return out
+
+
+#: what :func:`bootstrap_intervals` reports of each model
+HEADLINE = ("mae", "spearman", "nonmetal_spearman", "coverage")
+
+
+def _headline(pred: np.ndarray, std: np.ndarray, lower: np.ndarray, upper: np.ndarray, y: np.ndarray) -> np.ndarray:
+    err = np.abs(pred - y)
+    nm = y > 0
+    return np.array([err.mean(), stats.spearmanr(err, std)[0], stats.spearmanr(err[nm], std[nm])[0], np.mean((y >= lower) & (y <= upper))])
+
+
+def bootstrap_intervals(predictions: dict[str, Any], y_true: Any, *, resamples: int = 2000, confidence: float = 0.95, seed: int = 0):
+    """How sure a test set's headline numbers are: percentile bootstrap intervals over its crystals.
+
+    Args:
+        predictions: model name -> a mapping (a prediction DataFrame will do) with ``band_gap``,
+            ``std``, ``lower`` and ``upper`` arrays ``[n]`` (eV) of the same crystals as ``y_true``.
+        y_true: ``[n]`` reference gaps, eV.
+    Returns:
+        A DataFrame, one row per model and :data:`HEADLINE` metric (MAE, Spearman(|error|, std) on
+        all crystals and on non-metals, coverage of ``[lower, upper]``): ``value`` and the interval
+        ``low`` / ``high``; then, for every model after the first, its difference from the first
+        (``model`` = ``"<name> - <first>"``) on the same resamples (paired: a resample keeps each
+        crystal's predictions by every model together). A difference whose interval holds 0 is
+        one this test set cannot tell apart. ``scipy.stats.bootstrap``, ``method="percentile"``.
+    """
+    import pandas as pd
+
+    y = np.asarray(y_true, dtype=float)
+    names = list(predictions)
+    if not names:
+        raise ValueError("predictions: no models given")
+    cols = {}
+    for name in names:
+        arrays = [np.asarray(predictions[name][c], dtype=float) for c in ("band_gap", "std", "lower", "upper")]
+        for c, a in zip(("band_gap", "std", "lower", "upper"), arrays):
+            if a.shape != y.shape or not np.all(np.isfinite(a)):
+                raise ValueError(f"predictions[{name!r}][{c!r}]: must be {y.shape} finite values, got shape {a.shape}")
+        cols[name] = arrays
+    if not 0 < confidence < 1 or resamples < 2:
+        raise ValueError(f"confidence={confidence} must lie in (0, 1) and resamples={resamples} be >= 2")
+    k = len(HEADLINE)
+
+    def statistic(i: np.ndarray) -> np.ndarray:  # the models' values, then their differences from the first
+        i = i.astype(int)
+        values = [_headline(*(a[i] for a in cols[n]), y[i]) for n in names]
+        return np.concatenate([*values, *(v - values[0] for v in values[1:])])
+
+    index = np.arange(y.size)
+    res = stats.bootstrap((index,), statistic, vectorized=False, n_resamples=resamples, method="percentile",
+                          confidence_level=confidence, random_state=np.random.default_rng(seed))
+    point, (low, high) = statistic(index), res.confidence_interval
+    labels = [*names, *(f"{n} - {names[0]}" for n in names[1:])]
+    rows = [{"model": label, "metric": m, "value": point[r * k + j], "low": low[r * k + j], "high": high[r * k + j]}
+            for r, label in enumerate(labels) for j, m in enumerate(HEADLINE)]
+    return pd.DataFrame(rows, columns=["model", "metric", "value", "low", "high"])

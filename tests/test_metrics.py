@@ -183,3 +183,25 @@ def test_every_metric_validates_inputs(name):
     with pytest.raises(ValueError, match="y_pred"):
         fn([], [], [])
     assert isinstance(fn([1.0, 2.0, 3.0], [0.1, 0.2, 0.3], [1.1, 2.5, 2.0]), float)
+
+
+def test_bootstrap_intervals_hold_the_point_value_and_pair_models_on_the_same_resamples():
+    from matbalora.metrics import bootstrap_intervals
+
+    rng = np.random.default_rng(0)
+    y = np.where(rng.random(400) < 0.4, 0.0, rng.gamma(2.0, 1.0, 400))
+    scale = rng.uniform(0.05, 1.0, 400)
+    pred = np.clip(y + rng.normal(0, scale), 0, None)
+    good = {"band_gap": pred, "std": scale, "lower": pred - 1.645 * scale, "upper": pred + 1.645 * scale}
+    blind = good | {"std": rng.uniform(0.05, 1.0, 400)}  # the same gaps, a std that knows nothing
+    table = bootstrap_intervals({"good": good, "same": dict(good), "blind": blind}, y, resamples=300)
+    by = table.set_index(["model", "metric"])
+    assert list(table["model"].unique()) == ["good", "same", "blind", "same - good", "blind - good"]
+    assert np.all((table["low"] <= table["value"]) & (table["value"] <= table["high"]))
+    assert by.loc[("good", "mae"), "value"] == pytest.approx(np.abs(pred - y).mean())
+    assert by.loc[("good", "nonmetal_spearman"), "low"] > 0.3 > by.loc[("blind", "nonmetal_spearman"), "high"]
+    # paired: an identical model differs by exactly 0 on every resample; the blind std is told apart
+    assert (by.loc[("same - good", "spearman"), ["value", "low", "high"]] == 0).all()
+    assert by.loc[("blind - good", "mae"), "value"] == 0 and by.loc[("blind - good", "spearman"), "high"] < 0
+    with pytest.raises(ValueError, match=r"predictions\['bad'\]\['std'\]"):
+        bootstrap_intervals({"bad": good | {"std": scale[:10]}}, y)
