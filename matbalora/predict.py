@@ -253,10 +253,12 @@ class EnsemblePredictor:
         return self.predict_prepared(prepare(self.model, structures, ids), level=level, window=window)
 
     def gap_draws(self, prep: Prepared, *, samples: int = SAMPLES, seed: int | None = 0) -> GapSamples:
-        """The members' predictions (``gaps`` [K, n] eV) and their mean aleatoric variance."""
+        """The members' predictions (``gaps`` [K, n] eV: one row per gap head of each member, so a
+        member with several heads adds their spread too) and their mean aleatoric variance."""
         # Lakshminarayanan et al. (2017): total variance = variance of member means + mean member variance
-        gaps, var = self.member_outputs(prep)
-        return GapSamples(gaps, var.mean(0) if var is not None else None)
+        draws = [m.sample(prep, samples=0) for m in self.members]
+        var = [d.aleatoric_var for d in draws]
+        return GapSamples(np.concatenate([d.gaps for d in draws]), None if any(v is None for v in var) else np.stack(var).mean(0))
 
     def predict_prepared(self, prep: Prepared, *, samples: int = SAMPLES, level: float = LEVEL, seed: int | None = 0,
                          window: tuple[float, float] | None = None) -> pd.DataFrame:

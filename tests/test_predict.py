@@ -38,6 +38,28 @@ def test_ensemble_predicts_spread(shipped_like):
     assert list(df.columns[:7]) == BASE_COLUMNS and (df["std"] > 0).all()
 
 
+def test_an_ensemble_member_with_several_gap_heads_adds_their_spread(shipped_like):
+    import torch
+
+    from matbalora.head import BandGapHead, gap_only_config
+    from matbalora.predict import prepare
+
+    ens = matbalora.load_ensemble()
+    prep = prepare(ens.model, [silicon(), copper(), rocksalt_nacl()], None)
+    before = ens.gap_draws(prep).gaps
+    member = ens.members[0].model
+    torch.manual_seed(3)
+    member.head = member.head.with_gap_members([BandGapHead(member.head.in_dim, gap_only_config(member.head.config)).eval()]).eval()
+    member.head_config = member.head.config
+    heads = member.sample_gaps(prep.graphs, samples=0).gaps  # [2, n]: the old head, then the new one
+    after = ens.gap_draws(prep).gaps
+    assert after.shape == (before.shape[0] + 1, before.shape[1])
+    np.testing.assert_allclose(after[:2], heads, atol=1e-6)  # both heads of member 0 are samples
+    np.testing.assert_allclose(after[2:], before[1:], atol=1e-6)
+    np.testing.assert_allclose(ens.member_gaps(prep)[0], heads.mean(0), atol=1e-6)  # the member's own prediction
+    assert not np.allclose(ens.predict_prepared(prep)["std_epistemic"], before.std(0, ddof=1))
+
+
 def test_std_is_the_cards_recalibration_of_the_raw_spread(shipped_like):
     """std = sqrt((k raw)^2 + c^2) with k, c from the card; the raw spread stays in std_epistemic."""
     from matbalora.calibration import StdScaler
