@@ -32,7 +32,10 @@ Measured (BENCHMARKS.md section 0) on the one-head model shipped before the five
 
     python benchmarks/uncertainty_probe.py runs/full_pool/balora_full_2blocks_10ep_head512x3cens_drawn16kx2_var5_full --heads 5 --threads 2
 
-(run as ``models/balora`` while that model was shipped; the JSON records that path).
+(run as ``models/balora`` while that model was shipped; the JSON records that path); the bagged
+variants, added to the same JSON by the next session:
+
+    python benchmarks/uncertainty_probe.py runs/full_pool/balora_full_2blocks_10ep_head512x3cens_drawn16kx2_var5_full --heads 5 --bootstrap --threads 2
 """
 
 from __future__ import annotations
