@@ -414,6 +414,8 @@ def test_recipe_reads_the_card(models):
     assert ens["recalibration: scale k"] == "1"
     heads = {"method": "balora", "head": {"layers": 3, "hidden": 512, "output": "censored", "loss": "l1_nll", "gap_members": 5}}
     assert cards.recipe_table(heads)["head"] == "5 gap heads, each 3 layers x 512, censored output, l1_nll loss"
+    bagged = heads | {"training": {"rehead": {"head_refit": {"bootstrap": True}}}}
+    assert cards.recipe_table(bagged)["head"] == "5 bagged gap heads, each 3 layers x 512, censored output, l1_nll loss"
     assert cards.recipe_table({"method": "lora", "head": {"layers": 2, "hidden": 64}})["head"].startswith("2 layers x 64")
 
 

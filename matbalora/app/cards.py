@@ -160,7 +160,9 @@ def recipe_table(card: dict) -> dict[str, str]:
     head = member.get("head") or {}
     if head:
         members = head.get("gap_members", 1)
-        fields.append(("head", f"{f'{members} gap heads, each ' if members > 1 else ''}{head.get('layers')} layers x {head.get('hidden')}, "
+        bagged = _get(member, "training", "rehead", "head_refit", "bootstrap") is True  # each head on its own resample of the rows
+        heads = f"{members} {'bagged ' if bagged else ''}gap heads, each " if members > 1 else ""
+        fields.append(("head", f"{heads}{head.get('layers')} layers x {head.get('hidden')}, "
                                f"{head.get('output')} output, {head.get('loss')} loss"))
     train = _get(member, "training", "config") or {}
     for key in ("epochs", "batch_size", "lr", "beta", "seed"):
