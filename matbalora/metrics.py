@@ -327,7 +327,8 @@ def bootstrap_intervals(predictions: dict[str, Any], y_true: Any, *, resamples: 
         arrays = [np.asarray(predictions[name][c], dtype=float) for c in ("band_gap", "std", "lower", "upper")]
         for c, a in zip(("band_gap", "std", "lower", "upper"), arrays):
             if a.shape != y.shape or not np.all(np.isfinite(a)):
-                raise ValueError(f"predictions[{name!r}][{c!r}]: must be {y.shape} finite values, got shape {a.shape}")
+                raise ValueError(f"predictions[{name!r}][{c!r}]: must be {y.shape} finite values, got shape {a.shape}"
+                                 f"{'' if a.shape != y.shape else f' with {int(np.sum(~np.isfinite(a)))} not finite (drop the rows whose prediction failed: their error column)'}")
         cols[name] = arrays
     if not 0 < confidence < 1 or resamples < 2:
         raise ValueError(f"confidence={confidence} must lie in (0, 1) and resamples={resamples} be >= 2")

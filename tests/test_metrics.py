@@ -205,3 +205,5 @@ def test_bootstrap_intervals_hold_the_point_value_and_pair_models_on_the_same_re
     assert by.loc[("blind - good", "mae"), "value"] == 0 and by.loc[("blind - good", "spearman"), "high"] < 0
     with pytest.raises(ValueError, match=r"predictions\['bad'\]\['std'\]"):
         bootstrap_intervals({"bad": good | {"std": scale[:10]}}, y)
+    with pytest.raises(ValueError, match="1 not finite"):
+        bootstrap_intervals({"bad": good | {"band_gap": np.where(np.arange(400) == 7, np.nan, pred)}}, y)
