@@ -12,7 +12,8 @@ recalibrated std and Mondrian intervals), kept in ``runs/full_pool/.testpred_<ru
 call scores without predicting again; delete the file after retraining a run).
 
     python benchmarks/metric_intervals.py balora_full_2blocks_10ep_head512x3cens_drawn16kx2_heads5_var5_full \\
-        balora_full_2blocks_10ep_head512x3cens_drawn16kx2_var5_full balora_full_2blocks_10ep_var5_full --ensemble
+        balora_full_2blocks_10ep_head512x3cens_drawn16kx2_var5_full \\
+        balora_full_2blocks_10ep_head512x3cens_drawn16kx2_heads5boot_var5_full --ensemble --threads 2
 
 Results: ``benchmarks/results/full_pool/metric_intervals.json`` (BENCHMARKS.md section 0).
 """
@@ -56,6 +57,7 @@ def card_test_predictions(name: str, data, threads: int) -> dict[str, np.ndarray
         predictor = Predictor.load(folder)
     frame = predictor.predict_prepared(data.part("test"), samples=16, seed=0)
     cols = {c: frame[c].to_numpy(dtype=float) for c in COLUMNS}
+
     def save(tmp: str) -> None:
         with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to the temporary name
             np.savez(f, **cols)

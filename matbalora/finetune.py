@@ -399,8 +399,9 @@ def rehead_of(source: str | os.PathLike, out: str | os.PathLike, *, data: Prepar
     model.head_config = model.head.config
     fitted = fits[0] | {"lr": lr}
     if gap_members > 1:
-        fitted |= {"gap_members": [{k: f[k] for k in ("val_mae_after", "epochs_run")} | {"seed": seed + k} for k, f in enumerate(fits)],
-                   "bootstrap": bootstrap}
+        fitted |= {"gap_members": [{k: f[k] for k in ("val_mae_after", "epochs_run")} | {"seed": seed + k} for k, f in enumerate(fits)]}
+    if bootstrap:
+        fitted |= {"bootstrap": True}
     if draw_crystals:
         fitted |= {"drawn_rows": len(gap_rows[1]) - len(y), "draws": draws}
     gap_config = heads[0].config

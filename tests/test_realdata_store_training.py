@@ -128,5 +128,13 @@ def test_store_training_with_nll_head_and_refit(tmp_path):
     assert first and all(torch.equal(pair_head[k], single_head[k]) for k in first)
     d = matbalora.load_model(pair).predict(ds.structures[N_TRAIN : N_TRAIN + 4], samples=4)
     assert np.all(np.isfinite(d["band_gap"])) and np.all(d["std_epistemic"] > 0)
+    # bagged: two more heads, each on its own resample of the rows; the card says so
+    bagged = rehead_of(out, tmp_path / "rehead_bagged", data=data, train_batches=StoreBatches(store, ids[:N_TRAIN]), head=wide, epochs=60, lr=3e-3,
+                       members=2, variance_hidden=8, variance_layers=1, variance_epochs=5, samples=4, draw_crystals=64, draws=2,
+                       gap_members=2, bootstrap=True)
+    assert len(kept("gaphead")) == 4 and "bootstrap" not in pair_card["training"]["rehead"]["head_refit"]
+    assert json.loads((bagged / "config.json").read_text())["training"]["rehead"]["head_refit"]["bootstrap"] is True
+    bagged_head = load_model_folder(bagged)[0].head.state_dict()
+    assert not torch.equal(bagged_head["out.weight"], pair_head["out.weight"])
     with pytest.raises(ValueError, match="pooled by 'mean_max'"):
         rehead_of(out, tmp_path / "bad_head", data=data, train_batches=StoreBatches(store, ids[:N_TRAIN]), head=HeadConfig(pooling="mean"))
