@@ -516,6 +516,7 @@ def shipped_plots(data: PreparedData, ensemble_metrics: dict, ensemble_data: Pre
     model card page shows plots only next to the card whose numbers they come from); ``ensemble_data``:
     the ensemble's own prefixes where it was trained on another store than BaLoRA."""
     from matbalora.evaluation import plot_all
+    from matbalora.metrics import bootstrap_intervals
     from matbalora.predict import EnsemblePredictor, Predictor
 
     models = REPO / "models"
@@ -530,7 +531,11 @@ def shipped_plots(data: PreparedData, ensemble_metrics: dict, ensemble_data: Pre
     plots = []
     for name, frame in frames.items():
         plots += [p.name for p in plot_all(frame, y, RESULTS / "plots", name)]
-    write_json(RESULTS / "shipped.json", {"methods": rows, "plots": plots, "n_test": len(y),
+    # how sure the cards' test numbers are: 95 % bootstrap intervals over these crystals (the app shows them)
+    table = bootstrap_intervals(frames, y)
+    intervals = {name: {r.metric: {"value": r.value, "low": r.low, "high": r.high} for r in table[table["model"] == name].itertuples()}
+                 for name in frames}
+    write_json(RESULTS / "shipped.json", {"methods": rows, "plots": plots, "intervals": intervals, "n_test": len(y),
                                           "command": "python benchmarks/full_pool.py ship ... (models/balora, models/lora_ensemble on the full-pool test crystals)"})
 
 

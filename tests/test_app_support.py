@@ -439,3 +439,25 @@ def test_plots_are_shown_only_for_the_model_that_made_them(tmp_path):
     assert cards.card_plots({"metrics": {"test": {"mae": 0.40180147525, "coverage_90": 0.93}}}, tmp_path / "results") == []
     assert cards.card_plots({"metrics": {"test": {"mae": 0.40180147525}}}, tmp_path / "results") == []  # MAE alone is not enough
     assert cards.benchmark_method(card, tmp_path / "results")[1] == "shipped_one"
+
+
+def test_card_intervals_come_from_the_results_file_that_scored_the_card(tmp_path):
+    import json
+
+    from matbalora.app import cards
+
+    results = tmp_path / "results" / "full_pool"
+    results.mkdir(parents=True)
+    shipped = {"mae": 0.167, "coverage_90": 0.934, "n": 1000}
+    intervals = {"balora": {"mae": {"value": 0.167, "low": 0.150, "high": 0.186},
+                            "spearman": {"value": 0.842, "low": 0.815, "high": 0.868},
+                            "nonmetal_spearman": {"value": 0.402, "low": "bad", "high": 0.474}},  # a broken entry is left out
+                 "other": {"mae": {"value": 9.0, "low": 8.0, "high": 10.0}}}
+    (results / "shipped.json").write_text(json.dumps({"methods": {"balora": shipped, "other": {"mae": 9.0, "coverage_90": 0.5}},
+                                                     "intervals": intervals}))
+    table = cards.card_intervals({"metrics": {"test": shipped}}, tmp_path / "results")
+    assert table.to_dict("index") == {"MAE (eV)": {"value": "0.167", "95 % interval": "0.150 – 0.186"},
+                                      "Spearman(|error|, std), all crystals": {"value": "0.842", "95 % interval": "0.815 – 0.868"}}
+    assert cards.card_intervals({"metrics": {"test": {"mae": 0.3, "coverage_90": 0.9}}}, tmp_path / "results").empty  # no results file scored it
+    (results / "shipped.json").write_text(json.dumps({"methods": {"balora": shipped}}))  # written before intervals existed
+    assert cards.card_intervals({"metrics": {"test": shipped}}, tmp_path / "results").empty

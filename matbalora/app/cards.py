@@ -39,6 +39,13 @@ METRICS: dict[str, str] = {
 }
 #: Metrics that are means over crystals: the metals' value follows from all and non-metals.
 _MEANS = ("mae", "coverage_68", "coverage_90", "coverage_95", "mean_interval_width_90", "nll")
+#: Bootstrap intervals shown per model (``metrics.HEADLINE``): results key -> label.
+INTERVAL_METRICS: dict[str, str] = {
+    "mae": "MAE (eV)",
+    "spearman": "Spearman(|error|, std), all crystals",
+    "nonmetal_spearman": "Spearman(|error|, std), non-metals",
+    "coverage": "coverage of the shipped 90% intervals",
+}
 #: Plots shown per model, with what they show.
 PLOTS: dict[str, str] = {
     "calibration": "Calibration: observed vs expected share of test gaps inside central intervals of every level "
@@ -216,6 +223,25 @@ def benchmark_method(card: dict, results: str | os.PathLike = RESULTS, *,
             if isinstance(row, dict) and _same_metrics(test, row):
                 return path, name, data
     return None
+
+
+def card_intervals(card: dict, results: str | os.PathLike = RESULTS) -> pd.DataFrame:
+    """How sure the card's test numbers are: metric -> value and 95 % bootstrap interval over the test
+    crystals, from the ``intervals`` of the results file that ``benchmark_method`` finds for the card
+    (``benchmarks/full_pool.py ship`` writes them); an empty frame when there are none."""
+    import pandas as pd
+
+    found = benchmark_method(card, results)
+    rows = {}
+    if found is not None:
+        _path, name, data = found
+        entry = data.get("intervals", {}).get(name) if isinstance(data.get("intervals"), dict) else None
+        for metric, label in INTERVAL_METRICS.items():
+            got = entry.get(metric) if isinstance(entry, dict) else None
+            numbers = [_number(got.get(k)) for k in ("value", "low", "high")] if isinstance(got, dict) else [None]
+            if all(v is not None for v in numbers):
+                rows[label] = {"value": _fmt(numbers[0]), "95 % interval": f"{_fmt(numbers[1])} – {_fmt(numbers[2])}"}
+    return pd.DataFrame.from_dict(rows, orient="index", columns=["value", "95 % interval"])
 
 
 def card_plots(card: dict, results: str | os.PathLike = RESULTS) -> list[tuple[Path, str]]:

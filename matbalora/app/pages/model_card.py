@@ -25,6 +25,11 @@ for title, card in cached.model_cards(str(folder)).items():
         if any(c.startswith("metals") for c in table.columns):
             st.caption("Metals' column derived from the card: (n · all − n_non-metals · non-metals) / n_metals, for the "
                        "metrics that are means over crystals.")
+    intervals = cards.card_intervals(card)
+    if not intervals.empty:
+        st.caption("How sure these numbers are: 95 % bootstrap intervals over the test crystals (another test set of the "
+                   "same size would land in about this range; `matbalora.metrics.bootstrap_intervals`).")
+        st.table(intervals)
     more = cards.other_numbers(card)
     if more:
         with st.expander("More numbers from the card's test metrics"):
