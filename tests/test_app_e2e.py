@@ -91,17 +91,22 @@ def table_rows(table) -> list[list[str]]:
 
 
 def test_model_card_page_shows_the_shipped_test_mae(models, server, browser):
-    from matbalora.app.cards import model_cards
+    from matbalora.app.cards import card_intervals, model_cards
 
     cards = model_cards(models)
+    intervals = {title: card_intervals(card) for title, card in cards.items()}  # from shipped.json, when it scored the card
     page = browser.new_context().new_page()
     page.goto(f"{server}/model_card")
     page.get_by_text("Data and recipe").nth(1).wait_for(timeout=WAIT_MS)  # both cards laid out
-    # st.table's component loads lazily, after the headers: wait for both metrics tables' MAE rows
-    page.locator("th, td").filter(has_text=re.compile(r"^\s*MAE \(eV\)\s*$")).nth(1).wait_for(timeout=WAIT_MS)
-    shown = []  # the value next to "MAE (eV)" in each table that has that row: the metrics tables, in page order
+    # st.table's component loads lazily, after the headers: wait for every table's MAE row
+    expected = []  # per card: its metrics table's MAE (all crystals), then (when shown) its intervals table's MAE and interval
+    for title, card in cards.items():  # BaLoRA, then the ensemble
+        expected.append([f"{card['metrics']['test']['mae']:.3f}"])
+        if not intervals[title].empty:
+            expected.append([f"{card['metrics']['test']['mae']:.3f}", intervals[title].loc["MAE (eV)", "95 % interval"]])
+    page.locator("th, td").filter(has_text=re.compile(r"^\s*MAE \(eV\)\s*$")).nth(len(expected) - 1).wait_for(timeout=WAIT_MS)
+    shown = []  # what follows "MAE (eV)" in each table that has that row, in page order
     for table in page.locator("table").all():
-        shown += [row[row.index("MAE (eV)") + 1] for row in table_rows(table) if "MAE (eV)" in row]
-    expected = [f"{card['metrics']['test']['mae']:.3f}" for card in cards.values()]  # BaLoRA, then the ensemble
-    assert shown == expected
+        shown += [row[row.index("MAE (eV)") + 1 :] for row in table_rows(table) if "MAE (eV)" in row]
+    assert len(shown) == len(expected) and [got[: len(want)] for got, want in zip(shown, expected)] == expected
     assert page.locator("h2", has_text="BaLoRA").count() == 1 and page.locator("h2", has_text="Deep ensemble").count() == 1
