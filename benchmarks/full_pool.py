@@ -164,8 +164,10 @@ REHEADS = {**{f"balora_full_2blocks_10ep_head{w}x3_var5_full": ("balora_full_2bl
            "balora_full_2blocks_10ep_head512x3cens_drawn16kx2_heads5boot_var5_full": (
                "balora_full_2blocks_10ep", replace(WIDE_HEADS[512], output="censored"),
                {"draw_crystals": 16_000, "draws": 2, "gap_members": 5, "bootstrap": True}),
-           # the ensemble's members with the same new head (an ensemble ``lora_full_2blocks_4ep_head512x3_var5``)
-           **{f"lora_full_2blocks_4ep_head512x3_var5_seed{s}": (f"lora_full_2blocks_4ep_var5_seed{s}", WIDE_HEADS[512], {}) for s in range(5)}}
+           # the ensemble's members with BaLoRA's censored 512 x 3 head (an ensemble ``lora_full_2blocks_4ep_head512x3cens_var5``:
+           # five members, one head each, against BaLoRA's five heads; the drawn rows are BaLoRA's alone)
+           **{f"lora_full_2blocks_4ep_head512x3cens_var5_seed{s}": (f"lora_full_2blocks_4ep_var5_seed{s}", replace(WIDE_HEADS[512], output="censored"), {})
+              for s in range(5)}}
 STORES |= {name: STORES[source] for name, (source, _head, _kw) in REHEADS.items()}
 
 _FORMULA = re.compile(r"formula=(\S+)")
@@ -242,10 +244,14 @@ def finished_run(name: str) -> Path | None:
     train several runs; runs/ is not in git, so a fresh machine has only the shipped copies)."""
     if (RUNS / name / "config.json").is_file():
         return RUNS / name
+    seed = re.search(r"_seed(\d+)$", name)
     for verb, runs in (("revar", VARIANCE_REFITS), ("rehead", REHEADS)):
         if name in runs:  # its shipped copy: a card written by ``revar NAME`` / ``rehead NAME``
+            # one command refits several members (``revar ..._seed0 ... _seed4``): a member's card is the one of its seed
             return next((c.parent for c in sorted((REPO / "models").glob("**/config.json"))
-                         if name in _words_after(json.loads(c.read_text()).get("command", ""), verb)), None)
+                         for card in [json.loads(c.read_text())]
+                         if name in _words_after(card.get("command", ""), verb)
+                         and (seed is None or (card.get("training", {}).get("config") or {}).get("seed") == int(seed.group(1)))), None)
     method, _adapter, _head, overrides, _n = RECIPES[name]
     wanted = to_dict(replace(TrainConfig(method=method), **overrides))
     for config in sorted((REPO / "models").glob("**/config.json")):
