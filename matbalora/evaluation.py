@@ -17,13 +17,9 @@ from matbalora.atomic import write_json, write_text
 from matbalora.calibration import ConformalIntervals
 from matbalora.data.readers import load_dataset
 from matbalora.defaults import LEVEL, SAMPLES
-from matbalora.metrics import evaluate
+from matbalora.metrics import evaluate, interval_coverage
 from matbalora.plots import calibration_curve, error_vs_std, parity, save_figure, sparsification_curve
 from matbalora.predict import EnsemblePredictor, Predictor, prepare, raw_total_std
-
-
-def _coverage(lower: np.ndarray, upper: np.ndarray, y: np.ndarray) -> float:
-    return float(np.mean((y >= lower) & (y <= upper)))
 
 
 def score_frame(frame: pd.DataFrame, y_true: np.ndarray, *, raw_std: np.ndarray, conformal: dict | None) -> dict:
@@ -45,8 +41,8 @@ def score_frame(frame: pd.DataFrame, y_true: np.ndarray, *, raw_std: np.ndarray,
         nonmetal = y > 0
         result["conformal"] = {
             "level": ci.level,
-            "coverage": _coverage(lo, hi, y),
-            "nonmetal_coverage": _coverage(lo[nonmetal], hi[nonmetal], y[nonmetal]) if nonmetal.any() else float("nan"),
+            "coverage": interval_coverage(lo, hi, y),
+            "nonmetal_coverage": interval_coverage(lo[nonmetal], hi[nonmetal], y[nonmetal]) if nonmetal.any() else float("nan"),
             "mean_width": float(np.mean(hi - lo)),
         }
     return result

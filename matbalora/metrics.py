@@ -295,10 +295,16 @@ def evaluate(
 HEADLINE = ("mae", "spearman", "nonmetal_spearman", "coverage")
 
 
+def interval_coverage(lower: Any, upper: Any, y_true: Any) -> float:
+    """Share of ``y_true`` inside ``[lower, upper]`` (any intervals: conformal, clipped, Gaussian)."""
+    lower, upper, y_true = (np.asarray(a, dtype=float) for a in (lower, upper, y_true))
+    return float(np.mean((y_true >= lower) & (y_true <= upper)))
+
+
 def _headline(pred: np.ndarray, std: np.ndarray, lower: np.ndarray, upper: np.ndarray, y: np.ndarray) -> np.ndarray:
-    err = np.abs(pred - y)
     nm = y > 0
-    return np.array([err.mean(), stats.spearmanr(err, std)[0], stats.spearmanr(err[nm], std[nm])[0], np.mean((y >= lower) & (y <= upper))])
+    return np.array([mae(pred, std, y), spearman(pred, std, y), spearman(pred[nm], std[nm], y[nm]) if nm.sum() >= 2 else math.nan,
+                     interval_coverage(lower, upper, y)])
 
 
 def bootstrap_intervals(predictions: dict[str, Any], y_true: Any, *, resamples: int = 2000, confidence: float = 0.95, seed: int = 0):
