@@ -6,6 +6,7 @@
     # runs on another store (STORES) need it first, e.g. for sevennet_lora_10k_seed0:
     python benchmarks/full_pool_data.py cache --backbone sevennet --n-train 10000 --worker 0 --workers 2 &  # and --worker 1
     python benchmarks/full_pool.py revar NAME [NAME ...]   # a finished run with separate variance MLPs (VARIANCE_REFITS)
+    python benchmarks/full_pool.py rehead NAME [NAME ...]  # a finished run's adapters with a new gap head (REHEADS)
     python benchmarks/full_pool.py evaluate                # benchmarks/results/full_pool/results.json
     python benchmarks/full_pool.py forest                  # Magpie random forest at the learning-curve sizes
     python benchmarks/full_pool.py ship BALORA ENSEMBLE_PREFIX   # copy into models/
@@ -264,6 +265,11 @@ def finished_run(name: str) -> Path | None:
     return None
 
 
+def producing_verb(name: str) -> str:
+    """The full_pool.py command that makes run ``name``: ``rehead``, ``revar`` or ``train``."""
+    return "rehead" if name in REHEADS else "revar" if name in VARIANCE_REFITS else "train"
+
+
 def _words_after(command: str, verb: str) -> list[str]:
     """The words after ``verb`` in a card's command (``... full_pool.py train A B`` -> [A, B])."""
     words = str(command).split()
@@ -498,7 +504,7 @@ def ship(balora: str, ensemble_prefix: str | None) -> None:
     write_json(staging / "lora_ensemble" / ENSEMBLE_FILE, {
         "members": names, "seeds": [json.loads((m / "config.json").read_text())["training"]["config"]["seed"] for m in members],
         "method": "lora", "runs": [m.name for m in members], "calibration": calibration, "metrics": metrics, "data": card["data"],
-        "command": f"python benchmarks/full_pool.py train {' '.join(m.name for m in members)} && python benchmarks/full_pool.py ship {balora} {ensemble_prefix}"})
+        "command": f"python benchmarks/full_pool.py {producing_verb(members[0].name)} {' '.join(m.name for m in members)} && python benchmarks/full_pool.py ship {balora} {ensemble_prefix}"})
     _swap_in(models, staging, ("balora", "lora_ensemble"))
     shipped_plots(data, metrics)
     print(f"shipped {balora} and {len(members)} members of {ensemble_prefix} into {models}")
@@ -590,7 +596,7 @@ def claims(name: str = "balora_full", lora: str = "lora_full_seed0", sweep: tupl
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train")
@@ -611,7 +617,11 @@ def main(argv: list[str] | None = None) -> None:
     sh.add_argument("ensemble_prefix", nargs="?", help="without it, the shipped ensemble stays")
     f = sub.add_parser("forest")
     f.add_argument("sizes", nargs="*", default=list(SIZES), choices=list(SIZES))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.cmd == "train":
         for name in args.names:
