@@ -8,8 +8,9 @@ together), and for every run after the first, the interval of its *difference* f
 the same resamples: a difference whose interval holds 0 is not one the test set can tell apart.
 
 Predictions are those of the model card (``predict_prepared``: 16 draws, seed 0; the card's
-recalibrated std and Mondrian intervals), kept in ``runs/full_pool/.testpred_<run>.npz`` (a second
-call scores without predicting again; delete the file after retraining a run).
+recalibrated std and Mondrian intervals), kept in ``runs/full_pool/.testpred_<run>_<stamp>.npz`` (a second
+call scores without predicting again; the stamp keys the model's files, so a re-made or re-shipped
+model is predicted afresh).
 
     python benchmarks/metric_intervals.py balora_full_2blocks_10ep_head512x3cens_drawn16kx2_heads5_var5_full \\
         balora_full_2blocks_10ep_head512x3cens_drawn16kx2_var5_full \\
@@ -21,6 +22,7 @@ Results: ``benchmarks/results/full_pool/metric_intervals.json`` (BENCHMARKS.md s
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from pathlib import Path
 
@@ -37,9 +39,20 @@ ENSEMBLE = "shipped_lora_ensemble"
 COLUMNS = ("band_gap", "std", "lower", "upper")
 
 
+def model_stamp(folder: Path) -> str:
+    """A short key of the model files under ``folder`` (names, sizes, modification times): a re-shipped
+    or re-made model gets new kept predictions, never the old model's."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors"))
+    text = "".join(f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns};" for p in files)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def card_test_predictions(name: str, data, threads: int) -> dict[str, np.ndarray]:
-    """The card's predictions of the test crystals (kept in runs/full_pool/.testpred_<name>.npz)."""
-    path = RUNS / f".testpred_{name}.npz"
+    """The card's predictions of the test crystals (kept in runs/full_pool/.testpred_<name>_<stamp>.npz)."""
+    folder = REPO / "models" / "lora_ensemble" if name == ENSEMBLE else finished_run(name)
+    if folder is None:
+        raise SystemExit(f"metric_intervals.py: no finished run {name}")
+    path = RUNS / f".testpred_{name}_{model_stamp(folder)}.npz"
     if path.is_file():
         with np.load(path) as saved:
             return {c: saved[c] for c in COLUMNS}
@@ -48,13 +61,7 @@ def card_test_predictions(name: str, data, threads: int) -> dict[str, np.ndarray
     from matbalora.predict import EnsemblePredictor, Predictor
 
     torch.set_num_threads(threads)
-    if name == ENSEMBLE:
-        predictor = EnsemblePredictor.load(REPO / "models" / "lora_ensemble")
-    else:
-        folder = finished_run(name)
-        if folder is None:
-            raise SystemExit(f"metric_intervals.py: no finished run {name}")
-        predictor = Predictor.load(folder)
+    predictor = EnsemblePredictor.load(folder) if name == ENSEMBLE else Predictor.load(folder)
     frame = predictor.predict_prepared(data.part("test"), samples=16, seed=0)
     cols = {c: frame[c].to_numpy(dtype=float) for c in COLUMNS}
 
