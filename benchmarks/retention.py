@@ -7,6 +7,7 @@ unnormalised). Spearman ranks errors within one model; this compares what models
 keeps only their confident predictions. BaLoRA: 16 draws, seed 0.
 
     python benchmarks/retention.py balora_full_2blocks_10ep_head512x3_var5_full balora_full_2blocks_10ep_var5_full
+    python benchmarks/retention.py --ensemble          # the shipped ensemble alone
 """
 
 from __future__ import annotations
@@ -37,17 +38,22 @@ def kept_mae(pred: np.ndarray, std: np.ndarray, y: np.ndarray) -> dict[str, floa
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="full_pool.py run names (runs/full_pool/NAME or its shipped copy)")
+    parser.add_argument("runs", nargs="*", help="full_pool.py run names (runs/full_pool/NAME or its shipped copy)")
     parser.add_argument("--ensemble", action="store_true", help="the shipped LoRA ensemble too")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if not args.runs and not args.ensemble:
+        parser.error("name at least one run, or --ensemble")
     import torch
 
     torch.set_num_threads(args.threads)
-    where = {str(STORES.get(r, {})) for r in args.runs}
-    if len(where) != 1:
-        raise SystemExit("retention.py: the runs were trained on different stores; compare runs of one store")
-    data = eval_data(open_store(allow_missing=True, **STORES.get(args.runs[0], {})))
+    stores = [STORES.get(r, {}) for r in args.runs]
+    if args.ensemble:  # the store its members were trained on, by the run names its card records
+        card = json.loads((REPO / "models" / "lora_ensemble" / "ensemble.json").read_text())
+        stores.append(STORES.get(card["runs"][0], {}))
+    if len({json.dumps(w, sort_keys=True) for w in stores}) != 1:
+        raise SystemExit("retention.py: the models were trained on different stores; compare models of one store")
+    data = eval_data(open_store(allow_missing=True, **stores[0]))
     predictors = {}
     for name in args.runs:
         folder = finished_run(name)
