@@ -417,6 +417,12 @@ def test_recipe_reads_the_card(models):
     bagged = heads | {"training": {"rehead": {"head_refit": {"bootstrap": True}}}}
     assert cards.recipe_table(bagged)["head"] == "5 bagged gap heads, each 3 layers x 512, censored output, l1_nll loss"
     assert cards.recipe_table({"method": "lora", "head": {"layers": 2, "hidden": 64}})["head"].startswith("2 layers x 64")
+    # warm restarts and a refitted head: the card's totals, not its last run's, and the refit's own MAE
+    restarted = {"method": "lora", "training": {"config": {"epochs": 1, "beta": 1.0}, "epochs_run": 1, "total_epochs": 4, "best_val_mae": 0.28,
+                                                "rehead": {"head_refit": {"val_mae_after": 0.18}}}}
+    recipe = cards.recipe_table(restarted)
+    assert recipe["training: epochs (all runs)"] == "4" and "training: beta" not in recipe
+    assert recipe["validation MAE after the gap-head refit (eV)"] == "0.18" and recipe["validation MAE of the adapter training (eV)"] == "0.28"
 
 
 def test_plots_are_shown_only_for_the_model_that_made_them(tmp_path):

@@ -172,11 +172,16 @@ def recipe_table(card: dict) -> dict[str, str]:
         fields.append(("head", f"{heads}{head.get('layers')} layers x {head.get('hidden')}, "
                                f"{head.get('output')} output, {head.get('loss')} loss"))
     train = _get(member, "training", "config") or {}
-    for key in ("epochs", "batch_size", "lr", "beta", "seed"):
-        fields.append((f"training: {key.replace('_', ' ')}", train.get(key)))
-    fields += [("epochs run", _get(member, "training", "epochs_run")),
-               ("best validation MAE (eV)", _get(member, "training", "best_val_mae")),
-               ("training time, s (per model)", _get(member, "training", "train_seconds")),
+    training = member.get("training") or {}
+    # warm restarts: the card's config and times are its last run's; total_epochs counts every run
+    fields.append(("training: epochs (all runs)", training.get("total_epochs", training.get("epochs_run"))))
+    for key in ("batch_size", "lr", "beta", "seed"):
+        if key != "beta" or member.get("method") == "balora":  # the KL weight means nothing without noise
+            fields.append((f"training: {key.replace('_', ' ')}", train.get(key)))
+    refit_mae = _get(member, "training", "rehead", "head_refit", "val_mae_after")
+    fields += [("validation MAE of the adapter training (eV)" if refit_mae is not None else "best validation MAE (eV)", training.get("best_val_mae")),
+               ("validation MAE after the gap-head refit (eV)", refit_mae),
+               ("training time of the last run, s (per model)", training.get("train_seconds")),
                ("trainable parameters (per model)", _get(member, "training", "parameters", "trainable"))]
     cal = card.get("calibration") or {}
     if cal:
