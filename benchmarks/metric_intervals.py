@@ -73,6 +73,17 @@ def card_test_predictions(name: str, data, threads: int) -> dict[str, np.ndarray
     return cols
 
 
+def worst_nll(cols: dict[str, np.ndarray], y: np.ndarray, k: int = 8) -> dict:
+    """Where a model's Gaussian NLL comes from: its mean, the mean without its ``k`` worst crystals, and
+    those crystals (PBE gap, predicted gap, std, NLL), worst first."""
+    mean, std = cols["band_gap"], cols["std"]
+    nll = 0.5 * np.log(2 * np.pi * std**2) + 0.5 * (mean - y) ** 2 / std**2
+    worst = np.argsort(-nll)[:k]
+    return {"mean": round(float(nll.mean()), 4), f"mean_without_{k}_worst": round(float(np.delete(nll, worst).mean()), 4),
+            "worst": [{"pbe": round(float(y[i]), 3), "band_gap": round(float(mean[i]), 3), "std": round(float(std[i]), 4),
+                       "nll": round(float(nll[i]), 1)} for i in worst]}
+
+
 def markdown(table) -> str:
     """One row per model (then per difference from the first): value [low, high] of each metric."""
     rows = ["| model | MAE (eV) | Spearman all | Spearman non-metals | coverage |", "|---|---|---|---|---|"]
@@ -103,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"command": "python benchmarks/metric_intervals.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "test_crystals": int(len(y)), "resamples": args.resamples, "confidence": 0.95,
            "rows": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in table.to_dict("records")],
-           "markdown": markdown(table)}
+           "markdown": markdown(table), "nll": {name: worst_nll(cols, y) for name, cols in runs.items()}}
     write_json(RESULTS / "metric_intervals.json", out)
     print(out["markdown"])
     return out
