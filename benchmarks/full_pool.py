@@ -246,13 +246,13 @@ def finished_run(name: str) -> Path | None:
     if (RUNS / name / "config.json").is_file():
         return RUNS / name
     seed = re.search(r"_seed(\d+)$", name)
-    for verb, runs in (("revar", VARIANCE_REFITS), ("rehead", REHEADS)):
-        if name in runs:  # its shipped copy: a card written by ``revar NAME`` / ``rehead NAME``
-            # one command refits several members (``revar ..._seed0 ... _seed4``): a member's card is the one of its seed
-            return next((c.parent for c in sorted((REPO / "models").glob("**/config.json"))
-                         for card in [json.loads(c.read_text())]
-                         if name in _words_after(card.get("command", ""), verb)
-                         and (seed is None or (card.get("training", {}).get("config") or {}).get("seed") == int(seed.group(1)))), None)
+    verb = producing_verb(name)
+    if verb != "train":  # its shipped copy: a card written by ``revar NAME`` / ``rehead NAME``
+        # one command refits several members (``revar ..._seed0 ... _seed4``): a member's card is the one of its seed
+        return next((c.parent for c in sorted((REPO / "models").glob("**/config.json"))
+                     for card in [json.loads(c.read_text())]
+                     if name in _words_after(card.get("command", ""), verb)
+                     and (seed is None or (card.get("training", {}).get("config") or {}).get("seed") == int(seed.group(1)))), None)
     method, _adapter, _head, overrides, _n = RECIPES[name]
     wanted = to_dict(replace(TrainConfig(method=method), **overrides))
     for config in sorted((REPO / "models").glob("**/config.json")):
@@ -263,6 +263,18 @@ def finished_run(name: str) -> Path | None:
                 and training.get("total_epochs", training.get("epochs_run")) == total_epochs(name)):
             return config.parent
     return None
+
+
+def shared_store(runs: list[str], ensemble: bool = False, *, script: str) -> dict:
+    """The store (``open_store`` keywords) that runs ``runs`` and, with ``ensemble``, the shipped ensemble's
+    members (by the run names its card records) were all trained on; exits naming ``script`` when they differ."""
+    stores = [STORES.get(r, {}) for r in runs]
+    if ensemble:
+        card = json.loads((REPO / "models" / "lora_ensemble" / "ensemble.json").read_text())
+        stores.append(STORES.get(card["runs"][0], {}))
+    if len({json.dumps(w, sort_keys=True) for w in stores}) != 1:
+        raise SystemExit(f"{script}: the models were trained on different stores; compare models of one store")
+    return stores[0]
 
 
 def producing_verb(name: str) -> str:

@@ -9,8 +9,8 @@ the same resamples: a difference whose interval holds 0 is not one the test set 
 
 Predictions are those of the model card (``predict_prepared``: 16 draws, seed 0; the card's
 recalibrated std and Mondrian intervals), kept in ``runs/full_pool/.testpred_<run>_<stamp>.npz`` (a second
-call scores without predicting again; the stamp keys the model's files, so a re-made or re-shipped
-model is predicted afresh).
+call scores without predicting again; the stamp is the model's content key,
+``matbalora.screening.model_fingerprint``, so a re-made or re-shipped model is predicted afresh).
 
     python benchmarks/metric_intervals.py balora_full_2blocks_10ep_head512x3cens_drawn16kx2_heads5_var5_full \\
         balora_full_2blocks_10ep_head512x3cens_drawn16kx2_var5_full \\
@@ -22,7 +22,6 @@ Results: ``benchmarks/results/full_pool/metric_intervals.json`` (BENCHMARKS.md s
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from pathlib import Path
 
@@ -30,29 +29,25 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from full_pool import REPO, RESULTS, RUNS, STORES, eval_data, finished_run, open_store  # noqa: E402
+from full_pool import REPO, RESULTS, RUNS, eval_data, finished_run, open_store, shared_store  # noqa: E402
 
 from matbalora.atomic import atomic_write, write_json  # noqa: E402
 from matbalora.metrics import HEADLINE, bootstrap_intervals  # noqa: E402
+from matbalora.metrics import nll as gaussian_nll  # noqa: E402
 
 ENSEMBLE = "shipped_lora_ensemble"
 COLUMNS = ("band_gap", "std", "lower", "upper")
 
 
-def model_stamp(folder: Path) -> str:
-    """A short key of the model files under ``folder`` (names, sizes, modification times): a re-shipped
-    or re-made model gets new kept predictions, never the old model's."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors"))
-    text = "".join(f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns};" for p in files)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def card_test_predictions(name: str, data, threads: int) -> dict[str, np.ndarray]:
     """The card's predictions of the test crystals (kept in runs/full_pool/.testpred_<name>_<stamp>.npz)."""
+    from matbalora.screening import ensemble_fingerprint, model_fingerprint
+
     folder = REPO / "models" / "lora_ensemble" if name == ENSEMBLE else finished_run(name)
     if folder is None:
         raise SystemExit(f"metric_intervals.py: no finished run {name}")
-    path = RUNS / f".testpred_{name}_{model_stamp(folder)}.npz"
+    stamp = ensemble_fingerprint(folder) if name == ENSEMBLE else model_fingerprint(folder)
+    path = RUNS / f".testpred_{name}_{stamp}.npz"
     if path.is_file():
         with np.load(path) as saved:
             return {c: saved[c] for c in COLUMNS}
@@ -77,7 +72,7 @@ def worst_nll(cols: dict[str, np.ndarray], y: np.ndarray, k: int = 8) -> dict:
     """Where a model's Gaussian NLL comes from: its mean, the mean without its ``k`` worst crystals, and
     those crystals (PBE gap, predicted gap, std, NLL), worst first."""
     mean, std = cols["band_gap"], cols["std"]
-    nll = 0.5 * np.log(2 * np.pi * std**2) + 0.5 * (mean - y) ** 2 / std**2
+    nll = np.array([gaussian_nll([m], [s], [t]) for m, s, t in zip(mean, std, y)])  # per crystal, as the cards' NLL (std floor included)
     worst = np.argsort(-nll)[:k]
     return {"mean": round(float(nll.mean()), 4), f"mean_without_{k}_worst": round(float(np.delete(nll, worst).mean()), 4),
             "worst": [{"pbe": round(float(y[i]), 3), "band_gap": round(float(mean[i]), 3), "std": round(float(std[i]), 4),
@@ -100,10 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    where = {str(STORES.get(r, {})) for r in args.runs}
-    if len(where) != 1:
-        raise SystemExit("metric_intervals.py: the runs were trained on different stores; compare runs of one store")
-    data = eval_data(open_store(allow_missing=True, **STORES.get(args.runs[0], {})))
+    data = eval_data(open_store(allow_missing=True, **shared_store(args.runs, args.ensemble, script="metric_intervals.py")))
     y = data.targets[data.split.test].astype(float)
     names = [*args.runs, *([ENSEMBLE] if args.ensemble else [])]
     runs = {}

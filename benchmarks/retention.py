@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from full_pool import REPO, RESULTS, STORES, eval_data, finished_run, open_store  # noqa: E402
+from full_pool import REPO, RESULTS, eval_data, finished_run, open_store, shared_store  # noqa: E402
 
 from matbalora.atomic import write_json  # noqa: E402
 from matbalora.metrics import sparsification_curves  # noqa: E402
@@ -47,13 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    stores = [STORES.get(r, {}) for r in args.runs]
-    if args.ensemble:  # the store its members were trained on, by the run names its card records
-        card = json.loads((REPO / "models" / "lora_ensemble" / "ensemble.json").read_text())
-        stores.append(STORES.get(card["runs"][0], {}))
-    if len({json.dumps(w, sort_keys=True) for w in stores}) != 1:
-        raise SystemExit("retention.py: the models were trained on different stores; compare models of one store")
-    data = eval_data(open_store(allow_missing=True, **stores[0]))
+    data = eval_data(open_store(allow_missing=True, **shared_store(args.runs, args.ensemble, script="retention.py")))
     predictors = {}
     for name in args.runs:
         folder = finished_run(name)

@@ -151,7 +151,9 @@ def _fingerprint(card: dict, scaler: Any, extra: Any = None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _model_id(model: Predictor | str | os.PathLike | None) -> str:
+def model_fingerprint(model: Predictor | str | os.PathLike | None) -> str:
+    """Content key of a model (a Predictor, or a model folder; None: the shipped one): its card, which names
+    the weights' sha256, and its recalibration. Equal keys, equal predictions."""
     if isinstance(model, Predictor):
         card, scaler = model.config, model.scaler
         weights = None if card.get("weights") else {k: hashlib.sha256(v.detach().cpu().numpy().tobytes()).hexdigest() for k, v in trained_state(model.model).items()}
@@ -160,14 +162,16 @@ def _model_id(model: Predictor | str | os.PathLike | None) -> str:
     return _fingerprint(card, StdScaler.from_calibration(card.get("calibration")))
 
 
-def _ensemble_id(ensemble: EnsemblePredictor | str | os.PathLike | bool | None) -> str | None:
+def ensemble_fingerprint(ensemble: EnsemblePredictor | str | os.PathLike | bool | None) -> str | None:
+    """Content key of an ensemble (an EnsemblePredictor, or its folder; True: the shipped one; None / False:
+    none): its card, its recalibration and every member's :func:`model_fingerprint`."""
     if ensemble is None or ensemble is False:
         return None
     if isinstance(ensemble, EnsemblePredictor):
-        return _fingerprint(ensemble.config, ensemble.scaler, [_model_id(m) for m in ensemble.members])
+        return _fingerprint(ensemble.config, ensemble.scaler, [model_fingerprint(m) for m in ensemble.members])
     folder = _resolve(None if ensemble is True else ensemble, SHIPPED_ENSEMBLE)
     config = json.loads((folder / ENSEMBLE_FILE).read_text(encoding="utf-8"))
-    members = [_model_id(folder / name) for name in config.get("members", [])]
+    members = [model_fingerprint(folder / name) for name in config.get("members", [])]
     return _fingerprint(config, StdScaler.from_calibration(config.get("calibration")), members)
 
 
@@ -175,7 +179,7 @@ def run_settings(model, ensemble, *, window: tuple[float, float] | None = None, 
     """Everything a screen's rows depend on, as recorded beside its output and compared on resume.
     ``window`` (eV) is recorded as ``[lo, hi]`` or None, so a resume with another window (or with one
     where the rows have none) is refused; a record without it counts as None (no ``p_window``)."""
-    return {"rows": ROW_RECIPE, "model": _model_id(model), "ensemble": _ensemble_id(ensemble),
+    return {"rows": ROW_RECIPE, "model": model_fingerprint(model), "ensemble": ensemble_fingerprint(ensemble),
             "window": None if window is None else list(window), **options}
 
 
